@@ -1,0 +1,36 @@
+"""Gradients for the Relax ops TVM 0.27 ships without one.
+
+Importing this module registers them (``relax.transform.Gradient`` then handles
+every op the frontend emits). Each is the derivative of the op as a real
+function; a boundary point (``x == lo`` for clip) takes the gradient of the
+inside, as PyTorch does.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+from tvm.relax import op as R
+from tvm.relax.op import register_gradient
+
+
+def _clip_grad(orig_var, orig_call, output_grad, ctx):
+    """clip(x, lo, hi)' = g where lo <= x <= hi, else 0."""
+    x, lo, hi = orig_call.args
+    inside = R.logical_and(R.greater_equal(x, lo), R.less_equal(x, hi))
+    zero = relax.const(0.0, orig_call.ty.dtype)
+    return [R.where(inside, output_grad, zero), R.grad.no_grad(lo), R.grad.no_grad(hi)]
+
+
+def _pad_grad(orig_var, orig_call, output_grad, ctx):
+    """pad(x)' = the un-padded window of g."""
+    x = orig_call.args[0]
+    widths = [int(v) for v in orig_call.attrs.pad_width]
+    shape = [int(d) for d in x.ty.shape]
+    begin = widths[0::2]
+    end = [b + n for b, n in zip(begin, shape)]
+    grad = R.strided_slice(output_grad, axes=list(range(len(shape))), begin=begin, end=end)
+    return [grad] + [R.grad.no_grad(arg) for arg in orig_call.args[1:]]
+
+
+register_gradient("relax.clip", _clip_grad, level=20)
+register_gradient("relax.nn.pad", _pad_grad, level=20)

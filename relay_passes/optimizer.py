@@ -1,0 +1,144 @@
+"""The optimizer, inside the graph: ``ApplyOptimizer`` turns gradients into updates.
+
+Before (what ``relax.transform.Gradient("train_loss")`` returns)::
+
+    @R.function
+    def train_loss_adjoint(x, label, w, b, *frozen):
+        with R.dataflow():
+            ...
+            R.output(loss, w_adjoint_out, b_adjoint_out)
+        return (loss, (w_adjoint_out, b_adjoint_out))
+
+After, with ``SGD(lr=0.1, momentum=0.9)``::
+
+    @R.function
+    def train_step(x, label, w, b, w.momentum, b.momentum, *frozen):
+        with R.dataflow():
+            ...                                   # the adjoint's bindings
+            w.momentum_new = 0.9 * w.momentum + w_adjoint_out
+            w_new = w - 0.1 * w.momentum_new
+            ...
+            R.output(loss, w_new, b_new, w.momentum_new, b.momentum_new)
+        return (loss, w_new, b_new, w.momentum_new, b.momentum_new)
+
+The function records its state tensors and their initial fill values in the
+attributes ``tinytrain.state`` and ``tinytrain.state_init``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+from tvm.relax import op as R
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Stochastic gradient descent, with optional momentum: v ← μv + g; w ← w − lr·v."""
+
+    lr: float = 0.01
+    momentum: float = 0.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"SGD learning rate must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"SGD momentum must be in [0, 1), got {self.momentum}")
+
+    def state(self, param: str) -> dict[str, float]:
+        return {f"{param}.momentum": 0.0} if self.momentum else {}
+
+    def update(self, bb, w, g, state: list) -> tuple:
+        lr = relax.const(self.lr, "float32")
+        if not self.momentum:
+            return bb.emit(R.subtract(w, R.multiply(lr, g))), []
+        v = bb.emit(R.add(R.multiply(relax.const(self.momentum, "float32"), state[0]), g))
+        return bb.emit(R.subtract(w, R.multiply(lr, v))), [v]
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (Kingma & Ba), bias-corrected through running powers of β1, β2."""
+
+    lr: float = 0.001
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"Adam learning rate must be > 0, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+
+    def state(self, param: str) -> dict[str, float]:
+        return {f"{param}.adam_m": 0.0, f"{param}.adam_v": 0.0,
+                f"{param}.adam_b1pow": 1.0, f"{param}.adam_b2pow": 1.0}
+
+    def update(self, bb, w, g, state: list) -> tuple:
+        def c(v):
+            return relax.const(v, "float32")
+
+        m, v, b1pow, b2pow = state
+        m = bb.emit(R.add(R.multiply(c(self.beta1), m), R.multiply(c(1 - self.beta1), g)))
+        v = bb.emit(R.add(R.multiply(c(self.beta2), v),
+                          R.multiply(c(1 - self.beta2), R.multiply(g, g))))
+        b1pow = bb.emit(R.multiply(b1pow, c(self.beta1)))
+        b2pow = bb.emit(R.multiply(b2pow, c(self.beta2)))
+        m_hat = R.divide(m, R.subtract(c(1.0), b1pow))
+        v_hat = R.divide(v, R.subtract(c(1.0), b2pow))
+        step = R.divide(R.multiply(c(self.lr), m_hat), R.add(R.sqrt(v_hat), c(self.eps)))
+        return bb.emit(R.subtract(w, step)), [m, v, b1pow, b2pow]
+
+
+def _state_type(name: str, param: relax.Var) -> relax.TensorType:
+    if name.endswith("pow"):
+        return relax.TensorType((), "float32")
+    return param.ty
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyOptimizer")
+class ApplyOptimizer:
+    def __init__(self, optimizer, adjoint: str = "train_loss_adjoint", name: str = "train_step"):
+        self.optimizer, self.adjoint, self.name = optimizer, adjoint, name
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        adj = mod[self.adjoint]
+        trainable_names = [str(n) for n in adj.attrs["tinytrain.trainable"]]
+        x, label = adj.params[:2]
+        trainable = list(adj.params[2:2 + len(trainable_names)])
+        frozen = list(adj.params[2 + len(trainable_names):])
+        loss, grads = adj.body.body.fields[0], list(adj.body.body.fields[1].fields)
+        init: dict[str, float] = {}
+        state_vars: list[list[relax.Var]] = []
+        for param in trainable:
+            names = self.optimizer.state(param.name)
+            init.update(names)
+            state_vars.append([relax.Var(n, _state_type(n, param)) for n in names])
+        flat_state = [v for group in state_vars for v in group]
+        bb = relax.BlockBuilder()
+        with bb.function(self.name, [x, label, *trainable, *flat_state, *frozen]):
+            with bb.dataflow():
+                for binding in adj.body.blocks[0].bindings:
+                    bb.emit_normalized(binding)
+                new_params, new_state = [], []
+                for w, g, state in zip(trainable, grads, state_vars):
+                    w_new, s_new = self.optimizer.update(bb, w, g, state)
+                    new_params.append(w_new)
+                    new_state.extend(s_new)
+                out = bb.emit_output(relax.Tuple([loss, *new_params, *new_state]))
+            bb.emit_func_output(out)
+        func = bb.get()[self.name].with_attrs({
+            "num_input": 2,
+            "tinytrain.trainable": trainable_names,
+            "tinytrain.state": list(init),
+            "tinytrain.state_init": {k: str(v) for k, v in init.items()},
+            "tinytrain.loss": adj.attrs["tinytrain.loss"],
+        })
+        keep = {gv: f for gv, f in mod.functions.items()
+                if gv.name_hint not in (self.adjoint, "train_loss")}
+        out_mod = tvm.IRModule(keep)
+        out_mod[self.name] = func
+        return out_mod

@@ -1,0 +1,37 @@
+"""Model files → the backbone IRModule (``main(x, *params) -> logits``, NCHW inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from ..errors import ModelFormatError
+from .onnx_reader import read_onnx
+from .tflite_reader import read_tflite
+
+
+def load_model(path: str | Path) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """Read a float ``.tflite`` or ``.onnx`` model.
+
+    Returns ``(mod, params)``: ``mod["main"](x, *params)`` computes the logits,
+    taking ``x`` in the file's own layout (NHWC for TFLite, NCHW for ONNX);
+    ``params`` maps readable names (``conv0.weight``, ``linear13.bias``) to arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such file")
+    data = path.read_bytes()
+    if len(data) >= 8 and data[4:8] == b"TFL3":
+        return read_tflite(data, str(path))
+    if path.suffix.lower() == ".tflite":
+        raise ModelFormatError(
+            f"{path}: not a TFLite model (no TFL3 identifier); the file may be truncated or "
+            "of another format"
+        )
+    if path.suffix.lower() == ".onnx" or data[:1] == b"\x08":
+        return read_onnx(data, str(path))
+    raise ModelFormatError(
+        f"{path}: unknown model format; tinytrain reads .tflite and .onnx files"
+    )

@@ -1,0 +1,162 @@
+"""Builds the backbone IRModule that every frontend produces.
+
+A reader (ONNX, TFLite) walks its file and calls one method per operator; the
+emitter writes the Relax binding, names the parameters after the layer index
+(``conv0.weight``, ``dwconv1.bias``, ``linear13.weight``: conv and linear layers
+numbered from the input, the numbering of the sparse-update scheme) and keeps
+everything NCHW / OIHW, the only layouts Relax's Gradient handles.
+
+The result is ``main(x, *params) -> logits`` with the attribute
+``num_input = 1``: ``x`` in the file's own layout and dtype (a TFLite model
+takes NHWC, so ``main`` starts with one ``permute_dims``), every trainable
+tensor a parameter, and every other constant (clip bounds, pads) a constant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax import op as R
+
+from ..errors import ModelStructureError
+
+Value = relax.Expr
+
+
+class RelaxEmitter:
+    """One backbone function under construction, built operator by operator."""
+
+    def __init__(self, input_name: str, shape: tuple[int, ...], dtype: str, layout: str):
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be NCHW or NHWC, not {layout}")
+        self.layout = layout
+        self.input = relax.Var(input_name, relax.TensorType(shape, dtype))
+        self.params: dict[str, np.ndarray] = {}
+        self.param_vars: list[relax.Var] = []
+        self.sources: dict[str, str] = {}
+        self.num_layers = 0
+        self.bb = relax.BlockBuilder()
+        self._frame = self.bb.function("main")
+        self._frame.__enter__()
+        self._df = self.bb.dataflow()
+        self._df.__enter__()
+        x = self.input
+        if dtype != "float32":
+            x = self.bb.emit(R.astype(x, "float32"))
+        if layout == "NHWC" and len(shape) == 4:
+            x = self.bb.emit(R.permute_dims(x, [0, 3, 1, 2]))
+        self.entry = x
+
+    # ---- helpers -----------------------------------------------------------
+    @staticmethod
+    def shape(value: Value) -> tuple[int, ...]:
+        return tuple(int(d) for d in value.ty.shape)
+
+    def _param(self, name: str, array: np.ndarray) -> relax.Var:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        var = relax.Var(name, relax.TensorType(array.shape, "float32"))
+        self.params[name] = array
+        self.param_vars.append(var)
+        return var
+
+    def _new_layer(self, kind: str, source: str) -> str:
+        prefix = f"{kind}{self.num_layers}"
+        self.num_layers += 1
+        self.sources[prefix] = source
+        return prefix
+
+    def constant(self, array: np.ndarray) -> Value:
+        return relax.const(np.asarray(array, dtype=np.float32))
+
+    # ---- layers ------------------------------------------------------------
+    def conv2d(
+        self,
+        x: Value,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        strides: tuple[int, int],
+        padding: tuple[int, int, int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        source: str,
+    ) -> Value:
+        """``weight`` is OIHW; ``padding`` is (top, left, bottom, right)."""
+        c_out = weight.shape[0]
+        depthwise = groups > 1 and groups == self.shape(x)[1] and weight.shape[1] == 1
+        prefix = self._new_layer("dwconv" if depthwise else "conv", source)
+        w = self._param(f"{prefix}.weight", weight)
+        b = self._param(f"{prefix}.bias", np.zeros(c_out) if bias is None else bias)
+        y = self.bb.emit(
+            R.nn.conv2d(x, w, strides=strides, padding=padding, dilation=dilation, groups=groups)
+        )
+        return self.bb.emit(R.add(y, R.reshape(b, (1, c_out, 1, 1))))
+
+    def linear(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, source: str) -> Value:
+        """``weight`` is (out, in), as a fully connected layer stores it."""
+        prefix = self._new_layer("linear", source)
+        w = self._param(f"{prefix}.weight", weight)
+        b = self._param(f"{prefix}.bias", np.zeros(weight.shape[0]) if bias is None else bias)
+        y = self.bb.emit(R.matmul(x, R.permute_dims(w)))
+        return self.bb.emit(R.add(y, b))
+
+    # ---- elementwise and shape ops ----------------------------------------
+    def relu(self, x: Value) -> Value:
+        return self.bb.emit(R.nn.relu(x))
+
+    def clip(self, x: Value, lo: float, hi: float) -> Value:
+        if lo == 0.0 and hi == float("inf"):
+            return self.relu(x)
+        return self.bb.emit(R.clip(x, float(lo), float(hi)))
+
+    def add(self, a: Value, b: Value) -> Value:
+        return self.bb.emit(R.add(a, b))
+
+    def multiply(self, a: Value, b: Value) -> Value:
+        return self.bb.emit(R.multiply(a, b))
+
+    def mean(self, x: Value, axes: list[int], keepdims: bool) -> Value:
+        return self.bb.emit(R.mean(x, axis=axes, keepdims=keepdims))
+
+    def avg_pool(self, x, pool, strides, padding, count_include_pad: bool) -> Value:
+        return self.bb.emit(
+            R.nn.avg_pool2d(
+                x, pool_size=pool, strides=strides, padding=padding,
+                count_include_pad=count_include_pad,
+            )
+        )
+
+    def max_pool(self, x, pool, strides, padding) -> Value:
+        return self.bb.emit(R.nn.max_pool2d(x, pool_size=pool, strides=strides, padding=padding))
+
+    def reshape(self, x: Value, shape: tuple[int, ...]) -> Value:
+        return self.bb.emit(R.reshape(x, shape))
+
+    def permute(self, x: Value, axes: list[int]) -> Value:
+        return self.bb.emit(R.permute_dims(x, axes))
+
+    def softmax(self, x: Value, axis: int) -> Value:
+        return self.bb.emit(R.nn.softmax(x, axis=axis))
+
+    def pad(self, x: Value, pads: list[int], value: float) -> Value:
+        """``pads`` is (before, after) per axis, flattened: [b0, a0, b1, a1, ...]."""
+        return self.bb.emit(R.nn.pad(x, pads, pad_value=float(value)))
+
+    # ---- result ------------------------------------------------------------
+    def finish(self, output: Value) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+        if len(self.shape(output)) != 2:
+            raise ModelStructureError(
+                f"the model's output has shape {self.shape(output)}; tinytrain trains "
+                "classifiers and regressors with a (batch, features) output"
+            )
+        if self.num_layers == 0:
+            raise ModelStructureError("the model has no conv or linear layer: nothing to train")
+        out = self.bb.emit_output(output)
+        self._df.__exit__(None, None, None)
+        self.bb.emit_func_output(out, params=[self.input, *self.param_vars])
+        self._frame.__exit__(None, None, None)
+        mod = self.bb.get()
+        func = mod["main"].with_attr("num_input", 1)
+        func = func.with_attr("tinytrain.sources", dict(self.sources))
+        mod["main"] = func
+        return mod, self.params

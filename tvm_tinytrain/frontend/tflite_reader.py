@@ -1,0 +1,296 @@
+"""TFLite (float) → backbone IRModule, through :class:`RelaxEmitter`.
+
+TFLite is NHWC with OHWI weights; the emitter is NCHW / OIHW. The model's
+input stays NHWC (``main`` permutes it once), every 4-D value inside is NCHW,
+and the reader maps axes where an op names them (MEAN, PAD, RESHAPE,
+FULLY_CONNECTED on a 4-D input). Fused activations become their own op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tflite
+from tflite.BuiltinOperator import BuiltinOperator
+from tflite.TensorType import TensorType
+
+from ..errors import ModelFormatError, ModelStructureError, UnsupportedOperatorError
+from .emitter import RelaxEmitter, Value
+
+OP_NAMES = {code: name for name, code in vars(BuiltinOperator).items() if not name.startswith("_")}
+TYPE_NAMES = {code: name for name, code in vars(TensorType).items() if not name.startswith("_")}
+NHWC_TO_NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1}
+SUPPORTED = [
+    "ADD", "AVERAGE_POOL_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D",
+    "MEAN", "PAD", "RELU", "RELU6", "RESHAPE", "SOFTMAX",
+]
+
+
+def read_tflite(data: bytes, path: str) -> tuple:
+    try:
+        model = tflite.Model.GetRootAsModel(data, 0)
+        if model.SubgraphsLength() < 1:
+            raise ValueError("no subgraph")
+        graph = model.Subgraphs(0)
+        graph.OperatorsLength()
+        graph.Tensors(0).Type()
+    except Exception as err:  # flatbuffers raises struct/index errors on truncated files
+        raise ModelFormatError(
+            f"{path}: not a readable TFLite model ({err.__class__.__name__}: {err}); "
+            "the file may be truncated"
+        )
+    return _TfliteReader(model, path).run()
+
+
+def _options(op, cls):
+    table = op.BuiltinOptions()
+    opts = cls()
+    if table is not None:
+        opts.Init(table.Bytes, table.Pos)
+    return opts
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class _TfliteReader:
+    def __init__(self, model, path: str):
+        self.model, self.path = model, path
+        self.graph = model.Subgraphs(0)
+        self.values: dict[int, Value] = {}
+
+    # ---- tensors -----------------------------------------------------------
+    def _tensor(self, index: int):
+        return self.graph.Tensors(index)
+
+    def _const(self, index: int, what: str) -> np.ndarray:
+        tensor = self._tensor(index)
+        buf = self.model.Buffers(tensor.Buffer())
+        raw = buf.DataAsNumpy() if buf is not None else 0
+        if isinstance(raw, int) or raw.size == 0:
+            self._unsupported(f"its {what} is computed at run time, not a constant")
+        dtype = {TensorType.FLOAT32: np.float32, TensorType.INT32: np.int32,
+                 TensorType.INT64: np.int64}.get(tensor.Type())
+        if dtype is None:
+            self._unsupported(f"its {what} has type {TYPE_NAMES.get(tensor.Type())}")
+        shape = tuple(tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
+        return np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape)
+
+    def _is_const(self, index: int) -> bool:
+        buf = self.model.Buffers(self._tensor(index).Buffer())
+        return buf is not None and not isinstance(buf.DataAsNumpy(), int)
+
+    def _value(self, index: int) -> Value:
+        if index in self.values:
+            return self.values[index]
+        array = self._const(index, "operand").astype(np.float32)
+        if array.ndim == 4:
+            array = array.transpose(0, 3, 1, 2)
+        return self.em.constant(array)
+
+    # ---- driver ------------------------------------------------------------
+    def _input(self):
+        if self.graph.InputsLength() != 1:
+            raise ModelStructureError(
+                f"{self.path}: the model has {self.graph.InputsLength()} inputs; "
+                "tinytrain trains single-input models"
+            )
+        if self.graph.OutputsLength() != 1:
+            raise ModelStructureError(
+                f"{self.path}: the model has {self.graph.OutputsLength()} outputs; expected one"
+            )
+        index = self.graph.Inputs(0)
+        tensor = self._tensor(index)
+        name = tensor.Name().decode()
+        if tensor.Type() != TensorType.FLOAT32:
+            raise ModelStructureError(
+                f"{self.path}: input {name} is {TYPE_NAMES.get(tensor.Type())}; this release "
+                "trains float TFLite models (int8 training comes with the int8 frontend); "
+                "use the float twin of the model"
+            )
+        shape = [int(d) for d in tensor.ShapeAsNumpy()]
+        signature = (
+            [int(d) for d in tensor.ShapeSignatureAsNumpy()]
+            if tensor.ShapeSignatureLength() else shape
+        )
+        for axis, dim in enumerate(signature):
+            if dim < 0 and axis > 0:
+                raise ModelStructureError(
+                    f"{self.path}: input {name} has a dynamic dimension at axis {axis}; "
+                    "only the batch may be dynamic. Convert the model with a fixed input size"
+                )
+        shape[0] = 1
+        if len(shape) != 4:
+            raise ModelStructureError(
+                f"{self.path}: input {name} has rank {len(shape)}; expected an NHWC image"
+            )
+        return index, name, tuple(shape)
+
+    def run(self):
+        index, name, shape = self._input()
+        self.em = RelaxEmitter(name, shape, "float32", "NHWC")
+        self.values[index] = self.em.entry
+        self.output = self.graph.Outputs(0)
+        for position in range(self.graph.OperatorsLength()):
+            op = self.graph.Operators(position)
+            code = self.model.OperatorCodes(op.OpcodeIndex())
+            opcode = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+            self.op_name = OP_NAMES.get(opcode, f"CUSTOM({opcode})")
+            out_tensor = self._tensor(op.Outputs(0))
+            self.label = f"{position} ({out_tensor.Name().decode()})"
+            handler = getattr(self, f"_op_{self.op_name}", None)
+            if handler is None:
+                raise UnsupportedOperatorError("TFLite", self.op_name, self.label, SUPPORTED)
+            if out_tensor.Type() != TensorType.FLOAT32:
+                self._unsupported(f"output type {TYPE_NAMES.get(out_tensor.Type())}")
+            self.values[op.Outputs(0)] = handler(op)
+        return self.em.finish(self._value(self.output))
+
+    def _unsupported(self, detail: str):
+        raise UnsupportedOperatorError("TFLite", self.op_name, self.label, SUPPORTED, detail)
+
+    def _activation(self, x: Value, fused: int) -> Value:
+        if fused == 0:
+            return x
+        if fused == 1:
+            return self.em.relu(x)
+        if fused == 2:
+            return self.em.clip(x, -1.0, 1.0)
+        if fused == 3:
+            return self.em.clip(x, 0.0, 6.0)
+        self._unsupported(f"fused activation {fused}")
+
+    def _padding(self, x: Value, kernel, strides, dilation, same: bool):
+        if not same:
+            return (0, 0, 0, 0)
+        _, _, h, w = self.em.shape(x)
+        top, bottom = _same_padding(h, kernel[0], strides[0], dilation[0])
+        left, right = _same_padding(w, kernel[1], strides[1], dilation[1])
+        return (top, left, bottom, right)
+
+    def _bias(self, op) -> np.ndarray | None:
+        if op.InputsLength() > 2 and op.Inputs(2) >= 0:
+            return self._const(op.Inputs(2), "bias").astype(np.float64)
+        return None
+
+    # ---- operators ---------------------------------------------------------
+    def _conv(self, op, weight_oihw, groups, opts):
+        x = self._value(op.Inputs(0))
+        strides = (opts.StrideH(), opts.StrideW())
+        dilation = (opts.DilationHFactor(), opts.DilationWFactor())
+        padding = self._padding(x, weight_oihw.shape[2:], strides, dilation, opts.Padding() == 0)
+        y = self.em.conv2d(x, weight_oihw, self._bias(op), strides, padding, dilation, groups,
+                           source=self._tensor(op.Outputs(0)).Name().decode())
+        return self._activation(y, opts.FusedActivationFunction())
+
+    def _op_CONV_2D(self, op):
+        weight = self._const(op.Inputs(1), "weight").astype(np.float64).transpose(0, 3, 1, 2)
+        x_channels = self.em.shape(self._value(op.Inputs(0)))[1]
+        return self._conv(op, weight, x_channels // weight.shape[1],
+                          _options(op, tflite.Conv2DOptions))
+
+    def _op_DEPTHWISE_CONV_2D(self, op):
+        weight = self._const(op.Inputs(1), "weight").astype(np.float64).transpose(3, 0, 1, 2)
+        groups = self.em.shape(self._value(op.Inputs(0)))[1]
+        return self._conv(op, weight, groups, _options(op, tflite.DepthwiseConv2DOptions))
+
+    def _op_FULLY_CONNECTED(self, op):
+        opts = _options(op, tflite.FullyConnectedOptions)
+        weight = self._const(op.Inputs(1), "weight").astype(np.float64)
+        x = self._flatten_nhwc(self._value(op.Inputs(0)), weight.shape[1])
+        y = self.em.linear(x, weight, self._bias(op), self._tensor(op.Outputs(0)).Name().decode())
+        return self._activation(y, opts.FusedActivationFunction())
+
+    def _flatten_nhwc(self, x: Value, features: int) -> Value:
+        shape = self.em.shape(x)
+        if len(shape) == 4 and shape[2] * shape[3] > 1:
+            x = self.em.permute(x, [0, 2, 3, 1])
+        if len(shape) != 2 or shape[1] != features:
+            x = self.em.reshape(x, (int(np.prod(shape)) // features, features))
+        return x
+
+    def _op_ADD(self, op):
+        opts = _options(op, tflite.AddOptions)
+        a, b = (self._broadcastable(op.Inputs(i), op.Inputs(1 - i)) for i in (0, 1))
+        return self._activation(self.em.add(a, b), opts.FusedActivationFunction())
+
+    def _broadcastable(self, index: int, other: int) -> Value:
+        """A constant operand, laid out to broadcast against an NCHW value."""
+        if index in self.values or not self._is_const(index):
+            return self._value(index)
+        array = self._const(index, "operand").astype(np.float32)
+        other_rank = len(self.em.shape(self._value(other)))
+        if array.ndim == 4:
+            array = array.transpose(0, 3, 1, 2)
+        elif array.ndim == 1 and other_rank == 4:
+            array = array.reshape(1, -1, 1, 1)
+        return self.em.constant(array)
+
+    def _pool(self, op):
+        opts = _options(op, tflite.Pool2DOptions)
+        x = self._value(op.Inputs(0))
+        kernel = (opts.FilterHeight(), opts.FilterWidth())
+        strides = (opts.StrideH(), opts.StrideW())
+        return x, opts, kernel, strides, self._padding(x, kernel, strides, (1, 1),
+                                                       opts.Padding() == 0)
+
+    def _op_AVERAGE_POOL_2D(self, op):
+        x, opts, kernel, strides, padding = self._pool(op)
+        y = self.em.avg_pool(x, kernel, strides, padding, count_include_pad=False)
+        return self._activation(y, opts.FusedActivationFunction())
+
+    def _op_MAX_POOL_2D(self, op):
+        x, opts, kernel, strides, padding = self._pool(op)
+        y = self.em.max_pool(x, kernel, strides, padding)
+        return self._activation(y, opts.FusedActivationFunction())
+
+    def _op_MEAN(self, op):
+        x = self._value(op.Inputs(0))
+        rank = len(self.em.shape(x))
+        axes = [int(a) % rank for a in np.atleast_1d(self._const(op.Inputs(1), "axes"))]
+        if rank == 4:
+            axes = sorted(NHWC_TO_NCHW_AXIS[a] for a in axes)
+        keep = bool(_options(op, tflite.ReducerOptions).KeepDims())
+        y = self.em.mean(x, axes, keepdims=keep)
+        if rank == 4 and not keep and len(self.em.shape(y)) > 1 and 1 not in axes:
+            # channels survived but H/W order is mixed: go back to NHWC meaning
+            self._unsupported("MEAN keeping spatial axes and dropping others")
+        return y
+
+    def _op_RESHAPE(self, op):
+        x = self._value(op.Inputs(0))
+        out_shape = [int(d) for d in self._tensor(op.Outputs(0)).ShapeAsNumpy()]
+        out_shape[0] = 1
+        shape = self.em.shape(x)
+        if len(shape) == 4 and shape[2] * shape[3] > 1:
+            x = self.em.permute(x, [0, 2, 3, 1])
+        if len(out_shape) == 4:
+            y = self.em.reshape(x, tuple(out_shape))
+            return self.em.permute(y, [0, 3, 1, 2])
+        return self.em.reshape(x, tuple(out_shape))
+
+    def _op_SOFTMAX(self, op):
+        x = self._value(op.Inputs(0))
+        if op.Outputs(0) == self.output:
+            return x  # a trailing softmax is dropped: training and predict work on logits
+        beta = _options(op, tflite.SoftmaxOptions).Beta()
+        if beta != 1.0:
+            x = self.em.multiply(x, self.em.constant(np.float32(beta)))
+        return self.em.softmax(x, len(self.em.shape(x)) - 1)
+
+    def _op_PAD(self, op):
+        x = self._value(op.Inputs(0))
+        pads = self._const(op.Inputs(1), "paddings").astype(np.int64)
+        if pads.shape[0] == 4:
+            pads = pads[[0, 3, 1, 2]]
+        return self.em.pad(x, [int(v) for v in pads.reshape(-1)], 0.0)
+
+    def _op_RELU(self, op):
+        return self.em.relu(self._value(op.Inputs(0)))
+
+    def _op_RELU6(self, op):
+        return self.em.clip(self._value(op.Inputs(0)), 0.0, 6.0)

@@ -1,0 +1,34 @@
+"""``TinyTrain``: the whole compile-time training construction as one TVM module pass."""
+
+from __future__ import annotations
+
+import tvm
+
+from relay_passes import SGD, TrainingPipeline
+
+from ..errors import SchemeError
+from ..layers import layer_table
+from ..scheme import resolve
+
+
+def TinyTrain(scheme: str = "full", loss: str = "cross_entropy", optimizer=None) -> tvm.transform.Pass:
+    """Backbone (``main(x, *params) -> logits``) → ``predict`` + ``train_step``.
+
+    ``train_step(x, label, *trainable, *optimizer_state, *frozen) ->
+    (loss, *trainable_updated, *optimizer_state_updated)``. ``scheme`` names which
+    parameters learn (a preset: full, last-layer, bias-only, last-k:N); ``loss`` is
+    ``cross_entropy`` (integer label) or ``mse`` (label shaped like the output);
+    ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``.
+    """
+    optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
+    if loss not in ("cross_entropy", "mse"):
+        raise SchemeError(f"unknown loss {loss!r}; choose cross_entropy or mse")
+    if not hasattr(optimizer, "update"):
+        raise SchemeError(f"optimizer must be tvm_tinytrain.SGD(...) or Adam(...), not {optimizer!r}")
+
+    @tvm.transform.module_pass(opt_level=0, name="TinyTrain")
+    def tinytrain(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        trainable = resolve(scheme, layer_table(mod))
+        return TrainingPipeline(list(trainable), loss, optimizer)(mod)
+
+    return tinytrain

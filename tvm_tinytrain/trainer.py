@@ -1,0 +1,144 @@
+"""The host trainer: a TinyTrain IRModule compiled by TVM for this machine.
+
+Used for accuracy runs, the scheme search and as the numerical reference of
+the C path. Samples come in the model file's own layout and dtype, batch 1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import InputError, TinyTrainError
+
+
+def _names(func: relax.Function, attr: str) -> list[str]:
+    return [str(n) for n in func.attrs[attr]] if attr in func.attrs else []
+
+
+class HostTrainer:
+    """``step(x, y) -> loss``, ``predict(x)``, ``evaluate(xs, ys)``, ``params()``."""
+
+    def __init__(self, train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm"):
+        names = {gv.name_hint for gv in train_mod.get_global_vars()}
+        if not {"train_step", "predict"} <= names:
+            raise TinyTrainError(
+                "build() takes the module TinyTrain returns (with train_step and predict); "
+                "run tvm_tinytrain.relay.transform.TinyTrain(...)(mod) first"
+            )
+        step = train_mod["train_step"]
+        predict = train_mod["predict"]
+        self.predict_function = predict
+        self.trainable = _names(step, "tinytrain.trainable")
+        self.state_names = _names(step, "tinytrain.state")
+        self.loss_kind = str(step.attrs["tinytrain.loss"])
+        self.param_names = [p.name for p in predict.params[1:]]
+        missing = [n for n in self.param_names if n not in params]
+        if missing:
+            raise TinyTrainError(f"params lacks {', '.join(missing[:5])}: pass the dict load_model returned")
+        self.frozen = [p.name for p in step.params[2 + len(self.trainable) + len(self.state_names):]]
+        x_ty = predict.params[0].ty
+        self.input_shape = tuple(int(d) for d in x_ty.shape)
+        self.input_dtype = str(x_ty.dtype)
+        self.label_shape = tuple(int(d) for d in step.params[1].ty.shape)
+        self.output_shape = tuple(int(d) for d in predict.ret_ty.shape)
+        self.num_classes = self.output_shape[-1]
+        self.device = tvm.cpu()
+        t0 = time.perf_counter()
+        self.executable = tvm.compile(train_mod, target=target)
+        self.compile_seconds = time.perf_counter() - t0
+        self.vm = relax.VirtualMachine(self.executable, self.device)
+        self._values = {n: tvm.runtime.tensor(np.asarray(params[n], np.float32), self.device)
+                        for n in self.param_names}
+        init = step.attrs["tinytrain.state_init"] if self.state_names else {}
+        for name, var in zip(self.state_names,
+                             step.params[2 + len(self.trainable):][:len(self.state_names)]):
+            shape = tuple(int(d) for d in var.ty.shape)
+            fill = np.full(shape, float(init[name]), np.float32)
+            self._values[name] = tvm.runtime.tensor(fill, self.device)
+
+    # ---- input checks ------------------------------------------------------
+    def _sample(self, x) -> tvm.runtime.Tensor:
+        x = np.asarray(x)
+        if x.shape == self.input_shape[1:]:
+            x = x[None]
+        if x.shape != self.input_shape:
+            raise InputError(
+                f"input has shape {x.shape}; this model takes {self.input_shape} "
+                f"({self.input_dtype}, the model file's own layout), batch 1"
+            )
+        if not np.issubdtype(x.dtype, np.number):
+            raise InputError(f"input has dtype {x.dtype}; expected {self.input_dtype}")
+        return tvm.runtime.tensor(np.ascontiguousarray(x, self.input_dtype), self.device)
+
+    def _label(self, y) -> tvm.runtime.Tensor:
+        if self.loss_kind == "cross_entropy":
+            y_arr = np.asarray(y).reshape(-1)
+            if y_arr.size != 1 or not np.issubdtype(y_arr.dtype, np.integer):
+                raise InputError(f"label {y!r} must be one integer class index")
+            if not 0 <= int(y_arr[0]) < self.num_classes:
+                raise InputError(
+                    f"label {int(y_arr[0])} is out of range: the model has {self.num_classes} "
+                    f"classes (0..{self.num_classes - 1})"
+                )
+            return tvm.runtime.tensor(y_arr.astype(np.int64), self.device)
+        y_arr = np.asarray(y, np.float32).reshape(-1)
+        if y_arr.size != int(np.prod(self.label_shape)):
+            raise InputError(f"target has {y_arr.size} values; the model outputs {self.label_shape}")
+        return tvm.runtime.tensor(y_arr.reshape(self.label_shape), self.device)
+
+    # ---- training ----------------------------------------------------------
+    def step(self, x, y) -> float:
+        """One training step on one sample; returns the loss before the update."""
+        args = [self._sample(x), self._label(y)]
+        args += [self._values[n] for n in (*self.trainable, *self.state_names, *self.frozen)]
+        out = self.vm["train_step"](*args)
+        for name, value in zip((*self.trainable, *self.state_names), list(out)[1:]):
+            self._values[name] = value
+        return float(out[0].numpy())
+
+    def predict(self, x) -> np.ndarray:
+        """The logits for one sample, shape (1, classes)."""
+        out = self.vm["predict"](self._sample(x), *[self._values[n] for n in self.param_names])
+        return out.numpy()
+
+    def evaluate(self, xs, ys) -> float:
+        """Top-1 accuracy over a stack of samples (xs[i] is one sample)."""
+        xs, ys = np.asarray(xs), np.asarray(ys).reshape(-1)
+        if len(xs) != len(ys):
+            raise InputError(f"{len(xs)} samples but {len(ys)} labels")
+        if len(ys) == 0:
+            raise InputError("evaluate() needs at least one sample")
+        if ys.min() < 0 or ys.max() >= self.num_classes:
+            raise InputError(
+                f"labels must be in 0..{self.num_classes - 1}; got {ys.min()}..{ys.max()}"
+            )
+        hits = sum(int(np.argmax(self.predict(x)) == y) for x, y in zip(xs, ys))
+        return hits / len(ys)
+
+    def fit(self, xs, ys, epochs: int = 1, seed: int = 0,
+            progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+        """Plain SGD loop over the samples, shuffled each epoch; returns the losses."""
+        rng = np.random.default_rng(seed)
+        losses, total = [], epochs * len(ys)
+        for _ in range(epochs):
+            for i in rng.permutation(len(ys)):
+                losses.append(self.step(xs[i], ys[i]))
+                if progress:
+                    progress(len(losses), total, losses[-1])
+        return losses
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Current values of every model parameter (trainable and frozen)."""
+        return {n: self._values[n].numpy() for n in self.param_names}
+
+
+def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm"):
+    """Compile a TinyTrain module. ``target="llvm"`` gives a :class:`HostTrainer`."""
+    if target in ("llvm", "host"):
+        return HostTrainer(train_mod, params, "llvm")
+    raise TinyTrainError(f"unknown target {target!r}; this release builds for 'llvm' (the host)")
