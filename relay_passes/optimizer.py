@@ -51,10 +51,10 @@ class SGD:
         return {f"{param}.momentum": 0.0} if self.momentum else {}
 
     def update(self, bb, w, g, state: list) -> tuple:
-        lr = relax.const(self.lr, "float32")
+        lr = relax.const(self.lr, w.ty.dtype)
         if not self.momentum:
             return bb.emit(R.subtract(w, R.multiply(lr, g))), []
-        v = bb.emit(R.add(R.multiply(relax.const(self.momentum, "float32"), state[0]), g))
+        v = bb.emit(R.add(R.multiply(relax.const(self.momentum, w.ty.dtype), state[0]), g))
         return bb.emit(R.subtract(w, R.multiply(lr, v))), [v]
 
 
@@ -79,7 +79,7 @@ class Adam:
 
     def update(self, bb, w, g, state: list) -> tuple:
         def c(v):
-            return relax.const(v, "float32")
+            return relax.const(v, w.ty.dtype)
 
         m, v, b1pow, b2pow = state
         m = bb.emit(R.add(R.multiply(c(self.beta1), m), R.multiply(c(1 - self.beta1), g)))
@@ -95,7 +95,7 @@ class Adam:
 
 def _state_type(name: str, param: relax.Var) -> relax.TensorType:
     if name.endswith("pow"):
-        return relax.TensorType((), "float32")
+        return relax.TensorType((), param.ty.dtype)
     return param.ty
 
 

@@ -78,6 +78,10 @@ def layer_table(mod: tvm.IRModule) -> list[Layer]:
     return layers
 
 
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
 def format_table(layers: list[Layer], params: dict[str, np.ndarray] | None = None) -> str:
     rows = [f"{'#':>3}  {'kind':<7}{'weight':<18}{'weight shape':<18}{'output':<18}"
             f"{'MACs':>10}  source"]

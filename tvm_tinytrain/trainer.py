@@ -7,7 +7,7 @@ the C path. Samples come in the model file's own layout and dtype, batch 1.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tvm

@@ -52,7 +52,9 @@ class _GraphBuilder:
     ``self.x`` (name of the current tensor) and ``self.channels`` along.
     """
 
-    def __init__(self, in_channels: int, input_hw: tuple[int, int], seed: int, batchnorm: bool = False):
+    def __init__(
+        self, in_channels: int, input_hw: tuple[int, int], seed: int, batchnorm: bool = False
+    ):
         self.rng = np.random.default_rng(seed)
         self.batchnorm = batchnorm
         self.nodes: list[onnx.NodeProto] = []
@@ -79,19 +81,36 @@ class _GraphBuilder:
         return out
 
     # -- layers ----------------------------------------------------------
-    def conv(self, name: str, out_channels: int, kernel: int, stride: int = 1,
-             groups: int = 1, act: str | None = "relu") -> str:
+    def conv(
+        self,
+        name: str,
+        out_channels: int,
+        kernel: int,
+        stride: int = 1,
+        groups: int = 1,
+        act: str | None = "relu",
+    ) -> str:
         """Conv (+ BatchNormalization when enabled) (+ activation) on the current tensor."""
         cin = self.channels
         fan_in = cin // groups * kernel * kernel
         gain = 2.0 if act else 1.0
-        weight = self.rng.normal(0.0, np.sqrt(gain / fan_in), (out_channels, cin // groups, kernel, kernel))
+        weight = self.rng.normal(
+            0.0, np.sqrt(gain / fan_in), (out_channels, cin // groups, kernel, kernel)
+        )
         inputs = [self.x, self._init(f"{name}.weight", weight)]
         if not self.batchnorm:
             inputs.append(self._init(f"{name}.bias", self.rng.uniform(-0.05, 0.05, out_channels)))
         pad = kernel // 2
-        self._emit("Conv", inputs, "conv", kernel_shape=[kernel, kernel], strides=[stride, stride],
-                   pads=[pad, pad, pad, pad], group=groups, dilations=[1, 1])
+        self._emit(
+            "Conv",
+            inputs,
+            "conv",
+            kernel_shape=[kernel, kernel],
+            strides=[stride, stride],
+            pads=[pad, pad, pad, pad],
+            group=groups,
+            dilations=[1, 1],
+        )
         self.channels = out_channels
         if self.batchnorm:
             self._batchnorm(f"{name}.bn")
@@ -116,7 +135,10 @@ class _GraphBuilder:
             return self._emit("Relu", [self.x], "relu")
         if kind == "relu6":
             if self._clip_bounds is None:
-                self._clip_bounds = (self._init("relu6.min", np.array(0.0)), self._init("relu6.max", np.array(6.0)))
+                self._clip_bounds = (
+                    self._init("relu6.min", np.array(0.0)),
+                    self._init("relu6.max", np.array(6.0)),
+                )
             return self._emit("Clip", [self.x, *self._clip_bounds], "relu6")
         raise ValueError(f"unknown activation {kind!r}; supported: relu, relu6")
 
@@ -131,7 +153,9 @@ class _GraphBuilder:
         if block.expand != 1:
             self.conv(f"{name}.conv.{index}", hidden, 1, act=act)
             index += 1
-        self.conv(f"{name}.conv.{index}", hidden, block.kernel, block.stride, groups=hidden, act=act)
+        self.conv(
+            f"{name}.conv.{index}", hidden, block.kernel, block.stride, groups=hidden, act=act
+        )
         self.conv(f"{name}.conv.{index + 1}", block.out_channels, 1, act=None)
         if block.stride == 1 and cin == block.out_channels:
             self.add(identity)
@@ -151,20 +175,31 @@ class _GraphBuilder:
     def model(self, graph_name: str) -> onnx.ModelProto:
         """Finish: the graph with ``input`` and ``logits`` as its only input/output."""
         graph = helper.make_graph(
-            self.nodes, graph_name,
+            self.nodes,
+            graph_name,
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(self.input_shape))],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, self.channels])],
             initializer=self.initializers,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="tvm_tinytrain.zoo")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tvm_tinytrain.zoo"
+        )
         model.ir_version = IR_VERSION
         return model
 
 
-def _mobile_net(name: str, *, resolution: int, num_classes: int, seed: int, stem: int,
-                blocks: list[_Block], last_channels: int | None, act: str,
-                batchnorm: bool = False) -> onnx.ModelProto:
+def _mobile_net(
+    name: str,
+    *,
+    resolution: int,
+    num_classes: int,
+    seed: int,
+    stem: int,
+    blocks: list[_Block],
+    last_channels: int | None,
+    act: str,
+    batchnorm: bool = False,
+) -> onnx.ModelProto:
     """Stem conv 3x3/2, inverted residual blocks, optional 1x1 head conv, classifier."""
     b = _GraphBuilder(3, (resolution, resolution), seed, batchnorm)
     b.conv("features.0", stem, 3, stride=2, act=act)
@@ -176,8 +211,13 @@ def _mobile_net(name: str, *, resolution: int, num_classes: int, seed: int, stem
     return b.model(name)
 
 
-def small_cnn(num_classes: int = 10, input_hw: tuple[int, int] = (8, 8), in_channels: int = 1,
-              width: int = 8, seed: int = 0) -> onnx.ModelProto:
+def small_cnn(
+    num_classes: int = 10,
+    input_hw: tuple[int, int] = (8, 8),
+    in_channels: int = 1,
+    width: int = 8,
+    seed: int = 0,
+) -> onnx.ModelProto:
     """A tiny CNN for quick training tests (about 30 K MACs at 8x8, width 8).
 
     conv3x3(pad 1, ``width``) + Relu -> conv3x3 stride 2 (``2*width``) + Relu
@@ -194,12 +234,24 @@ def small_cnn(num_classes: int = 10, input_hw: tuple[int, int] = (8, 8), in_chan
 
 
 # (expansion t, output channels c, repeats n, first stride s), torchvision's table.
-_MOBILENET_V2_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                          (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+_MOBILENET_V2_SETTINGS = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
-def mobilenet_v2(width_mult: float = 0.35, resolution: int = 128, num_classes: int = 10,
-                 seed: int = 0, batchnorm: bool = False) -> onnx.ModelProto:
+def mobilenet_v2(
+    width_mult: float = 0.35,
+    resolution: int = 128,
+    num_classes: int = 10,
+    seed: int = 0,
+    batchnorm: bool = False,
+) -> onnx.ModelProto:
     """MobileNetV2 (Sandler et al. 2018) as in torchvision.
 
     Stem conv 3x3/2 (``32*w`` channels), 17 inverted residual blocks of the
@@ -213,12 +265,20 @@ def mobilenet_v2(width_mult: float = 0.35, resolution: int = 128, num_classes: i
     """
     blocks = [
         _Block(t, 3, _make_divisible(c * width_mult), s if i == 0 else 1)
-        for t, c, n, s in _MOBILENET_V2_SETTINGS for i in range(n)
+        for t, c, n, s in _MOBILENET_V2_SETTINGS
+        for i in range(n)
     ]
-    return _mobile_net("mobilenet_v2", resolution=resolution, num_classes=num_classes, seed=seed,
-                       stem=_make_divisible(32 * width_mult), blocks=blocks,
-                       last_channels=_make_divisible(1280 * max(1.0, width_mult)), act="relu6",
-                       batchnorm=batchnorm)
+    return _mobile_net(
+        "mobilenet_v2",
+        resolution=resolution,
+        num_classes=num_classes,
+        seed=seed,
+        stem=_make_divisible(32 * width_mult),
+        blocks=blocks,
+        last_channels=_make_divisible(1280 * max(1.0, width_mult)),
+        act="relu6",
+        batchnorm=batchnorm,
+    )
 
 
 # ProxylessNAS-mobile style: per stage (channels, stride, [(expansion, kernel), ...]).
@@ -233,15 +293,19 @@ _PROXYLESS_STAGES = [
 ]
 
 
-def _staged_blocks(stages: list[tuple[int, int, list[tuple[int, int]]]], width_mult: float) -> list[_Block]:
+def _staged_blocks(
+    stages: list[tuple[int, int, list[tuple[int, int]]]], width_mult: float
+) -> list[_Block]:
     return [
         _Block(t, k, _make_divisible(c * width_mult), s if i == 0 else 1)
-        for c, s, layers in stages for i, (t, k) in enumerate(layers)
+        for c, s, layers in stages
+        for i, (t, k) in enumerate(layers)
     ]
 
 
-def proxyless_nas(width_mult: float = 0.3, resolution: int = 128, num_classes: int = 10,
-                  seed: int = 0) -> onnx.ModelProto:
+def proxyless_nas(
+    width_mult: float = 0.3, resolution: int = 128, num_classes: int = 10, seed: int = 0
+) -> onnx.ModelProto:
     """A ProxylessNAS-mobile-shaped network (Cai et al. 2019), not an exact replica.
 
     Stem conv 3x3/2 (``32*w``), 20 mobile inverted bottlenecks with kernels
@@ -251,10 +315,16 @@ def proxyless_nas(width_mult: float = 0.3, resolution: int = 128, num_classes: i
     At w=0.3, 128x128, 10 classes: 19.9 M MACs (paper: 19 M); at w=1, 224x224,
     1000 classes: 320 M, as published for ProxylessNAS-mobile.
     """
-    return _mobile_net("proxyless_nas", resolution=resolution, num_classes=num_classes, seed=seed,
-                       stem=_make_divisible(32 * width_mult),
-                       blocks=_staged_blocks(_PROXYLESS_STAGES, width_mult),
-                       last_channels=1280, act="relu6")
+    return _mobile_net(
+        "proxyless_nas",
+        resolution=resolution,
+        num_classes=num_classes,
+        seed=seed,
+        stem=_make_divisible(32 * width_mult),
+        blocks=_staged_blocks(_PROXYLESS_STAGES, width_mult),
+        last_channels=1280,
+        act="relu6",
+    )
 
 
 # MCUNet-like: per stage (channels, stride, [(expansion, kernel), ...]).
@@ -273,14 +343,22 @@ def mcunet_like(resolution: int = 128, num_classes: int = 10, seed: int = 0) -> 
     """A network shaped like MCUNet-5FPS (Lin et al. 2020), not an exact replica.
 
     Stem conv 3x3/2 (16), 15 mobile inverted bottlenecks from the table above
-    (channels 8, 16, 24, 40, 48, 96, 160; kernels 3/5/7, expansions 3-5, as
-    TinyNAS picks them), no 1x1 head conv (MCUNet classifies straight from the
-    160-channel feature map), pool, FC. ReLU6.
+    (channels 8, 16, 24, 40, 48, 96, 160; kernels 3/5/7 and expansions 3-5
+    mixed per block, the way TinyNAS-searched networks look), no 1x1 head conv
+    (MCUNet classifies straight from the 160-channel feature map), pool, FC.
+    ReLU6. Depths and kernels were chosen to land on the paper's MAC count.
     At 128x128, 10 classes: 23.5 M MACs (paper: 23 M).
     """
-    return _mobile_net("mcunet_like", resolution=resolution, num_classes=num_classes, seed=seed,
-                       stem=16, blocks=_staged_blocks(_MCUNET_STAGES, 1.0),
-                       last_channels=None, act="relu6")
+    return _mobile_net(
+        "mcunet_like",
+        resolution=resolution,
+        num_classes=num_classes,
+        seed=seed,
+        stem=16,
+        blocks=_staged_blocks(_MCUNET_STAGES, 1.0),
+        last_channels=None,
+        act="relu6",
+    )
 
 
 def count_macs(model: onnx.ModelProto) -> int:

@@ -12,26 +12,31 @@ from .onnx_reader import read_onnx
 from .tflite_reader import read_tflite
 
 
-def load_model(path: str | Path) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+def load_model(
+    path: str | Path, dtype: str = "float32"
+) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
     """Read a float ``.tflite`` or ``.onnx`` model.
 
     Returns ``(mod, params)``: ``mod["main"](x, *params)`` computes the logits,
     taking ``x`` in the file's own layout (NHWC for TFLite, NCHW for ONNX);
     ``params`` maps readable names (``conv0.weight``, ``linear13.bias``) to arrays.
+    ``dtype="float64"`` builds the same graph in double precision (for gradient checks).
     """
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, not {dtype}")
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file")
     data = path.read_bytes()
     if len(data) >= 8 and data[4:8] == b"TFL3":
-        return read_tflite(data, str(path))
+        return read_tflite(data, str(path), dtype)
     if path.suffix.lower() == ".tflite":
         raise ModelFormatError(
             f"{path}: not a TFLite model (no TFL3 identifier); the file may be truncated or "
             "of another format"
         )
     if path.suffix.lower() == ".onnx" or data[:1] == b"\x08":
-        return read_onnx(data, str(path))
+        return read_onnx(data, str(path), dtype)
     raise ModelFormatError(
         f"{path}: unknown model format; tinytrain reads .tflite and .onnx files"
     )

@@ -27,10 +27,12 @@ Value = relax.Expr
 class RelaxEmitter:
     """One backbone function under construction, built operator by operator."""
 
-    def __init__(self, input_name: str, shape: tuple[int, ...], dtype: str, layout: str):
+    def __init__(self, input_name: str, shape: tuple[int, ...], dtype: str, layout: str,
+                 float_dtype: str = "float32"):
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be NCHW or NHWC, not {layout}")
         self.layout = layout
+        self.float_dtype = float_dtype  # float64 only for gradient checks
         self.input = relax.Var(input_name, relax.TensorType(shape, dtype))
         self.params: dict[str, np.ndarray] = {}
         self.param_vars: list[relax.Var] = []
@@ -42,8 +44,8 @@ class RelaxEmitter:
         self._df = self.bb.dataflow()
         self._df.__enter__()
         x = self.input
-        if dtype != "float32":
-            x = self.bb.emit(R.astype(x, "float32"))
+        if dtype != float_dtype:
+            x = self.bb.emit(R.astype(x, float_dtype))
         if layout == "NHWC" and len(shape) == 4:
             x = self.bb.emit(R.permute_dims(x, [0, 3, 1, 2]))
         self.entry = x
@@ -54,8 +56,8 @@ class RelaxEmitter:
         return tuple(int(d) for d in value.ty.shape)
 
     def _param(self, name: str, array: np.ndarray) -> relax.Var:
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        var = relax.Var(name, relax.TensorType(array.shape, "float32"))
+        array = np.ascontiguousarray(array, dtype=self.float_dtype)
+        var = relax.Var(name, relax.TensorType(array.shape, self.float_dtype))
         self.params[name] = array
         self.param_vars.append(var)
         return var
@@ -67,7 +69,7 @@ class RelaxEmitter:
         return prefix
 
     def constant(self, array: np.ndarray) -> Value:
-        return relax.const(np.asarray(array, dtype=np.float32))
+        return relax.const(np.asarray(array, dtype=self.float_dtype))
 
     # ---- layers ------------------------------------------------------------
     def conv2d(

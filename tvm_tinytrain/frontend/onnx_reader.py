@@ -22,18 +22,19 @@ SUPPORTED = [
 ]
 
 
-def read_onnx(data: bytes, path: str) -> tuple:
+def read_onnx(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as err:  # protobuf raises DecodeError and friends
         raise ModelFormatError(f"{path}: not a readable ONNX model ({err.__class__.__name__})")
     if not model.graph.node:
         raise ModelFormatError(f"{path}: the ONNX file holds no graph (truncated or empty)")
-    return _OnnxReader(model, path).run()
+    return _OnnxReader(model, path, float_dtype).run()
 
 
 class _OnnxReader:
-    def __init__(self, model: onnx.ModelProto, path: str):
+    def __init__(self, model: onnx.ModelProto, path: str, float_dtype: str):
+        self.float_dtype = float_dtype
         self.graph = model.graph
         self.path = path
         self.consts: dict[str, np.ndarray] = {
@@ -79,12 +80,12 @@ class _OnnxReader:
             raise ModelStructureError(
                 f"{self.path}: input {inp.name} has rank {len(shape)}; expected an NCHW image"
             )
-        return inp.name, tuple(shape), "float32"
+        return inp.name, tuple(shape), self.float_dtype
 
     # ---- driver ------------------------------------------------------------
     def run(self):
         name, shape, dtype = self._input()
-        self.em = RelaxEmitter(name, shape, dtype, "NCHW")
+        self.em = RelaxEmitter(name, shape, dtype, "NCHW", self.float_dtype)
         self.values[name] = self.em.entry
         if len(self.graph.output) != 1:
             raise ModelStructureError(

@@ -27,7 +27,7 @@ SUPPORTED = [
 ]
 
 
-def read_tflite(data: bytes, path: str) -> tuple:
+def read_tflite(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
     try:
         model = tflite.Model.GetRootAsModel(data, 0)
         if model.SubgraphsLength() < 1:
@@ -40,7 +40,7 @@ def read_tflite(data: bytes, path: str) -> tuple:
             f"{path}: not a readable TFLite model ({err.__class__.__name__}: {err}); "
             "the file may be truncated"
         )
-    return _TfliteReader(model, path).run()
+    return _TfliteReader(model, path, float_dtype).run()
 
 
 def _options(op, cls):
@@ -58,8 +58,8 @@ def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[i
 
 
 class _TfliteReader:
-    def __init__(self, model, path: str):
-        self.model, self.path = model, path
+    def __init__(self, model, path: str, float_dtype: str):
+        self.model, self.path, self.float_dtype = model, path, float_dtype
         self.graph = model.Subgraphs(0)
         self.values: dict[int, Value] = {}
 
@@ -87,7 +87,7 @@ class _TfliteReader:
     def _value(self, index: int) -> Value:
         if index in self.values:
             return self.values[index]
-        array = self._const(index, "operand").astype(np.float32)
+        array = self._const(index, "operand").astype(self.float_dtype)
         if array.ndim == 4:
             array = array.transpose(0, 3, 1, 2)
         return self.em.constant(array)
@@ -132,7 +132,7 @@ class _TfliteReader:
 
     def run(self):
         index, name, shape = self._input()
-        self.em = RelaxEmitter(name, shape, "float32", "NHWC")
+        self.em = RelaxEmitter(name, shape, self.float_dtype, "NHWC", self.float_dtype)
         self.values[index] = self.em.entry
         self.output = self.graph.Outputs(0)
         for position in range(self.graph.OperatorsLength()):
@@ -222,7 +222,7 @@ class _TfliteReader:
         """A constant operand, laid out to broadcast against an NCHW value."""
         if index in self.values or not self._is_const(index):
             return self._value(index)
-        array = self._const(index, "operand").astype(np.float32)
+        array = self._const(index, "operand").astype(self.float_dtype)
         other_rank = len(self.em.shape(self._value(other)))
         if array.ndim == 4:
             array = array.transpose(0, 3, 1, 2)
@@ -279,7 +279,7 @@ class _TfliteReader:
             return x  # a trailing softmax is dropped: training and predict work on logits
         beta = _options(op, tflite.SoftmaxOptions).Beta()
         if beta != 1.0:
-            x = self.em.multiply(x, self.em.constant(np.float32(beta)))
+            x = self.em.multiply(x, self.em.constant(np.asarray(beta)))
         return self.em.softmax(x, len(self.em.shape(x)) - 1)
 
     def _op_PAD(self, op):
