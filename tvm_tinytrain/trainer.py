@@ -113,6 +113,10 @@ class HostTrainer:
             raise InputError(f"{len(xs)} samples but {len(ys)} labels")
         if len(ys) == 0:
             raise InputError("evaluate() needs at least one sample")
+        if not np.issubdtype(ys.dtype, np.integer):
+            raise InputError(
+                f"labels must be integer class indices; got dtype {ys.dtype} (first: {ys[0]!r})"
+            )
         if ys.min() < 0 or ys.max() >= self.num_classes:
             raise InputError(
                 f"labels must be in 0..{self.num_classes - 1}; got {ys.min()}..{ys.max()}"

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from ..errors import ModelStructureError
+from ..errors import ModelStructureError, UnsupportedOperatorError
 
 Value = relax.Expr
 
@@ -28,10 +28,11 @@ class RelaxEmitter:
     """One backbone function under construction, built operator by operator."""
 
     def __init__(self, input_name: str, shape: tuple[int, ...], dtype: str, layout: str,
-                 float_dtype: str = "float32"):
+                 float_dtype: str = "float32", fmt: str = "ONNX"):
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be NCHW or NHWC, not {layout}")
         self.layout = layout
+        self.fmt = fmt  # the file format, for error messages
         self.float_dtype = float_dtype  # float64 only for gradient checks
         self.input = relax.Var(input_name, relax.TensorType(shape, dtype))
         self.params: dict[str, np.ndarray] = {}
@@ -69,7 +70,7 @@ class RelaxEmitter:
         return prefix
 
     def constant(self, array: np.ndarray) -> Value:
-        return relax.const(np.asarray(array, dtype=self.float_dtype))
+        return relax.const(np.asarray(array), self.float_dtype)
 
     # ---- layers ------------------------------------------------------------
     def conv2d(
@@ -84,6 +85,11 @@ class RelaxEmitter:
         source: str,
     ) -> Value:
         """``weight`` is OIHW; ``padding`` is (top, left, bottom, right)."""
+        if tuple(dilation) != (1, 1):
+            raise UnsupportedOperatorError(
+                self.fmt, "convolution", source, ["dilation 1"],
+                f"dilation {tuple(dilation)}: TVM 0.27 cannot differentiate dilated convolutions",
+            )
         c_out = weight.shape[0]
         depthwise = groups > 1 and groups == self.shape(x)[1] and weight.shape[1] == 1
         prefix = self._new_layer("dwconv" if depthwise else "conv", source)

@@ -26,7 +26,10 @@ def read_onnx(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as err:  # protobuf raises DecodeError and friends
-        raise ModelFormatError(f"{path}: not a readable ONNX model ({err.__class__.__name__})")
+        raise ModelFormatError(
+            f"{path}: not a readable ONNX model ({err.__class__.__name__}); "
+            "the file may be truncated or of another format"
+        )
     if not model.graph.node:
         raise ModelFormatError(f"{path}: the ONNX file holds no graph (truncated or empty)")
     return _OnnxReader(model, path, float_dtype).run()

@@ -9,6 +9,7 @@ FULLY_CONNECTED on a 4-D input). Fused activations become their own op.
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import tflite
@@ -35,12 +36,19 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
         graph = model.Subgraphs(0)
         graph.OperatorsLength()
         graph.Tensors(0).Type()
+        for i in range(model.BuffersLength()):  # weights sit at the end: a cut file loses them
+            model.Buffers(i).DataAsNumpy()
     except Exception as err:  # flatbuffers raises struct/index errors on truncated files
         raise ModelFormatError(
             f"{path}: not a readable TFLite model ({err.__class__.__name__}: {err}); "
             "the file may be truncated"
         )
-    return _TfliteReader(model, path, float_dtype).run()
+    try:
+        return _TfliteReader(model, path, float_dtype).run()
+    except struct.error as err:  # a flatbuffer read past the end of a cut-off file
+        raise ModelFormatError(
+            f"{path}: not a readable TFLite model ({err}); the file may be truncated"
+        )
 
 
 def _options(op, cls):
@@ -132,7 +140,7 @@ class _TfliteReader:
 
     def run(self):
         index, name, shape = self._input()
-        self.em = RelaxEmitter(name, shape, self.float_dtype, "NHWC", self.float_dtype)
+        self.em = RelaxEmitter(name, shape, self.float_dtype, "NHWC", self.float_dtype, "TFLite")
         self.values[index] = self.em.entry
         self.output = self.graph.Outputs(0)
         for position in range(self.graph.OperatorsLength()):

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import tvm
+import tvm_ffi
 
 from relay_passes import SGD, TrainingPipeline
 
-from ..errors import SchemeError
+from ..errors import SchemeError, TinyTrainError
 from ..layers import layer_table
-from ..scheme import resolve
+from ..scheme import PRESETS, resolve
+
+# A Python exception raised inside a module pass crosses TVM's FFI and comes back
+# as a RuntimeError unless its class is registered: keep SchemeError a SchemeError
+# (what the CLI catches) when resolve() rejects a scheme for the model at hand.
+for _cls in (TinyTrainError, SchemeError):
+    tvm_ffi.register_error(f"tinytrain.{_cls.__name__}", _cls)
 
 
 def TinyTrain(scheme: str = "full", loss: str = "cross_entropy", optimizer=None) -> tvm.transform.Pass:
@@ -21,6 +28,10 @@ def TinyTrain(scheme: str = "full", loss: str = "cross_entropy", optimizer=None)
     ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``.
     """
     optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
+    if not isinstance(scheme, str) or (
+        scheme not in PRESETS and not scheme.startswith("last-k:")
+    ):
+        raise SchemeError(f"unknown scheme {scheme!r}; presets: {', '.join(PRESETS)}")
     if loss not in ("cross_entropy", "mse"):
         raise SchemeError(f"unknown loss {loss!r}; choose cross_entropy or mse")
     if not hasattr(optimizer, "update"):
