@@ -1,0 +1,71 @@
+"""Shared fixtures: the pre-trained models in ../shared/models, a small ONNX file, a built trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tvm_tinytrain import zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT.parent / "shared" / "models"
+
+
+def _missing(what: Path):
+    """Skip (fail under CI=true, which must have the models) when a shared model is absent."""
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"{what} is missing; CI must provide ../shared/models beside the project")
+    pytest.skip(f"{what} not found: put the shared models in ../shared/models beside the project")
+
+
+def shared_model(name: str) -> Path:
+    """The path of ``../shared/models/<name>``; skips (fails under CI=true) when it is missing."""
+    path = MODELS / name
+    if not path.is_file():
+        _missing(path)
+    return path
+
+
+@pytest.fixture(name="shared_model")
+def _shared_model_fixture():
+    """``shared_model("vww_96_float.tflite")`` inside a test, without importing conftest."""
+    return shared_model
+
+
+@pytest.fixture
+def models_dir() -> Path:
+    if not MODELS.is_dir():
+        _missing(MODELS)
+    return MODELS
+
+
+def small_cnn():
+    return zoo.small_cnn(num_classes=10, input_hw=(8, 8), width=8)
+
+
+@pytest.fixture
+def small_onnx(tmp_path) -> Path:
+    """zoo.small_cnn (1x1x8x8 input, 10 classes) saved as an ONNX file."""
+    path = tmp_path / "small_cnn.onnx"
+    onnx.save(small_cnn(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_trainer(tmp_path_factory):
+    """A HostTrainer for small_cnn (full scheme, cross-entropy, SGD), built once per session.
+
+    Shared: a test that calls ``step`` changes the weights every later test sees.
+    """
+    import tvm_tinytrain as tt
+
+    path = tmp_path_factory.mktemp("small") / "small_cnn.onnx"
+    onnx.save(small_cnn(), path)
+    mod, params = tt.load_model(path)
+    train_mod = tt.relay.transform.TinyTrain(
+        scheme="full", loss="cross_entropy", optimizer=tt.SGD(lr=0.01)
+    )(mod)
+    return tt.build(train_mod, params)
