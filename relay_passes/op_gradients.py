@@ -32,5 +32,17 @@ def _pad_grad(orig_var, orig_call, output_grad, ctx):
     return [grad] + [R.grad.no_grad(arg) for arg in orig_call.args[1:]]
 
 
+def _strided_slice_grad(orig_var, orig_call, output_grad, ctx):
+    """slice(x)' = g placed back in a zero tensor of x's shape (unit strides)."""
+    x, axes, begin, end = orig_call.args[:4]
+    shape = [int(d) for d in x.ty.shape]
+    widths = [0] * (2 * len(shape))
+    for axis, b, e in zip(axes, begin, end):
+        axis, b, e = int(axis.value), int(b.value), int(e.value)
+        widths[2 * axis], widths[2 * axis + 1] = b, shape[axis] - min(e, shape[axis])
+    return [R.nn.pad(output_grad, widths)] + [R.grad.no_grad(a) for a in orig_call.args[1:]]
+
+
 register_gradient("relax.clip", _clip_grad, level=20)
+register_gradient("relax.strided_slice", _strided_slice_grad, level=20)
 register_gradient("relax.nn.pad", _pad_grad, level=20)

@@ -1,5 +1,8 @@
 """TrainingPipeline: backbone IRModule → training IRModule, as one Sequential.
 
+Sparse update (partial channels split off), loss, gradient, optimizer, dead-code
+removal, then the memory-saving reorder.
+
 Before: ``main(x, *params) -> logits`` (``num_input = 1``).
 After::
 
@@ -16,16 +19,25 @@ from tvm import relax
 from .append_loss import AppendLoss
 from .gradient import BuildGradient
 from .optimizer import ApplyOptimizer
+from .reorder import ReorderForMemory
+from .sparse_update import SplitPartialWeights, trainable_slice_name
 
 
-def TrainingPipeline(trainable: list[str], loss: str, optimizer) -> tvm.transform.Pass:
-    """``trainable``: the parameter names that learn, in the order train_step takes them."""
-    return tvm.transform.Sequential(
-        [
-            AppendLoss(trainable, loss),
-            BuildGradient(),
-            ApplyOptimizer(optimizer),
-            relax.transform.DeadCodeElimination(["predict", "train_step"]),
-        ],
-        name="TinyTrain",
-    )
+def TrainingPipeline(
+    trainable: dict[str, int | None], loss: str, optimizer, reorder: bool = True
+) -> tvm.transform.Pass:
+    """``trainable``: parameter name → output channels that learn (None: all), in the
+    order train_step takes them. ``reorder=False`` keeps Gradient's order (all
+    gradients, then all updates), to measure what reordering saves."""
+    partial = {name: k for name, k in trainable.items() if k is not None}
+    names = [trainable_slice_name(n, k) if k is not None else n for n, k in trainable.items()]
+    passes = [
+        SplitPartialWeights(partial),
+        AppendLoss(names, loss),
+        BuildGradient(),
+        ApplyOptimizer(optimizer),
+        relax.transform.DeadCodeElimination(["predict", "train_step"]),
+    ]
+    if reorder:
+        passes.append(ReorderForMemory())
+    return tvm.transform.Sequential(passes, name="TinyTrain")

@@ -24,6 +24,7 @@ class Layer:
     output_shape: tuple[int, ...]
     macs: int
     source: str  # the node's name in the model file
+    groups: int = 1
 
     @property
     def out_channels(self) -> int:
@@ -70,11 +71,12 @@ def layer_table(mod: tvm.IRModule) -> list[Layer]:
             kind, macs = "linear", int(np.prod(out)) * w_shape[1]
         if weight is None:
             continue
+        groups = int(call.attrs.groups) if kind != "linear" else 1
         name = params[weight]
         prefix = name.rsplit(".", 1)[0]
         bias = prefix + ".bias" if prefix + ".bias" in params.values() else None
         layers.append(Layer(len(layers), kind, name, bias, w_shape, out, macs,
-                            str(sources.get(prefix, prefix))))
+                            str(sources.get(prefix, prefix)), groups))
     return layers
 
 

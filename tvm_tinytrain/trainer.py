@@ -13,7 +13,20 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from relay_passes.sparse_update import frozen_slice_name, trainable_slice_name
+
 from .errors import InputError, TinyTrainError
+
+
+def split_params(params: dict[str, np.ndarray], splits: dict[str, int]) -> dict[str, np.ndarray]:
+    """The parameter dict as a module with partial updates takes it (split weights)."""
+    if not splits:
+        return params
+    out = {n: v for n, v in params.items() if n not in splits}
+    for name, k in splits.items():
+        out[trainable_slice_name(name, k)] = params[name][:k]
+        out[frozen_slice_name(name, k)] = params[name][k:]
+    return out
 
 
 def _names(func: relax.Function, attr: str) -> list[str]:
@@ -37,6 +50,9 @@ class HostTrainer:
         self.state_names = _names(step, "tinytrain.state")
         self.loss_kind = str(step.attrs["tinytrain.loss"])
         self.param_names = [p.name for p in predict.params[1:]]
+        self.splits = {str(k): int(v) for k, v in predict.attrs["tinytrain.split"].items()} \
+            if "tinytrain.split" in predict.attrs else {}
+        params = split_params(params, self.splits)
         missing = [n for n in self.param_names if n not in params]
         if missing:
             raise TinyTrainError(f"params lacks {', '.join(missing[:5])}: pass the dict load_model returned")
@@ -137,8 +153,13 @@ class HostTrainer:
         return losses
 
     def params(self) -> dict[str, np.ndarray]:
-        """Current values of every model parameter (trainable and frozen)."""
-        return {n: self._values[n].numpy() for n in self.param_names}
+        """Current values of every model parameter (trainable and frozen), as imported:
+        a weight split for a partial update comes back whole."""
+        values = {n: self._values[n].numpy() for n in self.param_names}
+        for name, k in self.splits.items():
+            head, tail = values.pop(trainable_slice_name(name, k)), values.pop(frozen_slice_name(name, k))
+            values[name] = np.concatenate([head, tail])
+        return values
 
 
 def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm"):

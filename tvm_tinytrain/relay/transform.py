@@ -18,20 +18,24 @@ for _cls in (TinyTrainError, SchemeError):
     tvm_ffi.register_error(f"tinytrain.{_cls.__name__}", _cls)
 
 
-def TinyTrain(scheme: str = "full", loss: str = "cross_entropy", optimizer=None) -> tvm.transform.Pass:
+def TinyTrain(
+    scheme="full", loss: str = "cross_entropy", optimizer=None, reorder: bool = True
+) -> tvm.transform.Pass:
     """Backbone (``main(x, *params) -> logits``) → ``predict`` + ``train_step``.
 
     ``train_step(x, label, *trainable, *optimizer_state, *frozen) ->
     (loss, *trainable_updated, *optimizer_state_updated)``. ``scheme`` names which
-    parameters learn (a preset: full, last-layer, bias-only, last-k:N); ``loss`` is
+    parameters learn (a preset: full, last-layer, bias-only, last-k:N; a dict; a .json
+    path — see ``tvm_tinytrain.scheme``); ``reorder=False`` skips the memory-saving
+    operator reordering (for comparison); ``loss`` is
     ``cross_entropy`` (integer label) or ``mse`` (label shaped like the output);
     ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``.
     """
     optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
-    if not isinstance(scheme, str) or (
+    if isinstance(scheme, str) and not scheme.endswith(".json") and (
         scheme not in PRESETS and not scheme.startswith("last-k:")
     ):
-        raise SchemeError(f"unknown scheme {scheme!r}; presets: {', '.join(PRESETS)}")
+        raise SchemeError(f"unknown scheme {scheme!r}; presets: {', '.join(PRESETS)}, a dict or a .json path")
     if loss not in ("cross_entropy", "mse"):
         raise SchemeError(f"unknown loss {loss!r}; choose cross_entropy or mse")
     if not hasattr(optimizer, "update"):
@@ -40,6 +44,6 @@ def TinyTrain(scheme: str = "full", loss: str = "cross_entropy", optimizer=None)
     @tvm.transform.module_pass(opt_level=0, name="TinyTrain")
     def tinytrain(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         trainable = resolve(scheme, layer_table(mod))
-        return TrainingPipeline(list(trainable), loss, optimizer)(mod)
+        return TrainingPipeline(trainable, loss, optimizer, reorder)(mod)
 
     return tinytrain
