@@ -10,6 +10,9 @@ original order. An update that reads a parameter also waits for every other
 reader of that parameter, so the new value can overwrite the old one in place
 and the numbers are those of the unordered graph.
 
+The pass works on any single-block ``train_step``: run again after FuseOps (which
+places a fused group where its last member was), it restores the order on kernels.
+
 Before (what Gradient + ApplyOptimizer emit: all gradients, then all updates)::
 
     gx2 = conv2d_transpose(g2, w2)      # input gradient of layer 2
@@ -82,7 +85,7 @@ def schedule(bindings: list, outputs: dict, params: set, loss) -> list[int]:
             base[i] = max([base[j] for j in deps[i] if not prep[j]], default=base[i])
     for i in range(last - 1, -1, -1):
         if prep[i]:
-            base[i] = min(base[c] for c in consumers[i] if c != last)
+            base[i] = min((base[c] for c in consumers[i] if c != last), default=base[i])
     waiting = [len(d) for d in deps]
     users = [set() for _ in bindings]
     for i, d in enumerate(deps):
@@ -124,5 +127,6 @@ class ReorderForMemory:
         new_block = relax.DataflowBlock([bindings[i] for i in order])
         body = relax.SeqExpr([new_block], func.body.body)
         out = tvm.IRModule(dict(mod.functions))
-        out[self.func] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+        new = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+        out[self.func] = new.with_attr("tinytrain.reordered", True)
         return out

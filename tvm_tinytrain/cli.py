@@ -15,6 +15,7 @@ EPILOG = """examples:
   tinytrain demo                         pretrain on digits 0-4, fine-tune on 5-9
   tinytrain summary model.tflite         the layers the sparse-update scheme numbers
   tinytrain summary model.onnx --json    the same, for scripts
+  tinytrain memory model.tflite --scheme last-k:4 --plot mem.png
 """
 
 
@@ -39,6 +40,20 @@ def _cmd_summary(args) -> int:
     x = mod["main"].params[0]
     print(f"{args.model}: input {x.name} {tuple(int(d) for d in x.ty.shape)} {x.ty.dtype}")
     print(format_table(layers, params))
+    return 0
+
+
+def _cmd_memory(args) -> int:
+    from .frontend import load_model
+    from .memory_report import memory_report
+    from .relay.transform import TinyTrain
+
+    mod, _ = load_model(args.model)
+    train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder)(mod)
+    report = memory_report(train_mod, compare_tvm=not args.no_tvm)
+    if args.plot:
+        report.plan.plot_png(args.plot, f"{args.model} — scheme {args.scheme}")
+    print(report.to_json() if args.json else report.format())
     return 0
 
 
@@ -74,6 +89,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="path to a .tflite or .onnx file")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(run=_cmd_summary)
+    m = sub.add_parser("memory", help="plan the memory of one training step and report it",
+                       description="Build the training step of MODEL under a sparse-update scheme, "
+                                   "lower it to kernels, plan every tensor into one arena and "
+                                   "report SRAM (arena + trainable parameters) and flash, with "
+                                   "TVM's own StaticPlanBlockMemory figure for comparison.")
+    m.add_argument("model", help="path to a .tflite or .onnx file")
+    m.add_argument("--scheme", default="full",
+                   help="full, last-layer, bias-only, last-k:N or a .json scheme (default full)")
+    m.add_argument("--no-reorder", action="store_true", help="keep all updates at the end")
+    m.add_argument("--no-tvm", action="store_true", help="skip TVM's own planner figure")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.add_argument("--plot", metavar="FILE", help="write a PNG of live bytes per kernel")
+    m.set_defaults(run=_cmd_memory)
     d = sub.add_parser("demo", help="pretrain on digits 0-4, fine-tune on 5-9, report accuracy",
                        description="Transfer learning on scikit-learn's handwritten digits: "
                                    "a small CNN pretrained on 0-4 is fine-tuned on 5-9 with "

@@ -56,6 +56,11 @@ def load(scheme, num_layers: int) -> dict:
     """Any accepted form (preset, dict, path) → the dict form, not yet validated."""
     if isinstance(scheme, dict):
         return scheme
+    if isinstance(scheme, str) and scheme.lstrip().startswith("{"):
+        try:
+            return json.loads(scheme)
+        except json.JSONDecodeError as err:
+            raise SchemeError(f"scheme {scheme!r} is not valid JSON: {err}")
     if isinstance(scheme, Path) or (isinstance(scheme, str) and scheme.endswith(".json")):
         path = Path(scheme)
         try:
@@ -75,7 +80,9 @@ def resolve(scheme, layers: list[Layer]) -> dict[str, int | None]:
     n = len(layers)
     unknown = set(spec) - KEYS
     if unknown:
-        raise SchemeError(f"scheme has unknown key(s) {', '.join(sorted(unknown))}; keys: bias, weights, classifier")
+        raise SchemeError(
+            f"scheme has unknown key(s) {', '.join(sorted(unknown))}; keys: bias, weights, classifier"
+        )
     bias = spec.get("bias", {}) or {}
     if not isinstance(bias, dict) or set(bias) - {"last"}:
         raise SchemeError('scheme "bias" must look like {"last": N}')

@@ -32,7 +32,7 @@ def TinyTrain(
     ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``.
     """
     optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
-    if isinstance(scheme, str) and not scheme.endswith(".json") and (
+    if isinstance(scheme, str) and not scheme.endswith(".json") and not scheme.lstrip().startswith("{") and (
         scheme not in PRESETS and not scheme.startswith("last-k:")
     ):
         raise SchemeError(f"unknown scheme {scheme!r}; presets: {', '.join(PRESETS)}, a dict or a .json path")

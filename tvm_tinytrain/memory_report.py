@@ -1,0 +1,173 @@
+"""The memory of one training step: the lowered kernels → buffers → a static plan.
+
+SRAM = the arena (activations, gradients, kernel scratch, planned together)
++ the trainable parameters and optimizer state (persistent; updates write
+them in place). Flash = the frozen parameters and constants.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+from .lower import kernels, lower
+from .memory import Buffer, MemoryPlan, plan_memory
+
+ELEMENTWISE = 1  # TIR op_pattern: 0 elementwise, 1 broadcast
+
+
+def _names(func, attr: str) -> list[str]:
+    return [str(n) for n in func.attrs[attr]] if attr in func.attrs else []
+
+
+@dataclass
+class MemoryReport:
+    plan: MemoryPlan
+    trainable_bytes: int  # trainable parameters (SRAM copies)
+    state_bytes: int  # optimizer state (SRAM)
+    flash_bytes: int  # frozen parameters and constants
+    num_kernels: int
+    tvm_planned_bytes: int | None = None  # TVM's StaticPlanBlockMemory figure for the same step
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.plan.arena_bytes
+
+    @property
+    def total_sram_bytes(self) -> int:
+        return self.arena_bytes + self.trainable_bytes + self.state_bytes
+
+    def by_kind(self) -> dict[str, int]:
+        return self.plan.bytes_by_kind()
+
+    def largest_at_peak(self, n: int = 5) -> list[Buffer]:
+        return self.plan.alive_at(self.plan.peak_step())[:n]
+
+    def as_dict(self) -> dict:
+        return {
+            "arena_bytes": self.arena_bytes,
+            "arena_by_kind_at_peak": self.by_kind(),
+            "trainable_bytes": self.trainable_bytes,
+            "optimizer_state_bytes": self.state_bytes,
+            "flash_bytes": self.flash_bytes,
+            "total_sram_bytes": self.total_sram_bytes,
+            "peak_kernel": self.plan.peak_step(),
+            "kernels": self.num_kernels,
+            "largest_at_peak": [{"name": b.name, "kind": b.kind, "bytes": b.size}
+                                for b in self.largest_at_peak()],
+            "tvm_static_plan_bytes": self.tvm_planned_bytes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def format(self) -> str:
+        kb = lambda n: f"{n / 1024:,.1f} KB"  # noqa: E731
+        kinds = self.by_kind()
+        lines = [
+            f"total SRAM  {kb(self.total_sram_bytes)}",
+            f"  arena     {kb(self.arena_bytes)}  (at the peak, kernel {self.plan.peak_step()} of "
+            f"{self.num_kernels}: activations {kb(kinds.get('activation', 0))}, gradients "
+            f"{kb(kinds.get('gradient', 0))}, scratch {kb(kinds.get('scratch', 0))})",
+            f"  trainable {kb(self.trainable_bytes)}"
+            + (f" + optimizer state {kb(self.state_bytes)}" if self.state_bytes else ""),
+            f"flash       {kb(self.flash_bytes)}  (frozen parameters and constants)",
+        ]
+        if self.tvm_planned_bytes is not None:
+            lines.append(f"TVM StaticPlanBlockMemory for the same step: {kb(self.tvm_planned_bytes)}")
+        lines.append("largest tensors alive at the peak:")
+        for b in self.largest_at_peak():
+            lines.append(f"  {b.name:<40} {b.kind:<10} {kb(b.size)}")
+        return "\n".join(lines + self.notes)
+
+
+def _elementwise(mod: tvm.IRModule, func: str) -> bool:
+    prim = mod[func]
+    attrs = prim.attrs
+    return attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) <= ELEMENTWISE
+
+
+def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: bool = True) -> MemoryReport:
+    """Plan the arena of ``train_step`` and account for every byte of the step."""
+    step = train_mod["train_step"]
+    trainable = _names(step, "tinytrain.trainable")
+    state = _names(step, "tinytrain.state")
+    lowered = lower(train_mod)
+    ks, tensors, outputs = kernels(lowered)
+    end = len(ks)
+    params = [p.name for p in step.params]
+    sample = set(params[:2])
+    set(trainable) | set(state)
+    frozen = set(params[2 + len(trainable) + len(state):])
+    last_use: dict[str, int] = {}
+    for k in ks:
+        for name in k.inputs:
+            last_use[name] = k.index
+    producer = {out: k for k in ks for out in k.outputs}
+    loss_kernel = producer[outputs[0]].index if outputs and outputs[0] in producer else end
+    in_place = {}  # kernel output → the persistent tensor it overwrites
+    for new, old in zip(outputs[1:], [*trainable, *state]):
+        if new in producer and last_use.get(old, -1) <= producer[new].index:
+            in_place[new] = old
+    buffers: list[Buffer] = []
+    for name in sample:
+        buffers.append(Buffer(name, tensors[name].nbytes, 0, last_use.get(name, 0), "activation"))
+    for k in ks:
+        kind = "activation" if k.index <= loss_kernel else "gradient"
+        for out in k.outputs:
+            if out in in_place:
+                continue
+            last = end if out in outputs else last_use.get(out, k.index)
+            reuse = None
+            if len(k.outputs) == 1 and _elementwise(lowered, k.func):
+                same = [i for i in k.inputs if i in producer and tensors[i].nbytes >= tensors[out].nbytes]
+                reuse = same[0] if same else None
+            buffers.append(Buffer(out, tensors[out].nbytes, k.index, last, kind, reuse))
+        if k.scratch:
+            buffers.append(Buffer(f"{k.outputs[0]}:scratch", k.scratch, k.index, k.index, "scratch"))
+    plan = plan_memory(buffers, alignment=alignment)
+    flash = sum(tensors[n].nbytes for n in tensors if n in frozen or n.startswith("const"))
+    report = MemoryReport(
+        plan=plan,
+        trainable_bytes=sum(tensors[n].nbytes for n in trainable),
+        state_bytes=sum(tensors[n].nbytes for n in state),
+        flash_bytes=flash,
+        num_kernels=end,
+    )
+    not_in_place = [o for o in outputs[1:] if o in producer and o not in in_place]
+    if not_in_place:
+        report.notes.append(f"{len(not_in_place)} updates could not be done in place")
+    if compare_tvm:
+        report.tvm_planned_bytes = tvm_static_plan_bytes(lowered)
+    return report
+
+
+def tvm_static_plan_bytes(lowered: tvm.IRModule, func: str = "train_step") -> int:
+    """TVM's own figure: StaticPlanBlockMemory, then the bytes estimate_memory_usage counts."""
+    seq = tvm.transform.Sequential([
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+    ])
+    planned = seq(tvm.IRModule({gv: f for gv, f in lowered.functions.items()}))
+    total = 0
+    storage = tvm.ir.Op.get("relax.memory.alloc_storage")
+    builtin = tvm.ir.Op.get("relax.builtin.alloc_tensor")
+
+    def visit(expr):
+        nonlocal total
+        if isinstance(expr, relax.Call) and expr.op == storage:
+            total += int(expr.args[0].values[0])
+        elif isinstance(expr, relax.Call) and expr.op == builtin:
+            n = 1
+            for d in expr.args[0].values:
+                n *= int(d)
+            total += n * tvm.DataType(expr.args[1].value).bits // 8
+
+    relax.analysis.post_order_visit(planned[func], visit)
+    return total
