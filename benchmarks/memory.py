@@ -1,0 +1,368 @@
+"""Planned memory of one training step: full update, sparse update, sparse update + reordering.
+
+For each network, ``TinyTrain`` builds the training step (batch 1, cross-entropy,
+SGD lr 0.01) under three settings and ``tvm_tinytrain.memory_report`` plans its
+arena:
+
+- ``full``: every weight and bias learns, no operator reordering;
+- ``sparse``: a sparse-update scheme in the spirit of the TinyTraining paper's
+  MCUNet scheme (see ``paper_style_scheme``), no reordering;
+- ``sparse+reorder``: the same scheme with the memory-saving reordering on.
+
+MobileNetV2 also gets ``bias-only`` and ``bias-only+reorder``: without
+reordering every gradient buffer stays alive until the updates at the end.
+
+Total SRAM = the planned arena (activations, gradients, scratch) + the
+trainable parameters (SRAM copies; SGD keeps no optimizer state). Flash = the
+frozen parameters and constants. The TVM column is TVM's own
+``StaticPlanBlockMemory`` figure for the same lowered step. Every plan is
+checked with ``check_no_overlap``. Our figures are float32 and planned; the
+paper's (Fig. 10a) are int8, measured on the board, so only the ratios compare.
+
+Networks: ``tvm_tinytrain.zoo``'s MobileNetV2-w0.35, ProxylessNAS-w0.3 and
+MCUNet-like at ``--resolution``, and the MLPerf Tiny float models in
+``../shared/models`` (fixed resolutions; skipped with a note when missing).
+
+    python benchmarks/memory.py [--out benchmarks/results] [--networks mobilenet_v2,vww]
+
+writes ``memory.md``, ``memory.json`` and ``memory.png`` (total SRAM per network
+and setting, log scale) into ``--out`` and prints the markdown to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+LR = 0.01
+KB = 1024
+
+# The paper's MCUNet scheme (42 layers): the layer indices and ratios scaled by paper_style_scheme.
+PAPER_LAYERS = 42
+PAPER_BIAS_LAST = 22
+PAPER_WEIGHTS = {21: 1.0, 24: 1.0, 27: 1.0, 30: 1.0, 36: 0.125, 39: 0.25}
+
+# TinyTraining paper, Fig. 10a: total memory in KB, int8, measured on the board.
+PAPER_FIG10A = {
+    "mobilenet_v2": {"full": 2939, "sparse": 335, "sparse+reorder": 141},
+    "proxyless_nas": {"full": 2745, "sparse": 326, "sparse+reorder": 135},
+    "mcunet_like": {"full": 3650, "sparse": 560, "sparse+reorder": 173},
+}
+
+
+@dataclass(frozen=True)
+class Network:
+    key: str
+    label: str
+    source: str  # "zoo" or a file name in SHARED_MODELS
+    extra_settings: tuple[str, ...] = ()
+
+
+NETWORKS = {
+    n.key: n
+    for n in [
+        Network("mobilenet_v2", "MobileNetV2-w0.35", "zoo", ("bias-only", "bias-only+reorder")),
+        Network("proxyless_nas", "ProxylessNAS-w0.3", "zoo"),
+        Network("mcunet_like", "MCUNet-like (5FPS)", "zoo"),
+        Network("vww", "VWW MobileNetV1-0.25 (96)", "vww_96_float.tflite"),
+        Network("resnet8", "ResNet-8 CIFAR-10 (32)", "resnet8_cifar10_float.tflite"),
+    ]
+}
+SETTINGS = ("full", "sparse", "sparse+reorder", "bias-only", "bias-only+reorder")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Planned SRAM/flash of one training step (batch 1, SGD) under full update, "
+        "sparse update and sparse update + reordering, for several networks.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="directory for memory.md, memory.json and memory.png (default benchmarks/results)",
+    )
+    parser.add_argument(
+        "--networks",
+        default=",".join(NETWORKS),
+        help=f"comma-separated subset of {','.join(NETWORKS)} (default all)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=128,
+        help="input height and width of the zoo networks (default 128; the .tflite models are fixed)",
+    )
+    args = parser.parse_args(argv)
+    args.networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    unknown = sorted(set(args.networks) - set(NETWORKS))
+    if unknown:
+        parser.error(f"unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}")
+    if not args.networks:
+        parser.error("--networks names no network")
+    if args.resolution < 32:
+        parser.error("--resolution must be at least 32")
+    return args
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def paper_style_scheme(layers: list) -> dict:
+    """The paper's MCUNet scheme (42 layers) scaled to ``len(layers)`` layers.
+
+    In the paper's MCUNet every updated weight (layers 21, 24, 27, 30 in full;
+    36 at 1/8 and 39 at 1/4 of the output channels) is the expansion 1x1 conv
+    of an inverted bottleneck. Here each paper index i is scaled to i·n/42 and
+    snapped to the nearest expansion conv (a conv followed by a depthwise conv;
+    any conv but the classifier when there are fewer than six of those), going
+    from the last one backwards so the picks stay distinct and in order.
+    Biases: the last round(22·n/42) layers, extended to cover every updated
+    weight; the classifier learns.
+    """
+    n = len(layers)
+    convs = [layer.index for layer in layers if layer.kind != "linear"]
+    expansion = [
+        layer.index
+        for layer, nxt in zip(layers, layers[1:])
+        if layer.kind == "conv" and nxt.kind == "dwconv"
+    ]
+    candidates = expansion if len(expansion) >= len(PAPER_WEIGHTS) else convs
+    if len(candidates) < len(PAPER_WEIGHTS):
+        raise ValueError(f"{n} layers are too few for a paper-style scheme")
+    chosen: dict[int, float] = {}
+    below = n
+    for paper_index in sorted(PAPER_WEIGHTS, reverse=True):
+        target = paper_index * n / PAPER_LAYERS
+        left = [c for c in candidates if c < below]
+        # keep enough candidates below for the picks still to come
+        left = left[len(PAPER_WEIGHTS) - len(chosen) - 1:]
+        pick = min(left, key=lambda c: (abs(c - target), -c))
+        chosen[pick] = PAPER_WEIGHTS[paper_index]
+        below = pick
+    bias_last = max(round(PAPER_BIAS_LAST * n / PAPER_LAYERS), n - min(chosen))
+    return {
+        "bias": {"last": bias_last},
+        "weights": {str(i): chosen[i] for i in sorted(chosen)},
+        "classifier": True,
+    }
+
+
+def load_network(net: Network, resolution: int, tmp: Path):
+    """``(mod, layers, resolution)``, or None when a shared model file is missing."""
+    import tvm_tinytrain
+    from tvm_tinytrain.layers import backbone
+
+    if net.source == "zoo":
+        import onnx
+
+        from tvm_tinytrain import zoo
+
+        builders = {
+            "mobilenet_v2": lambda: zoo.mobilenet_v2(width_mult=0.35, resolution=resolution),
+            "proxyless_nas": lambda: zoo.proxyless_nas(width_mult=0.3, resolution=resolution),
+            "mcunet_like": lambda: zoo.mcunet_like(resolution=resolution),
+        }
+        path = tmp / f"{net.key}.onnx"
+        onnx.save(builders[net.key](), path)
+    else:
+        path = SHARED_MODELS / net.source
+        if not path.is_file():
+            return None
+    mod, _params = tvm_tinytrain.load_model(str(path))
+    shape = [int(d) for d in backbone(mod).params[0].ty.shape]  # NCHW or NHWC, batch 1
+    return mod, tvm_tinytrain.layer_table(mod), max(shape[1:])
+
+
+def measure(mod, scheme, reorder: bool) -> dict:
+    """Build the training step, plan it, check the plan; the figures of the report."""
+    import tvm_tinytrain
+    from tvm_tinytrain.memory_report import memory_report
+
+    train_mod = tvm_tinytrain.relay.transform.TinyTrain(
+        scheme, optimizer=tvm_tinytrain.SGD(lr=LR), reorder=reorder
+    )(mod)
+    report = memory_report(train_mod)
+    report.plan.check_no_overlap()
+    return {
+        "total_sram_bytes": report.total_sram_bytes,
+        "arena_bytes": report.arena_bytes,
+        "trainable_bytes": report.trainable_bytes,
+        "optimizer_state_bytes": report.state_bytes,
+        "flash_bytes": report.flash_bytes,
+        "tvm_static_plan_bytes": report.tvm_planned_bytes,
+        "report": report.as_dict(),
+        "notes": list(report.notes),
+    }
+
+
+def run_network(net: Network, resolution: int, tmp: Path) -> tuple[dict | None, list[dict]]:
+    """The network's summary (None when skipped) and one row per setting."""
+    start = time.perf_counter()
+    loaded = load_network(net, resolution, tmp)
+    if loaded is None:
+        return None, []
+    mod, layers, input_hw = loaded
+    sparse = paper_style_scheme(layers)
+    _progress(f"{net.label}: {len(layers)} layers, sparse scheme {json.dumps(sparse)}")
+    schemes = {"full": "full", "sparse": sparse, "bias-only": "bias-only"}
+    rows = []
+    for setting in ("full", "sparse", "sparse+reorder", *net.extra_settings):
+        base, _, reorder = setting.partition("+")
+        row = {"network": net.key, "label": net.label, "setting": setting, "reorder": bool(reorder)}
+        row.update(measure(mod, schemes[base], bool(reorder)))
+        row["paper_kb"] = PAPER_FIG10A.get(net.key, {}).get(setting)
+        rows.append(row)
+    full = rows[0]["total_sram_bytes"]
+    for row in rows:
+        row["full_over_this"] = full / row["total_sram_bytes"]
+    _progress(f"{net.label}: done in {time.perf_counter() - start:.1f} s")
+    summary = {
+        "network": net.key,
+        "label": net.label,
+        "layers": len(layers),
+        "resolution": input_hw,
+        "sparse_scheme": sparse,
+    }
+    return summary, rows
+
+
+def _kb(n: int | None) -> str:
+    return "-" if n is None else f"{n / KB:,.1f}"
+
+
+def markdown(rows: list[dict], networks: list[dict], skipped: list[str]) -> str:
+    lines = [
+        "# Training-step memory: full vs sparse update vs sparse update + reordering",
+        "",
+        "Batch 1, cross-entropy, SGD (no optimizer state). **Ours: float32, planned** by "
+        "`tvm_tinytrain.memory_report` (int8 comes later). **Paper: int8, measured** on the board "
+        "(TinyTraining, Fig. 10a). Compare ratios, not absolute sizes.",
+        "",
+        "| network | setting | ours: total SRAM KB (float32, planned; arena + trainable) | arena KB "
+        "| trainable KB | flash KB | TVM StaticPlanBlockMemory KB | full / this (ours) "
+        "| paper Fig. 10a KB (int8, measured) | full / this (paper) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    paper_full = {}
+    for row in rows:
+        paper = row["paper_kb"]
+        if row["setting"] == "full" and paper is not None:
+            paper_full[row["network"]] = paper
+        paper_ratio = (
+            f"{paper_full[row['network']] / paper:.1f}x" if paper and row["network"] in paper_full else "-"
+        )
+        cells = [
+            row["label"],
+            row["setting"],
+            _kb(row["total_sram_bytes"]),
+            _kb(row["arena_bytes"]),
+            _kb(row["trainable_bytes"] + row["optimizer_state_bytes"]),
+            _kb(row["flash_bytes"]),
+            _kb(row["tvm_static_plan_bytes"]),
+            f"{row['full_over_this']:.1f}x",
+            "-" if paper is None else f"{paper:,}",
+            paper_ratio,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Sparse schemes used (the paper's MCUNet scheme scaled to each network's layers):", ""]
+    for net in networks:
+        lines.append(
+            f"- {net['label']} ({net['layers']} layers, {net['resolution']}x{net['resolution']}): "
+            f"`{json.dumps(net['sparse_scheme'])}`"
+        )
+    notes = sorted({f"{r['label']} {r['setting']}: {n}" for r in rows for n in r["notes"]})
+    if notes or skipped:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes + skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Grouped bars of total SRAM (log scale) per network and setting; the paper's int8 as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    colors = dict(zip(SETTINGS, plt.get_cmap("tab10").colors))
+    width = 0.8 / max(len([r for r in rows if r["label"] == lab]) for lab in labels)
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(labels)), 5), dpi=100)
+    seen: set[str] = set()
+    for x, label in enumerate(labels):
+        group = [r for r in rows if r["label"] == label]
+        for i, row in enumerate(group):
+            pos = x + (i - (len(group) - 1) / 2) * width
+            kb = row["total_sram_bytes"] / KB
+            ax.bar(pos, kb, width * 0.95, color=colors[row["setting"]],
+                   label=None if row["setting"] in seen else row["setting"])
+            seen.add(row["setting"])
+            ax.annotate(f"{kb:,.0f}", (pos, kb), ha="center", va="bottom", fontsize=7)
+            if row["paper_kb"] is not None:
+                ax.plot(pos, row["paper_kb"], marker="_", markersize=14, markeredgewidth=2, color="black",
+                        label=None if "paper" in seen else "paper Fig. 10a (int8, measured)")
+                seen.add("paper")
+    ax.set_yscale("log")
+    lowest = min(min(r["total_sram_bytes"] / KB, r["paper_kb"] or float("inf")) for r in rows)
+    ax.set_ylim(bottom=lowest / 2)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("total SRAM, KB (log)")
+    ax.set_title("Training-step SRAM (ours: float32, planned; arena + trainable)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+    rows: list[dict] = []
+    networks: list[dict] = []
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.networks:
+            net = NETWORKS[key]
+            _progress(f"{net.label}: building and planning ...")
+            summary, net_rows = run_network(net, args.resolution, Path(tmp))
+            if summary is None:
+                note = f"{net.label} skipped: {SHARED_MODELS / net.source} is missing"
+                _progress(note)
+                skipped.append(note)
+                continue
+            networks.append(summary)
+            rows.extend(net_rows)
+
+    text = markdown(rows, networks, skipped)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory.md").write_text(text)
+    result = {
+        "dtype": "float32",
+        "batch": 1,
+        "optimizer": f"SGD(lr={LR})",
+        "zoo_resolution": args.resolution,
+        "paper_fig10a_kb_int8_measured": PAPER_FIG10A,
+        "networks": networks,
+        "rows": rows,
+        "skipped": skipped,
+    }
+    (args.out / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    if rows:
+        plot(rows, args.out / "memory.png")
+    print(text, end="")
+    _progress(f"wrote {args.out / 'memory.md'}, memory.json and memory.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
