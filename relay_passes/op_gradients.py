@@ -14,11 +14,22 @@ from tvm.relax.op import register_gradient
 
 
 def _clip_grad(orig_var, orig_call, output_grad, ctx):
-    """clip(x, lo, hi)' = g where lo <= x <= hi, else 0."""
-    x, lo, hi = orig_call.args
-    inside = R.logical_and(R.greater_equal(x, lo), R.less_equal(x, hi))
+    """clip(x, lo, hi)' = g where lo < y < hi, else 0 (y = the output, as PyTorch's hardtanh).
+
+    The mask is read off the output, not the input: the pre-activation need not be
+    kept for the backward pass, and the mask is a 1-byte bool tensor the reorder
+    pass computes as soon as y exists, so a float activation is not kept either.
+    """
+    _, lo, hi = orig_call.args
+    inside = R.logical_and(R.greater(orig_var, lo), R.less(orig_var, hi))
     zero = relax.const(0.0, orig_call.ty.dtype)
     return [R.where(inside, output_grad, zero), R.grad.no_grad(lo), R.grad.no_grad(hi)]
+
+
+def _relu_grad(orig_var, orig_call, output_grad, ctx):
+    """relu(x)' = g where y > 0, else 0: a bool mask of the output (see clip)."""
+    zero = relax.const(0.0, orig_call.ty.dtype)
+    return [R.where(R.greater(orig_var, zero), output_grad, zero)]
 
 
 def _pad_grad(orig_var, orig_call, output_grad, ctx):
@@ -44,5 +55,6 @@ def _strided_slice_grad(orig_var, orig_call, output_grad, ctx):
 
 
 register_gradient("relax.clip", _clip_grad, level=20)
+register_gradient("relax.nn.relu", _relu_grad, level=20)
 register_gradient("relax.strided_slice", _strided_slice_grad, level=20)
 register_gradient("relax.nn.pad", _pad_grad, level=20)

@@ -42,6 +42,24 @@ def _used_vars(expr) -> set:
     return set(relax.analysis.free_vars(expr))
 
 
+def _nbytes(ty) -> int:
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(ty, "dtype"):
+        return 0
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * max(tvm.DataType(str(ty.dtype)).bits // 8, 1)
+
+
+def _shrinks(binding, bindings, deps) -> bool:
+    """Its output is a bool mask, or smaller than an input it reads."""
+    if str(getattr(binding.var.ty, "dtype", "")) == "bool":
+        return True
+    out = _nbytes(binding.var.ty)
+    return any(_nbytes(bindings[j].var.ty) > out for j in deps)
+
+
 def schedule(bindings: list, outputs: dict, params: set, loss) -> list[int]:
     """The new order of ``bindings`` (indices).
 
@@ -76,15 +94,20 @@ def schedule(bindings: list, outputs: dict, params: set, loss) -> list[int]:
     for i in range(loss_at + 1, last):
         backward[i] = (not deps[i] and not is_update[i]) or any(backward[j] for j in deps[i])
     # priority: the original position, except that update work runs as soon as its
-    # gradient inputs exist, and update work reading only forward values (a saved
-    # activation's transpose) runs just before its first consumer
-    prep = [is_update[i] and not backward[i] for i in range(len(bindings))]
+    # gradient inputs exist, and work after the loss that reads only forward values: a mask (smaller than what it
+    # reads) runs as soon as its inputs exist so the activation can die; anything else
+    # (a transpose of a saved activation) just before its first consumer
+    forward_reading = [i > loss_at and not backward[i] for i in range(len(bindings))]
+    early = [forward_reading[i] and _shrinks(bindings[i], bindings, deps[i]) for i in range(len(bindings))]
+    late = [forward_reading[i] and not early[i] for i in range(len(bindings))]
     base = [float(i) for i in range(len(bindings))]
     for i in range(last):
-        if is_update[i] and backward[i]:
-            base[i] = max([base[j] for j in deps[i] if not prep[j]], default=base[i])
+        if early[i]:
+            base[i] = max((base[j] for j in deps[i]), default=base[i])
+        elif is_update[i] and backward[i]:
+            base[i] = max([base[j] for j in deps[i] if not late[j]], default=base[i])
     for i in range(last - 1, -1, -1):
-        if prep[i]:
+        if late[i]:
             base[i] = min((base[c] for c in consumers[i] if c != last), default=base[i])
     waiting = [len(d) for d in deps]
     users = [set() for _ in bindings]

@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 
 from .append_loss import AppendLoss
+from .chunk_bottlenecks import ChunkBottlenecks
 from .gradient import BuildGradient
 from .optimizer import ApplyOptimizer
 from .reorder import ReorderForMemory
@@ -24,14 +25,21 @@ from .sparse_update import SplitPartialWeights, trainable_slice_name
 
 
 def TrainingPipeline(
-    trainable: dict[str, int | None], loss: str, optimizer, reorder: bool = True
+    trainable: dict[str, int | None], loss: str, optimizer, reorder: bool = True,
+    chunk_bytes: int | None = 64 * 1024,
 ) -> tvm.transform.Pass:
     """``trainable``: parameter name → output channels that learn (None: all), in the
     order train_step takes them. ``reorder=False`` keeps Gradient's order (all
-    gradients, then all updates), to measure what reordering saves."""
+    gradients, then all updates), to measure what reordering saves. Frozen
+    bottlenecks whose middle tensor exceeds ``chunk_bytes`` run in channel chunks
+    (None: never)."""
     partial = {name: k for name, k in trainable.items() if k is not None}
     names = [trainable_slice_name(n, k) if k is not None else n for n, k in trainable.items()]
+    chunking = []
+    if chunk_bytes is not None:
+        chunking = [_ChunkFrozen(set(trainable), chunk_bytes)]
     passes = [
+        *chunking,
         SplitPartialWeights(partial),
         AppendLoss(names, loss),
         BuildGradient(),
@@ -41,3 +49,15 @@ def TrainingPipeline(
     if reorder:
         passes.append(ReorderForMemory())
     return tvm.transform.Sequential(passes, name="TinyTrain")
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChunkFrozenBottlenecks")
+class _ChunkFrozen:
+    """ChunkBottlenecks on every parameter of ``main`` that does not learn."""
+
+    def __init__(self, trainable: set[str], chunk_bytes: int):
+        self.trainable, self.chunk_bytes = trainable, chunk_bytes
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        frozen = {p.name for p in mod["main"].params[1:]} - self.trainable
+        return ChunkBottlenecks(frozen, self.chunk_bytes)(mod)

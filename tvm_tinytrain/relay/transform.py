@@ -19,7 +19,8 @@ for _cls in (TinyTrainError, SchemeError):
 
 
 def TinyTrain(
-    scheme="full", loss: str = "cross_entropy", optimizer=None, reorder: bool = True
+    scheme="full", loss: str = "cross_entropy", optimizer=None, reorder: bool = True,
+    chunk_bytes: int | None = 64 * 1024,
 ) -> tvm.transform.Pass:
     """Backbone (``main(x, *params) -> logits``) → ``predict`` + ``train_step``.
 
@@ -27,7 +28,8 @@ def TinyTrain(
     (loss, *trainable_updated, *optimizer_state_updated)``. ``scheme`` names which
     parameters learn (a preset: full, last-layer, bias-only, last-k:N; a dict; a .json
     path — see ``tvm_tinytrain.scheme``); ``reorder=False`` skips the memory-saving
-    operator reordering (for comparison); ``loss`` is
+    operator reordering (for comparison); frozen inverted bottlenecks whose middle
+    tensor is over ``chunk_bytes`` run a few channels at a time (None: never); ``loss`` is
     ``cross_entropy`` (integer label) or ``mse`` (label shaped like the output);
     ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``.
     """
@@ -44,6 +46,6 @@ def TinyTrain(
     @tvm.transform.module_pass(opt_level=0, name="TinyTrain")
     def tinytrain(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         trainable = resolve(scheme, layer_table(mod))
-        return TrainingPipeline(trainable, loss, optimizer, reorder)(mod)
+        return TrainingPipeline(trainable, loss, optimizer, reorder, chunk_bytes)(mod)
 
     return tinytrain

@@ -1,0 +1,174 @@
+"""ChunkBottlenecks: run a frozen conv → act → depthwise → act → 1×1 conv chain a few
+channels at a time, so its wide middle tensors never exist whole.
+
+The depthwise conv works channel by channel and the 1×1 projection is a sum over
+its input channels, so the chain splits exactly along the middle channels:
+``project(dw(expand(x))) = Σ_g project_g(dw_g(expand_g(x)))``. Each chunk's
+expansion output dies as soon as its depthwise output exists. This is what
+bounds the forward peak of a mobile network (MobileNetV2's first expansion is
+48×64×64 floats, 768 KB, at 128×128); only frozen chains are chunked, so no
+gradient or saved activation changes.
+
+Before (middle channels C = 48, two chunks for the example)::
+
+    e = R.clip(R.add(R.nn.conv2d(x, w1), R.reshape(b1, (1, 48, 1, 1))), 0, 6)
+    d = R.clip(R.add(R.nn.conv2d(e, w2, groups=48), R.reshape(b2, (1, 48, 1, 1))), 0, 6)
+    p = R.nn.conv2d(d, w3)
+
+After::
+
+    e0 = R.clip(R.add(R.nn.conv2d(x, w1[0:24]), b1[0:24]), 0, 6)
+    d0 = R.clip(R.add(R.nn.conv2d(e0, w2[0:24], groups=24), b2[0:24]), 0, 6)
+    p0 = R.nn.conv2d(d0, w3[:, 0:24])
+    e1 = ...                                  # channels 24..48
+    p = R.add(p0, R.nn.conv2d(d1, w3[:, 24:48]))
+
+(``w[a:b]`` is ``R.strided_slice`` of the frozen weight: a view in flash.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax import op as R
+
+CONV = "relax.nn.conv2d"
+ACTS = ("relax.nn.relu", "relax.clip")
+
+
+def _op(value) -> str:
+    return getattr(getattr(value, "op", None), "name", "") if isinstance(value, relax.Call) else ""
+
+
+def _nbytes(var) -> int:
+    return int(np.prod([int(d) for d in var.ty.shape])) * np.dtype(str(var.ty.dtype)).itemsize
+
+
+def _chunks(channels: int, nbytes: int, target: int) -> int:
+    """The fewest chunks (a divisor of ``channels``) that bring one chunk under ``target``."""
+    for g in range(1, channels + 1):
+        if channels % g == 0 and nbytes // g <= target:
+            return g
+    return channels
+
+
+class _Chain:
+    """expand conv → bias → act → depthwise conv → bias → act → 1×1 conv, matched by vars."""
+
+    def __init__(self, defs: dict, uses: dict, frozen: set, project_binding):
+        self.ok = False
+        c3 = project_binding.value
+        if _op(c3) != CONV or int(c3.attrs.groups) != 1 or c3.args[1] not in frozen:
+            return
+        if [int(d) for d in c3.args[1].ty.shape][2:] != [1, 1]:
+            return
+        steps = []
+        var = c3.args[0]
+        for _ in range(2):  # walk down: act ← add ← conv (+ reshape of a bias)
+            act = defs.get(var)
+            if act is None or _op(act) not in ACTS or uses.get(var) != 1:
+                return
+            add = defs.get(act.args[0])
+            if add is None or _op(add) != "relax.add" or uses.get(act.args[0]) != 1:
+                return
+            conv_var, shaped = add.args
+            conv, reshape = defs.get(conv_var), defs.get(shaped)
+            if conv is None or _op(conv) != CONV or uses.get(conv_var) != 1:
+                return
+            if reshape is None or _op(reshape) != "relax.reshape" or reshape.args[0] not in frozen:
+                return
+            if conv.args[1] not in frozen:
+                return
+            steps.append((var, act, act.args[0], conv_var, conv, shaped, reshape.args[0]))
+            var = conv.args[0]
+        (self.d, self.act2, _, _, self.dw, _, self.b2), (self.e, self.act1, _, _, self.c1, _, self.b1) = steps
+        channels = int(self.e.ty.shape[1])
+        w2 = self.dw.args[1]
+        if int(self.dw.attrs.groups) != channels or int(w2.ty.shape[0]) != channels:
+            return
+        if int(self.c1.attrs.groups) != 1:
+            return
+        self.x, self.project = self.c1.args[0], c3
+        self.skip = {s[i] for s in steps for i in (0, 2, 3, 5)}
+        self.ok = True
+
+
+def _slice(x, axis: int, lo: int, hi: int):
+    return R.strided_slice(x, axes=[axis], begin=[lo], end=[hi])
+
+
+def _act(original: relax.Call, x):
+    if _op(original) == "relax.clip":
+        return R.clip(x, original.args[1], original.args[2])
+    return R.nn.relu(x)
+
+
+def _conv(original: relax.Call, x, w, groups: int):
+    a = original.attrs
+    return R.nn.conv2d(x, w, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=groups)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChunkBottlenecks")
+class ChunkBottlenecks:
+    def __init__(self, frozen: set[str], target_bytes: int = 64 * 1024, func: str = "main"):
+        self.frozen_names, self.target, self.func = set(frozen), target_bytes, func
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        f = mod[self.func]
+        if len(f.body.blocks) != 1:
+            return mod
+        bindings = list(f.body.blocks[0].bindings)
+        frozen = {p for p in f.params if p.name in self.frozen_names}
+        defs = {b.var: b.value for b in bindings}
+        uses: dict = {}
+        for b in bindings:
+            for v in relax.analysis.free_vars(b.value):
+                uses[v] = uses.get(v, 0) + 1
+        for v in relax.analysis.free_vars(f.body.body):
+            uses[v] = uses.get(v, 0) + 1
+        chains = {}
+        for b in bindings:
+            chain = _Chain(defs, uses, frozen, b)
+            if chain.ok and _nbytes(chain.e) > self.target:
+                chains[b.var] = chain
+        if not chains:
+            return mod
+        skip = set().union(*(c.skip for c in chains.values()))
+        bb = relax.BlockBuilder()
+        with bb.function(self.func, list(f.params)):
+            with bb.dataflow():
+                for b in bindings:
+                    if b.var in skip:
+                        continue
+                    if b.var in chains:
+                        self._emit_chunks(bb, chains[b.var], b.var)
+                    else:
+                        bb.emit_normalized(b)
+                out = f.body.body
+            bb.emit_func_output(out)
+        new = bb.get()[self.func]
+        result = tvm.IRModule(dict(mod.functions))
+        result[self.func] = relax.Function(new.params, new.body, new.ret_ty, new.is_pure, f.attrs)
+        return result
+
+    def _emit_chunks(self, bb, chain: _Chain, out_var) -> None:
+        channels = int(chain.e.ty.shape[1])
+        groups = _chunks(channels, _nbytes(chain.e), self.target)
+        step = channels // groups
+        w1, w2, w3 = chain.c1.args[1], chain.dw.args[1], chain.project.args[1]
+        acc = None
+        for g in range(groups):
+            lo, hi = g * step, (g + 1) * step
+            e = bb.emit(_conv(chain.c1, chain.x, bb.emit(_slice(w1, 0, lo, hi)), 1))
+            b1 = bb.emit(R.reshape(_slice(chain.b1, 0, lo, hi), (1, step, 1, 1)))
+            e = bb.emit(_act(chain.act1, bb.emit(R.add(e, b1))))
+            d = bb.emit(_conv(chain.dw, e, bb.emit(_slice(w2, 0, lo, hi)), step))
+            b2 = bb.emit(R.reshape(_slice(chain.b2, 0, lo, hi), (1, step, 1, 1)))
+            d = bb.emit(_act(chain.act2, bb.emit(R.add(d, b2))))
+            p = _conv(chain.project, d, bb.emit(_slice(w3, 1, lo, hi)), 1)
+            if g == groups - 1:
+                last = p if acc is None else R.add(acc, bb.emit(p))
+                bb.emit_normalized(relax.VarBinding(out_var, bb.normalize(last)))
+            else:
+                acc = bb.emit(p) if acc is None else bb.emit(R.add(acc, bb.emit(p)))
