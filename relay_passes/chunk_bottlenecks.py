@@ -21,9 +21,12 @@ After::
     d0 = R.clip(R.add(R.nn.conv2d(e0, w2[0:24], groups=24), b2[0:24]), 0, 6)
     p0 = R.nn.conv2d(d0, w3[:, 0:24])
     e1 = ...                                  # channels 24..48
-    p = R.add(p0, R.nn.conv2d(d1, w3[:, 24:48]))
+    p = R.call_tir_inplace(conv1x1_accumulate, (p0, d1, w3[:, 24:48]), [0])   # p0 += ...
 
-(``w[a:b]`` is ``R.strided_slice`` of the frozen weight: a view in flash.)
+(``w[a:b]`` is ``R.strided_slice`` of the frozen weight: a view in flash.) Only
+chains whose middle tensor is wide and far larger than their weights, and that no
+gradient reaches, are chunked (their input depends on no learning
+parameter), as the in-place accumulation has no registered gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax import op as R
+from tvm.relax.op import register_gradient
+from tvm.script import tirx as T  # noqa: F401  (the namespace the TVMScript below uses)
 
 CONV = "relax.nn.conv2d"
 ACTS = ("relax.nn.relu", "relax.clip")
@@ -62,6 +67,9 @@ class _Chain:
         if _op(c3) != CONV or int(c3.attrs.groups) != 1 or c3.args[1] not in frozen:
             return
         if [int(d) for d in c3.args[1].ty.shape][2:] != [1, 1]:
+            return
+        a = c3.attrs
+        if [int(v) for v in a.strides] != [1, 1] or any(int(v) for v in a.padding):
             return
         steps = []
         var = c3.args[0]
@@ -94,6 +102,27 @@ class _Chain:
         self.ok = True
 
 
+_ACCUMULATE = """
+@T.prim_func(private=True, s_tir=True)
+def conv1x1_accumulate(acc: T.Buffer(({n}, {o}, {h}, {w}), "{dt}"), d: T.Buffer(({n}, {c}, {h}, {w}), "{dt}"),
+                       k: T.Buffer(({o}, {c}, 1, 1), "{dt}")):
+    T.func_attr({{"tirx.noalias": True}})
+    for n, o, h, x, c in T.grid({n}, {o}, {h}, {w}, {c}):
+        with T.sblock("acc"):
+            vn, vo, vh, vx, vc = T.axis.remap("SSSSR", [n, o, h, x, c])
+            T.reads(acc[vn, vo, vh, vx], d[vn, vc, vh, vx], k[vo, vc, 0, 0])
+            T.writes(acc[vn, vo, vh, vx])
+            acc[vn, vo, vh, vx] = acc[vn, vo, vh, vx] + d[vn, vc, vh, vx] * k[vo, vc, 0, 0]
+"""
+
+
+def _accumulate_func(acc_ty, d_ty):
+    """``acc += conv1x1(d, k)`` written into ``acc`` (for ``call_tir_inplace``)."""
+    n, o, h, w = (int(v) for v in acc_ty.shape)
+    c = int(d_ty.shape[1])
+    return tvm.script.from_source(_ACCUMULATE.format(n=n, o=o, h=h, w=w, c=c, dt=acc_ty.dtype))
+
+
 def _slice(x, axis: int, lo: int, hi: int):
     return R.strided_slice(x, axes=[axis], begin=[lo], end=[hi])
 
@@ -109,9 +138,27 @@ def _conv(original: relax.Call, x, w, groups: int):
     return R.nn.conv2d(x, w, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=groups)
 
 
+def _worth_it(chain: _Chain, target: int) -> bool:
+    """A wide middle tensor and small weights: each chunk copies a slice of the
+    weights, which only pays where activations dwarf them (the early layers)."""
+    weights = sum(_nbytes(w) for w in (chain.c1.args[1], chain.dw.args[1], chain.project.args[1]))
+    return _nbytes(chain.e) > max(target, 8 * weights)
+
+
+def _accumulate_grad(orig_var, orig_call, output_grad, ctx):
+    """Only chains no gradient reaches are chunked: their inputs need none."""
+    name = orig_call.args[0].name_hint
+    if not name.startswith("conv1x1_accumulate"):
+        raise ValueError(f"no gradient is registered for call_tir_inplace of {name}")
+    return [R.grad.no_grad(arg) for arg in orig_call.args]
+
+
+register_gradient("relax.call_tir_inplace", _accumulate_grad, level=20)
+
+
 @tvm.transform.module_pass(opt_level=0, name="ChunkBottlenecks")
 class ChunkBottlenecks:
-    def __init__(self, frozen: set[str], target_bytes: int = 64 * 1024, func: str = "main"):
+    def __init__(self, frozen: set[str], target_bytes: int = 16 * 1024, func: str = "main"):
         self.frozen_names, self.target, self.func = set(frozen), target_bytes, func
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
@@ -127,10 +174,14 @@ class ChunkBottlenecks:
                 uses[v] = uses.get(v, 0) + 1
         for v in relax.analysis.free_vars(f.body.body):
             uses[v] = uses.get(v, 0) + 1
+        learning = {p for p in f.params[1:] if p not in frozen}
+        for b in bindings:  # what the learning parameters reach: gradients flow there
+            if any(v in learning for v in relax.analysis.free_vars(b.value)):
+                learning.add(b.var)
         chains = {}
         for b in bindings:
             chain = _Chain(defs, uses, frozen, b)
-            if chain.ok and _nbytes(chain.e) > self.target:
+            if chain.ok and chain.x not in learning and _worth_it(chain, self.target):
                 chains[b.var] = chain
         if not chains:
             return mod
@@ -147,8 +198,12 @@ class ChunkBottlenecks:
                         bb.emit_normalized(b)
                 out = f.body.body
             bb.emit_func_output(out)
-        new = bb.get()[self.func]
+        built = bb.get()
         result = tvm.IRModule(dict(mod.functions))
+        for gv, func in built.functions.items():
+            if gv.name_hint != self.func:
+                result[gv] = func
+        new = built[self.func]
         result[self.func] = relax.Function(new.params, new.body, new.ret_ty, new.is_pure, f.attrs)
         return result
 
@@ -166,9 +221,10 @@ class ChunkBottlenecks:
             d = bb.emit(_conv(chain.dw, e, bb.emit(_slice(w2, 0, lo, hi)), step))
             b2 = bb.emit(R.reshape(_slice(chain.b2, 0, lo, hi), (1, step, 1, 1)))
             d = bb.emit(_act(chain.act2, bb.emit(R.add(d, b2))))
-            p = _conv(chain.project, d, bb.emit(_slice(w3, 1, lo, hi)), 1)
-            if g == groups - 1:
-                last = p if acc is None else R.add(acc, bb.emit(p))
-                bb.emit_normalized(relax.VarBinding(out_var, bb.normalize(last)))
+            k = bb.emit(_slice(w3, 1, lo, hi))
+            if acc is None:
+                acc = bb.emit(_conv(chain.project, d, k, 1))
             else:
-                acc = bb.emit(p) if acc is None else bb.emit(R.add(acc, bb.emit(p)))
+                gv = bb.add_func(_accumulate_func(acc.ty, d.ty), "conv1x1_accumulate")
+                acc = bb.emit(R.call_tir_inplace(gv, (acc, d, k), [0], acc.ty))
+        bb.emit_normalized(relax.VarBinding(out_var, acc))

@@ -94,9 +94,10 @@ def schedule(bindings: list, outputs: dict, params: set, loss) -> list[int]:
     for i in range(loss_at + 1, last):
         backward[i] = (not deps[i] and not is_update[i]) or any(backward[j] for j in deps[i])
     # priority: the original position, except that update work runs as soon as its
-    # gradient inputs exist, and work after the loss that reads only forward values: a mask (smaller than what it
-    # reads) runs as soon as its inputs exist so the activation can die; anything else
-    # (a transpose of a saved activation) just before its first consumer
+    # gradient inputs exist, and work after the loss that reads only forward values:
+    # a mask (smaller than what it reads) runs as soon as its inputs exist so the
+    # activation can die; anything else (a transpose of a saved activation) just
+    # before its first consumer
     forward_reading = [i > loss_at and not backward[i] for i in range(len(bindings))]
     early = [forward_reading[i] and _shrinks(bindings[i], bindings, deps[i]) for i in range(len(bindings))]
     late = [forward_reading[i] and not early[i] for i in range(len(bindings))]

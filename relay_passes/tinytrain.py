@@ -26,7 +26,7 @@ from .sparse_update import SplitPartialWeights, trainable_slice_name
 
 def TrainingPipeline(
     trainable: dict[str, int | None], loss: str, optimizer, reorder: bool = True,
-    chunk_bytes: int | None = 64 * 1024,
+    chunk_bytes: int | None = 16 * 1024,
 ) -> tvm.transform.Pass:
     """``trainable``: parameter name → output channels that learn (None: all), in the
     order train_step takes them. ``reorder=False`` keeps Gradient's order (all

@@ -167,3 +167,29 @@ def test_memory_cli_json(small, tmp_path):
         assert isinstance(data[key], int) and data[key] >= 0
     assert data["total_sram_bytes"] == data["arena_bytes"] + data["trainable_bytes"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chunked_frozen_bottlenecks_keep_the_numbers_and_save_memory(tmp_path):
+    path = tmp_path / "mb.onnx"
+    onnx.save(zoo.mobilenet_v2(resolution=32, num_classes=4), path)
+    mod, params = tt.load_model(path)
+    rng = np.random.default_rng(2)
+    samples = [(rng.normal(size=(1, 3, 32, 32)).astype(np.float32), k % 4) for k in range(2)]
+    results, arenas = [], []
+    for chunk in (None, 1024):
+        train_mod = tt.relay.transform.TinyTrain(
+            "last-layer", optimizer=tt.SGD(lr=0.05), chunk_bytes=chunk)(mod)
+        report = memory_report(train_mod, compare_tvm=False)
+        report.plan.check_no_overlap()
+        arenas.append(report.arena_bytes)
+        trainer = tt.build(train_mod, params)
+        results.append(([trainer.step(x, y) for x, y in samples], trainer.params(),
+                         trainer.predict(samples[0][0])))
+        if chunk:
+            calls = _ops(train_mod["predict"], "relax.call_tir_inplace")
+            assert len(calls) > 5  # the projections accumulate chunk by chunk
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-4, atol=1e-5)
+    for name in params:
+        np.testing.assert_allclose(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-6)
+    assert arenas[1] < arenas[0]

@@ -10,7 +10,7 @@ code generator walk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
@@ -105,6 +105,11 @@ class Kernel:
     inputs: list[str]  # tensor names: kernel outputs, function parameters or constants
     outputs: list[str]  # one, or several for a kernel that returns a tuple (split)
     scratch: int  # bytes of temporaries inside the kernel
+    inplace: dict[str, str] = field(default_factory=dict)  # output → the input it overwrites
+
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_CALL_TIR_INPLACE = tvm.ir.Op.get("relax.call_tir_inplace")
 
 
 def _tensor(name: str, ty) -> Tensor:
@@ -122,7 +127,7 @@ def kernels(lowered: tvm.IRModule, func: str = "train_step"):
     for block in f.body.blocks:
         for b in block.bindings:
             value = b.value
-            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
+            if isinstance(value, relax.Call) and value.op in (_CALL_TIR, _CALL_TIR_INPLACE):
                 inputs = []
                 for arg in value.args[1].fields:
                     if arg in names:
@@ -140,7 +145,11 @@ def kernels(lowered: tvm.IRModule, func: str = "train_step"):
                     tensors[out] = _tensor(out, ty)
                 names[b.var] = outs[0] if len(outs) == 1 else outs
                 gv = value.args[0]
-                result.append(Kernel(len(result), gv.name_hint, inputs, outs, scratch.get(gv.name_hint, 0)))
+                kernel = Kernel(len(result), gv.name_hint, inputs, outs, scratch.get(gv.name_hint, 0))
+                if value.op == _CALL_TIR_INPLACE:
+                    indices = [int(i) for i in value.attrs.inplace_indices]
+                    kernel.inplace = {o: inputs[i] for o, i in zip(outs, indices) if i >= 0}
+                result.append(kernel)
             elif isinstance(value, relax.TupleGetItem):
                 names[b.var] = names[value.tuple_value][value.index]
             elif isinstance(value, relax.Var):

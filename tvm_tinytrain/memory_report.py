@@ -122,8 +122,8 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
             if out in in_place:
                 continue
             last = end if out in outputs else last_use.get(out, k.index)
-            reuse = None
-            if len(k.outputs) == 1 and _elementwise(lowered, k.func):
+            reuse = k.inplace.get(out)
+            if reuse is None and len(k.outputs) == 1 and _elementwise(lowered, k.func):
                 same = [i for i in k.inputs if i in producer and tensors[i].nbytes >= tensors[out].nbytes]
                 reuse = same[0] if same else None
             buffers.append(Buffer(out, tensors[out].nbytes, k.index, last, kind, reuse))

@@ -20,7 +20,7 @@ for _cls in (TinyTrainError, SchemeError):
 
 def TinyTrain(
     scheme="full", loss: str = "cross_entropy", optimizer=None, reorder: bool = True,
-    chunk_bytes: int | None = 64 * 1024,
+    chunk_bytes: int | None = 16 * 1024,
 ) -> tvm.transform.Pass:
     """Backbone (``main(x, *params) -> logits``) → ``predict`` + ``train_step``.
 
