@@ -178,11 +178,15 @@ class ChunkBottlenecks:
         for b in bindings:  # what the learning parameters reach: gradients flow there
             if any(v in learning for v in relax.analysis.free_vars(b.value)):
                 learning.add(b.var)
-        chains = {}
+        chains, taken = {}, set()
         for b in bindings:
             chain = _Chain(defs, uses, frozen, b)
-            if chain.ok and chain.x not in learning and _worth_it(chain, self.target):
-                chains[b.var] = chain
+            if not chain.ok or chain.x in learning or not _worth_it(chain, self.target):
+                continue
+            if (chain.skip | {b.var}) & taken:  # MobileNetV1: a projection is also an expansion
+                continue
+            chains[b.var] = chain
+            taken |= chain.skip | {b.var}
         if not chains:
             return mod
         skip = set().union(*(c.skip for c in chains.values()))

@@ -142,6 +142,9 @@ def test_memory_plans_are_sound_and_ordered(small):
         assert report.arena_bytes <= report.tvm_planned_bytes
         reports[name] = report
     assert reports["full"].arena_bytes > reports["paper"].arena_bytes >= reports["last"].arena_bytes
+    saved = [reports[k].saved_activations for k in ("full", "paper", "last")]
+    assert saved[0] > saved[1] > saved[2]
+    assert reports["full"].saved_bytes > reports["paper"].saved_bytes > reports["last"].saved_bytes
     trainable = [reports[k].trainable_bytes for k in ("full", "paper", "last")]
     assert trainable[0] > trainable[1] > trainable[2]
     assert reports["last"].flash_bytes > reports["full"].flash_bytes

@@ -30,6 +30,8 @@ class MemoryReport:
     state_bytes: int  # optimizer state (SRAM)
     flash_bytes: int  # frozen parameters and constants
     num_kernels: int
+    saved_activations: int = 0  # forward tensors kept alive past the loss, for the backward
+    saved_bytes: int = 0
     tvm_planned_bytes: int | None = None  # TVM's StaticPlanBlockMemory figure for the same step
     notes: list[str] = field(default_factory=list)
 
@@ -57,6 +59,8 @@ class MemoryReport:
             "total_sram_bytes": self.total_sram_bytes,
             "peak_kernel": self.plan.peak_step(),
             "kernels": self.num_kernels,
+            "saved_activations": self.saved_activations,
+            "saved_activation_bytes": self.saved_bytes,
             "largest_at_peak": [{"name": b.name, "kind": b.kind, "bytes": b.size}
                                 for b in self.largest_at_peak()],
             "tvm_static_plan_bytes": self.tvm_planned_bytes,
@@ -76,6 +80,7 @@ class MemoryReport:
             f"  trainable {kb(self.trainable_bytes)}"
             + (f" + optimizer state {kb(self.state_bytes)}" if self.state_bytes else ""),
             f"flash       {kb(self.flash_bytes)}  (frozen parameters and constants)",
+            f"saved for the backward pass: {self.saved_activations} tensors, {kb(self.saved_bytes)}",
         ]
         if self.tvm_planned_bytes is not None:
             lines.append(f"TVM StaticPlanBlockMemory for the same step: {kb(self.tvm_planned_bytes)}")
@@ -130,6 +135,8 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
         if k.scratch:
             buffers.append(Buffer(f"{k.outputs[0]}:scratch", k.scratch, k.index, k.index, "scratch"))
     plan = plan_memory(buffers, alignment=alignment)
+    plan.check_no_overlap()  # cheap, and a plan that overlaps must never reach C
+    saved = [b for b in buffers if b.kind == "activation" and b.first < loss_kernel < b.last]
     flash = sum(tensors[n].nbytes for n in tensors if n in frozen or n.startswith("const"))
     report = MemoryReport(
         plan=plan,
@@ -137,6 +144,8 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
         state_bytes=sum(tensors[n].nbytes for n in state),
         flash_bytes=flash,
         num_kernels=end,
+        saved_activations=len(saved),
+        saved_bytes=sum(b.size for b in saved),
     )
     not_in_place = [o for o in outputs[1:] if o in producer and o not in in_place]
     if not_in_place:
