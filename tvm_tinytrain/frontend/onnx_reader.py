@@ -159,7 +159,6 @@ class _OnnxReader:
         if bn is not None:
             weight, bias = self._fold_batchnorm(self.graph.node[bn], weight, bias)
             self.folded.add(bn)
-            self.values[self.graph.node[bn].output[0]] = None  # filled below
         y = self.em.conv2d(
             self._value(x_name), weight, bias,
             strides=tuple(a.get("strides", [1, 1])),
