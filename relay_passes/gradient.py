@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 
 from . import op_gradients  # noqa: F401  (registers the missing op gradients)
+from .attrs import attr_names
 
 
 @tvm.transform.module_pass(opt_level=0, name="BuildGradient")
@@ -27,7 +28,7 @@ class BuildGradient:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func]
-        count = len(func.attrs["tinytrain.trainable"])
+        count = len(attr_names(func, "tinytrain.trainable"))
         mod = relax.transform.Gradient(self.func, require_grads=list(func.params[2:2 + count]))(mod)
         adjoint = mod[self.func + "_adjoint"]
         mod[self.func + "_adjoint"] = adjoint.with_attrs(

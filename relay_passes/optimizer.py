@@ -33,6 +33,8 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from .attrs import attr_names
+
 
 @dataclass(frozen=True)
 class SGD:
@@ -106,7 +108,7 @@ class ApplyOptimizer:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         adj = mod[self.adjoint]
-        trainable_names = [str(n) for n in adj.attrs["tinytrain.trainable"]]
+        trainable_names = attr_names(adj, "tinytrain.trainable")
         x, label = adj.params[:2]
         trainable = list(adj.params[2:2 + len(trainable_names)])
         frozen = list(adj.params[2 + len(trainable_names):])

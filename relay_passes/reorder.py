@@ -37,6 +37,8 @@ import heapq
 import tvm
 from tvm import relax
 
+from .attrs import attr_names
+
 
 def _used_vars(expr) -> set:
     return set(relax.analysis.free_vars(expr))
@@ -141,8 +143,8 @@ class ReorderForMemory:
         bindings = list(block.bindings)
         result = bindings[-1]
         fields = list(result.value.fields)
-        trainable = [str(n) for n in func.attrs["tinytrain.trainable"]]
-        state = [str(n) for n in func.attrs["tinytrain.state"]]
+        trainable = attr_names(func, "tinytrain.trainable")
+        state = attr_names(func, "tinytrain.state")
         params = set(func.params[2:2 + len(trainable)])
         groups = {v: k for k, v in enumerate(fields[1:1 + len(trainable)])}
         for name, var in zip(state, fields[1 + len(trainable):]):

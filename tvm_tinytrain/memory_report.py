@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
+from relay_passes.attrs import attr_names
+
 from .lower import kernels, lower
 from .memory import Buffer, MemoryPlan, plan_memory
 
 ELEMENTWISE = 1  # TIR op_pattern: 0 elementwise, 1 broadcast
-
-
-def _names(func, attr: str) -> list[str]:
-    return [str(n) for n in func.attrs[attr]] if attr in func.attrs else []
 
 
 @dataclass
@@ -99,8 +97,8 @@ def _elementwise(mod: tvm.IRModule, func: str) -> bool:
 def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: bool = True) -> MemoryReport:
     """Plan the arena of ``train_step`` and account for every byte of the step."""
     step = train_mod["train_step"]
-    trainable = _names(step, "tinytrain.trainable")
-    state = _names(step, "tinytrain.state")
+    trainable = attr_names(step, "tinytrain.trainable")
+    state = attr_names(step, "tinytrain.state")
     lowered = lower(train_mod)
     ks, tensors, outputs = kernels(lowered)
     end = len(ks)

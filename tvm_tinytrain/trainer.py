@@ -13,6 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from relay_passes.attrs import attr_names
 from relay_passes.sparse_update import frozen_slice_name, trainable_slice_name
 
 from .errors import InputError, TinyTrainError
@@ -29,10 +30,6 @@ def split_params(params: dict[str, np.ndarray], splits: dict[str, int]) -> dict[
     return out
 
 
-def _names(func: relax.Function, attr: str) -> list[str]:
-    return [str(n) for n in func.attrs[attr]] if attr in func.attrs else []
-
-
 class HostTrainer:
     """``step(x, y) -> loss``, ``predict(x)``, ``evaluate(xs, ys)``, ``params()``."""
 
@@ -46,8 +43,8 @@ class HostTrainer:
         step = train_mod["train_step"]
         predict = train_mod["predict"]
         self.predict_function = predict
-        self.trainable = _names(step, "tinytrain.trainable")
-        self.state_names = _names(step, "tinytrain.state")
+        self.trainable = attr_names(step, "tinytrain.trainable")
+        self.state_names = attr_names(step, "tinytrain.state")
         self.loss_kind = str(step.attrs["tinytrain.loss"])
         self.param_names = [p.name for p in predict.params[1:]]
         self.splits = {str(k): int(v) for k, v in predict.attrs["tinytrain.split"].items()} \
