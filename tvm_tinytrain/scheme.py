@@ -30,6 +30,20 @@ PRESETS = ("full", "last-layer", "bias-only", "last-k:N")
 KEYS = {"bias", "weights", "classifier"}
 
 
+def check_form(scheme) -> None:
+    """Refuse what is no preset, dict, JSON string or .json path, before any model is seen."""
+    if isinstance(scheme, (dict, Path)):
+        return
+    if not isinstance(scheme, str):
+        raise SchemeError(
+            f"scheme must be a preset name, a dict or a .json path, not {type(scheme).__name__}"
+        )
+    if scheme.endswith(".json") or scheme.lstrip().startswith("{") or scheme.startswith("last-k:"):
+        return
+    if scheme not in PRESETS:
+        raise SchemeError(f"unknown scheme {scheme!r}; presets: {', '.join(PRESETS)}, a dict or a .json path")
+
+
 def preset(name: str, num_layers: int) -> dict:
     """A preset as the dict form."""
     last = num_layers - 1
@@ -49,11 +63,13 @@ def preset(name: str, num_layers: int) -> dict:
             raise SchemeError(f"scheme {name!r}: N must be an integer in 1..{num_layers} for this model")
         return {"bias": {"last": k}, "weights": {str(i): 1.0 for i in range(num_layers - k, last + 1)},
                 "classifier": True}
-    raise SchemeError(f"unknown scheme {name!r}; presets: {', '.join(PRESETS)}, a dict or a .json path")
+    check_form(name)  # raises: no preset has this name
+    raise AssertionError(f"preset {name!r} is in PRESETS but has no definition")
 
 
 def load(scheme, num_layers: int) -> dict:
     """Any accepted form (preset, dict, path) → the dict form, not yet validated."""
+    check_form(scheme)
     if isinstance(scheme, dict):
         return scheme
     if isinstance(scheme, str) and scheme.lstrip().startswith("{"):
@@ -69,9 +85,7 @@ def load(scheme, num_layers: int) -> dict:
             raise SchemeError(f"scheme file {path} does not exist")
         except json.JSONDecodeError as err:
             raise SchemeError(f"scheme file {path} is not valid JSON: {err}")
-    if isinstance(scheme, str):
-        return preset(scheme, num_layers)
-    raise SchemeError(f"scheme must be a preset name, a dict or a .json path, not {type(scheme).__name__}")
+    return preset(scheme, num_layers)
 
 
 def resolve(scheme, layers: list[Layer]) -> dict[str, int | None]:

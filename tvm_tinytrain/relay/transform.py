@@ -9,7 +9,7 @@ from relay_passes import SGD, TrainingPipeline
 
 from ..errors import SchemeError, TinyTrainError
 from ..layers import layer_table
-from ..scheme import PRESETS, resolve
+from ..scheme import check_form, resolve
 
 # A Python exception raised inside a module pass crosses TVM's FFI and comes back
 # as a RuntimeError unless its class is registered: keep SchemeError a SchemeError
@@ -34,10 +34,7 @@ def TinyTrain(
     ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``.
     """
     optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
-    if isinstance(scheme, str) and not scheme.endswith(".json") and not scheme.lstrip().startswith("{") and (
-        scheme not in PRESETS and not scheme.startswith("last-k:")
-    ):
-        raise SchemeError(f"unknown scheme {scheme!r}; presets: {', '.join(PRESETS)}, a dict or a .json path")
+    check_form(scheme)
     if loss not in ("cross_entropy", "mse"):
         raise SchemeError(f"unknown loss {loss!r}; choose cross_entropy or mse")
     if not hasattr(optimizer, "update"):
