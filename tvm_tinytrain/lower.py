@@ -23,10 +23,14 @@ from relay_passes.reorder import ReorderForMemory
 def _inline_intermediates(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Inline every block of ``func`` that can be inlined (pads, elementwise steps)."""
     sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 - no block structure: nothing to inline
+        return func
     changed = True
     while changed:
         changed = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+        for block in sch.get_child_blocks(root):
             try:
                 sch.compute_inline(block)
                 changed = True
@@ -34,14 +38,6 @@ def _inline_intermediates(func: tirx.PrimFunc) -> tirx.PrimFunc:
             except Exception:  # noqa: BLE001 - not inlinable: the reduction or the output block
                 continue
     return sch.mod["main"]
-
-
-def _has_root(sch) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 @tvm.transform.module_pass(opt_level=0, name="InlineIntermediates")
