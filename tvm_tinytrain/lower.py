@@ -88,6 +88,7 @@ class Tensor:
     name: str
     shape: tuple[int, ...]
     dtype: str
+    value: np.ndarray | None = field(default=None, repr=False)  # a constant's data
 
     @property
     def nbytes(self) -> int:
@@ -112,6 +113,14 @@ def _tensor(name: str, ty) -> Tensor:
     return Tensor(name, tuple(int(d) for d in ty.shape), str(ty.dtype))
 
 
+def _constant(name: str, const) -> Tensor:
+    """A Relax constant argument (``GenericConst``: a scalar's ``value`` is a Python number)."""
+    t = _tensor(name, const.ty)
+    value = const.value
+    t.value = value.numpy() if hasattr(value, "numpy") else np.full(t.shape, value, dtype=t.dtype)
+    return t
+
+
 def kernels(lowered: tvm.IRModule, func: str = "train_step"):
     """(kernels in order, tensors by name, the names of the function's outputs)."""
     f = lowered[func]
@@ -128,12 +137,14 @@ def kernels(lowered: tvm.IRModule, func: str = "train_step"):
                 for arg in value.args[1].fields:
                     if arg in names:
                         inputs.append(names[arg])
-                    elif hasattr(arg, "data"):  # a constant: flash
+                    elif isinstance(arg, tvm.ir.expr.GenericConst):  # a constant: flash
                         const_count += 1
                         name = f"const{const_count}"
-                        tensors[name] = _tensor(name, arg.ty)
+                        tensors[name] = _constant(name, arg)
                         names[arg] = name
                         inputs.append(name)
+                    else:
+                        raise NotImplementedError(f"kernel argument {arg} of {b.var.name} is not a tensor")
                 base = f"t{len(result)}:{b.var.name}"
                 types = list(b.var.ty.fields) if isinstance(b.var.ty, relax.TupleType) else [b.var.ty]
                 outs = [base if len(types) == 1 else f"{base}.{i}" for i in range(len(types))]

@@ -15,10 +15,23 @@ from tvm import relax
 
 from relay_passes.attrs import attr_names
 
-from .lower import kernels, lower
+from .lower import Kernel, Tensor, kernels, lower
 from .memory import Buffer, MemoryPlan, plan_memory
 
 ELEMENTWISE = 1  # TIR op_pattern: 0 elementwise, 1 broadcast
+
+
+@dataclass
+class LoweredFunction:
+    """One function of the lowered module as the planner and the C generator see it."""
+
+    name: str
+    kernels: list[Kernel]
+    tensors: dict[str, Tensor]
+    outputs: list[str]
+    params: list[str]
+    in_place: dict[str, str]  # kernel output → the persistent tensor (parameter, state) it overwrites
+    plan: MemoryPlan
 
 
 @dataclass
@@ -32,6 +45,8 @@ class MemoryReport:
     saved_bytes: int = 0
     tvm_planned_bytes: int | None = None  # TVM's StaticPlanBlockMemory figure for the same step
     notes: list[str] = field(default_factory=list)
+    lowered: tvm.IRModule | None = field(default=None, repr=False)
+    step: LoweredFunction | None = field(default=None, repr=False)
 
     @property
     def arena_bytes(self) -> int:
@@ -94,31 +109,17 @@ def _elementwise(mod: tvm.IRModule, func: str) -> bool:
     return attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) <= ELEMENTWISE
 
 
-def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: bool = True) -> MemoryReport:
-    """Plan the arena of ``train_step`` and account for every byte of the step."""
-    step = train_mod["train_step"]
-    trainable = attr_names(step, "tinytrain.trainable")
-    state = attr_names(step, "tinytrain.state")
-    lowered = lower(train_mod)
-    ks, tensors, outputs = kernels(lowered)
+def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor], outputs: list[str],
+             inputs: list[str], in_place: dict[str, str], loss_kernel: int) -> list[Buffer]:
+    """Arena buffers of one function: its arena inputs, every kernel output not written into a
+    persistent tensor, and each kernel's scratch. Kernels after ``loss_kernel`` make gradients."""
     end = len(ks)
-    params = [p.name for p in step.params]
-    sample = set(params[:2])
-    set(trainable) | set(state)
-    frozen = set(params[2 + len(trainable) + len(state):])
     last_use: dict[str, int] = {}
     for k in ks:
         for name in k.inputs:
             last_use[name] = k.index
-    producer = {out: k for k in ks for out in k.outputs}
-    loss_kernel = producer[outputs[0]].index if outputs and outputs[0] in producer else end
-    in_place = {}  # kernel output → the persistent tensor it overwrites
-    for new, old in zip(outputs[1:], [*trainable, *state]):
-        if new in producer and last_use.get(old, -1) <= producer[new].index:
-            in_place[new] = old
-    buffers: list[Buffer] = []
-    for name in sample:
-        buffers.append(Buffer(name, tensors[name].nbytes, 0, last_use.get(name, 0), "activation"))
+    producer = {out for k in ks for out in k.outputs}
+    buffers = [Buffer(name, tensors[name].nbytes, 0, last_use.get(name, 0), "activation") for name in inputs]
     for k in ks:
         kind = "activation" if k.index <= loss_kernel else "gradient"
         for out in k.outputs:
@@ -132,6 +133,40 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
             buffers.append(Buffer(out, tensors[out].nbytes, k.index, last, kind, reuse))
         if k.scratch:
             buffers.append(Buffer(f"{k.outputs[0]}:scratch", k.scratch, k.index, k.index, "scratch"))
+    return buffers
+
+
+def plan_predict(lowered: tvm.IRModule, alignment: int = 16) -> LoweredFunction:
+    """The arena plan of ``predict`` (inference between training steps shares the same arena)."""
+    ks, tensors, outputs = kernels(lowered, "predict")
+    params = [p.name for p in lowered["predict"].params]
+    buffers = _buffers(lowered, ks, tensors, outputs, params[:1], {}, len(ks))
+    plan = plan_memory(buffers, alignment=alignment)
+    plan.check_no_overlap()
+    return LoweredFunction("predict", ks, tensors, outputs, params, {}, plan)
+
+
+def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: bool = True) -> MemoryReport:
+    """Plan the arena of ``train_step`` and account for every byte of the step."""
+    step = train_mod["train_step"]
+    trainable = attr_names(step, "tinytrain.trainable")
+    state = attr_names(step, "tinytrain.state")
+    lowered = lower(train_mod)
+    ks, tensors, outputs = kernels(lowered)
+    end = len(ks)
+    params = [p.name for p in step.params]
+    frozen = set(params[2 + len(trainable) + len(state):])
+    last_use: dict[str, int] = {}
+    for k in ks:
+        for name in k.inputs:
+            last_use[name] = k.index
+    producer = {out: k for k in ks for out in k.outputs}
+    loss_kernel = producer[outputs[0]].index if outputs and outputs[0] in producer else end
+    in_place = {}  # kernel output → the persistent tensor it overwrites
+    for new, old in zip(outputs[1:], [*trainable, *state]):
+        if new in producer and last_use.get(old, -1) <= producer[new].index:
+            in_place[new] = old
+    buffers = _buffers(lowered, ks, tensors, outputs, params[:2], in_place, loss_kernel)
     plan = plan_memory(buffers, alignment=alignment)
     plan.check_no_overlap()  # cheap, and a plan that overlaps must never reach C
     saved = [b for b in buffers if b.kind == "activation" and b.first < loss_kernel < b.last]
@@ -144,6 +179,8 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
         num_kernels=end,
         saved_activations=len(saved),
         saved_bytes=sum(b.size for b in saved),
+        lowered=lowered,
+        step=LoweredFunction("train_step", ks, tensors, outputs, params, in_place, plan),
     )
     not_in_place = [o for o in outputs[1:] if o in producer and o not in in_place]
     if not_in_place:

@@ -159,8 +159,22 @@ class HostTrainer:
         return values
 
 
-def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm"):
-    """Compile a TinyTrain module. ``target="llvm"`` gives a :class:`HostTrainer`."""
+def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm",
+          budget: str | int | None = None, model: str = "model"):
+    """Compile a TinyTrain module, like ``tvm.compile``.
+
+    ``target="llvm"`` gives a :class:`HostTrainer` (TVM's host build, for search and
+    accuracy runs). ``target="c"`` gives a :class:`tvm_tinytrain.codegen.Artifact`:
+    the training step as standalone C over one static arena, to ``export(path)`` and
+    build with a template of ``tvm_tinytrain.micro``. ``budget`` (``"256KB"``) makes
+    the C build fail, before any C is generated, when the planned SRAM exceeds it.
+    """
     if target in ("llvm", "host"):
+        if budget is not None:
+            raise TinyTrainError("budget= applies to target='c' (the host build has no SRAM limit)")
         return HostTrainer(train_mod, params, "llvm")
-    raise TinyTrainError(f"unknown target {target!r}; this release builds for 'llvm' (the host)")
+    if target == "c":
+        from .codegen.build import build_c
+
+        return build_c(train_mod, params, budget=budget, model=model)
+    raise TinyTrainError(f"unknown target {target!r}; choose 'llvm' (TVM's host build) or 'c' (standalone C)")
