@@ -1,0 +1,286 @@
+"""Template projects and a session with the device: what microTVM's project API did.
+
+::
+
+    artifact = tvm_tinytrain.build(train_mod, params, target="c", budget="256KB")
+    project = micro.create_project(artifact, "qemu_cortex_m7", "build/qemu", {"ram_kb": 320})
+    project.build()
+    project.flash()
+    with project.session() as dev:
+        loss = dev.train_step(x, y)   # dev.last_cost: instructions on QEMU, µs on the host
+        logits = dev.predict(x)
+        params = dev.params()
+
+A template is a folder of ``microtvm_projects/`` (or any folder) with a
+``template.json`` naming its tools, its ``make`` variables and how to run the
+program. ``create_project`` copies it, the shared protocol code and the artifact
+(under ``model/``) into a project folder that builds by itself with ``make``.
+The device speaks the framed byte protocol of ``microtvm_projects/common/tinytrain_protocol.h``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .codegen.artifact import Artifact
+from .errors import InputError, TinyTrainError
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "microtvm_projects"
+PROTOCOL_VERSION = 1
+
+
+class ToolMissingError(TinyTrainError):
+    """A toolchain or emulator a template needs is not installed."""
+
+
+class DeviceError(TinyTrainError):
+    """The device answered with an error, or stopped answering."""
+
+
+def template_names() -> list[str]:
+    return sorted(p.parent.name for p in TEMPLATES.glob("*/template.json"))
+
+
+def _template_dir(template: str | Path) -> Path:
+    path = Path(template)
+    if not (path / "template.json").is_file():
+        path = TEMPLATES / str(template)
+    if not (path / "template.json").is_file():
+        raise InputError(f"unknown template {template!r}; choose one of {', '.join(template_names())} "
+                         f"or a folder with a template.json")
+    return path
+
+
+def check_tools(template: dict, needed: list[str] | None = None) -> None:
+    """Raise :class:`ToolMissingError` naming what to install when a tool is not on PATH."""
+    tools = template.get("tools", {})
+    missing = [f"{name} ({how})" for name, how in tools.items()
+               if (needed is None or name in needed) and shutil.which(name) is None]
+    if missing:
+        raise ToolMissingError("missing: " + "; ".join(missing))
+
+
+@dataclass
+class Project:
+    """A project folder made from a template: ``build()``, ``flash()``, ``session()``."""
+
+    path: Path
+    template: dict
+    options: dict
+
+    def _make_vars(self) -> list[str]:
+        names = self.template.get("options", {})
+        return [f"{names[k]}={v}" for k, v in self.options.items()]
+
+    def build(self) -> Path:
+        """Run the template's build (``make``) with its options; returns the program's path."""
+        check_tools(self.template, [t for t in self.template.get("tools", {}) if t != "qemu-system-arm"])
+        cmd = [*self.template["build"], *self._make_vars()]
+        result = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise TinyTrainError(f"building {self.path} failed ({' '.join(cmd)}):\n"
+                                 f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        self.build_log = result.stdout + result.stderr
+        return self.binary
+
+    @property
+    def binary(self) -> Path:
+        return self.path / self.template["binary"]
+
+    def flash(self) -> None:
+        """Host and QEMU need no flashing: check the program is built and the runner installed."""
+        if not self.binary.is_file():
+            raise TinyTrainError(f"{self.binary} does not exist: call project.build() first")
+        check_tools(self.template)
+
+    def static_ram(self) -> dict[str, int]:
+        """Static SRAM of the built program (.data + .bss, the reserved stack apart), from the ELF."""
+        tool = self.template.get("size_tool")
+        if tool is None:
+            raise TinyTrainError("this template's program has no fixed memory map (a host process)")
+        out = subprocess.run([tool, "-A", str(self.binary)], capture_output=True, text=True, check=True).stdout
+        sizes = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit():
+                sizes[parts[0]] = int(parts[1])
+        nm = subprocess.run([tool.replace("size", "nm"), "-S", str(self.binary)], capture_output=True,
+                            text=True, check=True).stdout
+        symbols = {}
+        for line in nm.splitlines():
+            parts = line.split()
+            if len(parts) == 4:
+                symbols[parts[3]] = int(parts[1], 16)
+        return {"data": sizes.get(".data", 0), "bss": sizes.get(".bss", 0),
+                "stack_reserved": sizes.get(".stack", 0),
+                "arena": symbols.get("tinytrain_arena", 0), "params": symbols.get("tinytrain_ram", 0)}
+
+    def session(self) -> Session:
+        self.flash()
+        cmd = [a.replace("{binary}", str(self.binary)) for a in self.template["run"]]
+        return Session(cmd, self.path, self.template.get("cost_unit", ""))
+
+
+def create_project(artifact: Artifact | str | Path, template: str | Path, directory: str | Path,
+                   options: dict | None = None) -> Project:
+    """Copy ``template``, the protocol code and ``artifact`` into ``directory`` (made afresh)."""
+    if not isinstance(artifact, Artifact):
+        artifact = Artifact.load(artifact)
+    source = _template_dir(template)
+    spec = json.loads((source / "template.json").read_text())
+    options = dict(options or {})
+    unknown = set(options) - set(spec.get("options", {}))
+    if unknown:
+        raise InputError(f"template {source.name} has no option {', '.join(sorted(unknown))}; "
+                         f"it takes {', '.join(spec.get('options', {})) or 'none'}")
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    shutil.copytree(source, directory)
+    shutil.copytree(TEMPLATES / "common", directory / "common")
+    artifact.export(directory / "model")
+    return Project(directory, spec, options)
+
+
+class Session:
+    """A running program speaking the framed byte protocol over its stdin / stdout."""
+
+    def __init__(self, cmd: list[str], cwd: Path, cost_unit: str):
+        self.cmd, self.cwd, self.cost_unit = cmd, cwd, cost_unit
+        self.process: subprocess.Popen | None = None
+        self.last_cost: float | None = None
+
+    def __enter__(self) -> Session:
+        self.process = subprocess.Popen(self.cmd, cwd=self.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+        info = struct.unpack("<7I", self._call(b"I"))
+        if info[0] != PROTOCOL_VERSION:
+            raise DeviceError(f"device speaks protocol {info[0]}, this library {PROTOCOL_VERSION}")
+        keys = ("version", "arena", "input", "label", "output", "params", "state")
+        self.info = dict(zip(keys, info))
+        meta = json.loads((self.cwd / "model" / "metadata.json").read_text())
+        self.metadata = meta
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None:
+            return
+        try:
+            if self.process.poll() is None and exc[0] is None:
+                self._call(b"Q")
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired, DeviceError):
+            self.process.kill()
+            self.process.wait()
+        finally:
+            self.returncode = self.process.returncode
+            self.process = None
+
+    # ---- frames ------------------------------------------------------------------------------
+    def _call(self, cmd: bytes, payload: bytes = b"") -> bytes:
+        p = self.process
+        if p is None:
+            raise DeviceError("the session is not open: use `with project.session() as dev:`")
+        head = cmd + struct.pack("<I", len(payload))
+        try:
+            p.stdin.write(b"TT" + head + payload + struct.pack("<I", zlib.crc32(head + payload)))
+            p.stdin.flush()
+        except BrokenPipeError:
+            raise DeviceError(self._died()) from None
+        head = self._read(7)
+        if head[:2] != b"TR":
+            raise DeviceError(f"bad response {head!r}: the device is not a tvm-tinytrain program")
+        status, length = head[2], struct.unpack("<I", head[3:7])[0]
+        body = self._read(length)
+        (crc,) = struct.unpack("<I", self._read(4))
+        if crc != zlib.crc32(head[2:] + body):
+            raise DeviceError("response checksum mismatch")
+        if status:
+            what = {1: "checksum", 2: "length", 3: "unknown command", 4: "kernel failure (workspace)"}
+            raise DeviceError(f"device refused {cmd.decode()!r}: {what.get(status, status)}")
+        return body
+
+    def _read(self, n: int) -> bytes:
+        data = self.process.stdout.read(n)
+        if len(data) != n:
+            raise DeviceError(self._died())
+        return data
+
+    def _died(self) -> str:
+        self.process.wait(timeout=10)
+        err = self.process.stderr.read().decode(errors="replace")[-2000:]
+        return f"the device program stopped (exit code {self.process.returncode}){': ' + err if err else ''}"
+
+    # ---- samples -----------------------------------------------------------------------------
+    def _tensor(self, value, spec: dict, what: str) -> bytes:
+        arr = np.asarray(value)
+        shape = tuple(spec["shape"])
+        if arr.size != int(np.prod(shape)):
+            raise InputError(f"{what} has shape {arr.shape}; the model takes {shape} ({spec['dtype']})")
+        return np.ascontiguousarray(arr.reshape(shape), dtype=spec["dtype"]).tobytes()
+
+    def _cost(self, raw: int) -> float:
+        return raw / 1000.0 if self.cost_unit == "ns" else float(raw)
+
+    @property
+    def cost_name(self) -> str:
+        return "microseconds" if self.cost_unit == "ns" else self.cost_unit
+
+    def train_step(self, x, y) -> float:
+        """One training step on the device; returns the loss before the update."""
+        label = self.metadata["label"]
+        if self.metadata["loss"] == "cross_entropy":
+            y = np.asarray(y).reshape(-1)
+            classes = self.metadata["output"]["shape"][-1]
+            if y.size != 1 or not np.issubdtype(y.dtype, np.integer) or not 0 <= int(y[0]) < classes:
+                raise InputError(f"label {y!r} must be one integer class index in 0..{classes - 1}")
+        body = self._call(b"T", self._tensor(x, self.metadata["input"], "input") + self._tensor(y, label, "label"))
+        loss, cost = struct.unpack("<fQ", body)
+        self.last_cost = self._cost(cost)
+        return loss
+
+    def predict(self, x) -> np.ndarray:
+        out = self.metadata["output"]
+        body = self._call(b"P", self._tensor(x, self.metadata["input"], "input"))
+        self.last_cost = self._cost(struct.unpack("<Q", body[-8:])[0])
+        return np.frombuffer(body[:-8], dtype=out["dtype"]).reshape(out["shape"]).copy()
+
+    def _block(self) -> bytes:
+        return self._call(b"G")
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The trainable parameters on the device, by name (weights split for a partial update
+        come back as their trainable slice, named as in ``metadata.json``)."""
+        return self._unpack(self._block(), self.metadata["trainable"])
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return self._unpack(self._block(), self.metadata["optimizer_state"])
+
+    @staticmethod
+    def _unpack(block: bytes, specs: list[dict]) -> dict[str, np.ndarray]:
+        return {s["name"]: np.frombuffer(block, dtype=s["dtype"], count=int(np.prod(s["shape"])),
+                                         offset=s["offset"]).reshape(s["shape"]).copy() for s in specs}
+
+    def set_params(self, values: dict[str, np.ndarray]) -> None:
+        """Overwrite trainable parameters (and optimizer state, when given) on the device."""
+        block = bytearray(self._block())
+        for s in (*self.metadata["trainable"], *self.metadata["optimizer_state"]):
+            if s["name"] in values:
+                block[s["offset"]:s["offset"] + s["bytes"]] = self._tensor(values[s["name"]], s, s["name"])
+        self._call(b"S", bytes(block))
+
+    def reset(self) -> None:
+        self._call(b"R")
+
+    def stack(self) -> tuple[int, int]:
+        """(stack bytes used so far, stack bytes reserved); (0, 0) where the port cannot tell."""
+        return struct.unpack("<II", self._call(b"M"))
