@@ -213,7 +213,7 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
                         f"{c_array(arr)};\n")
     for f in used:
         fn = lowered[f]
-        args = ", ".join(f"{c_type(str(p.dtype))}* {symbol(p.name) or 'arg'}" for p in fn.params)
+        args = ", ".join(f"{c_type(str(p.dtype))}* a{i}" for i, p in enumerate(fn.params))
         declarations.append(f"void {kernel_symbols[f]}({args});")
 
     # model.c: the executor
