@@ -119,3 +119,26 @@ def test_demo_json():
     assert result["after_accuracy"] > result["before_accuracy"]
     assert result["after_accuracy"] >= 0.85
     assert result["finetune_steps"] > 0 and result["median_step_ms"] > 0
+
+
+def test_compile_then_create_project_and_build(small_onnx, tmp_path, capsys):
+    from conftest import require_tools
+
+    from tvm_tinytrain.cli import main
+
+    out = tmp_path / "model.tar"
+    assert main(["compile", str(small_onnx), "--scheme", "last-k:2", "--budget", "256KB", "-o", str(out)]) == 0
+    assert out.is_file() and "SRAM planned" in capsys.readouterr().out
+    require_tools("gcc", "make")
+    assert main(["create-project", str(out), "--template", "host", "-o", str(tmp_path / "p"), "--build"]) == 0
+    assert (tmp_path / "p" / "build" / "tinytrain_host").is_file()
+
+
+def test_compile_over_budget_is_one_line_and_writes_nothing(small_onnx, tmp_path, capsys):
+    from tvm_tinytrain.cli import main
+
+    out = tmp_path / "model"
+    assert main(["compile", str(small_onnx), "--budget", "1KB", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinytrain: error: the training step needs") and err.count("\n") == 1
+    assert not out.exists()

@@ -16,28 +16,47 @@ from tvm_tinytrain.errors import InputError
 
 ARM = ["-mcpu=cortex-m7", "-mthumb", "-mfpu=fpv5-sp-d16", "-mfloat-abi=hard"]
 STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", "-O2"]
+def _small():
+    return zoo.small_cnn(num_classes=5, input_hw=(8, 8), width=4, seed=1)
+
+
+def _mobilenet():
+    return zoo.mobilenet_v2(resolution=32, num_classes=5)
+
+
 CONFIGS = {
     # partial weights (a 1x1 conv's first half of channels), SGD with momentum
-    "sparse-momentum": ({"bias": {"last": 4}, "weights": {"3": 0.5, "4": 1.0}}, tt.SGD(lr=0.05, momentum=0.9)),
-    "full-adam": ("full", tt.Adam(lr=0.01)),
+    "sparse-momentum": (_small, {"bias": {"last": 4}, "weights": {"3": 0.5, "4": 1.0}},
+                        tt.SGD(lr=0.05, momentum=0.9), None),
+    "full-adam": (_small, "full", tt.Adam(lr=0.01), None),
+    # frozen inverted bottlenecks run in channel chunks, accumulated in place (call_tir_inplace)
+    "mobilenet-chunked": (_mobilenet, "last-layer", tt.SGD(lr=0.05), 1024),
 }
 STEPS = 8
+SHAPES = {"sparse-momentum": (1, 1, 8, 8), "full-adam": (1, 1, 8, 8), "mobilenet-chunked": (1, 3, 32, 32)}
+QEMU = {"mobilenet-chunked": {"flash_kb": 2048}}  # 1 MB of float32 weights: more than the F746 holds
+_current = {"shape": (1, 1, 8, 8), "qemu": {}}
 
 
 def _samples(n=STEPS, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, 1, 1, 8, 8)).astype("float32"), rng.integers(0, 5, n)
+    return rng.standard_normal((n, *_current["shape"])).astype("float32"), rng.integers(0, 5, n)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tmp_path_factory):
     """(artifact, TVM host trainer after STEPS steps and its losses, a working folder)."""
-    scheme, optimizer = CONFIGS[request.param]
+    build_model, scheme, optimizer, chunk_bytes = CONFIGS[request.param]
+    _current["shape"], _current["qemu"] = SHAPES[request.param], QEMU.get(request.param, {})
     root = tmp_path_factory.mktemp(request.param)
-    onnx.save(zoo.small_cnn(num_classes=5, input_hw=(8, 8), width=4, seed=1), root / "m.onnx")
+    onnx.save(build_model(), root / "m.onnx")
     mod, params = tt.load_model(root / "m.onnx")
-    train_mod = tt.relay.transform.TinyTrain(scheme, optimizer=optimizer)(mod)
+    kwargs = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+    train_mod = tt.relay.transform.TinyTrain(scheme, optimizer=optimizer, **kwargs)(mod)
+    _current["train_mod"], _current["params"] = train_mod, params
     artifact = tt.build(train_mod, params, target="c")
+    if chunk_bytes:
+        assert "accumulate" in artifact.files["src/tinytrain_kernels.c"]
     ref = tt.build(train_mod, params)
     xs, ys = _samples()
     losses = [ref.step(x, y) for x, y in zip(xs, ys)]
@@ -103,7 +122,7 @@ def test_qemu_equals_host_c_bit_for_bit(case):
     artifact, _, _, root = case
     host = micro.create_project(artifact, "host", root / "host2")
     host.build()
-    qemu = micro.create_project(artifact, "qemu_cortex_m7", root / "qemu")
+    qemu = micro.create_project(artifact, "qemu_cortex_m7", root / "qemu", _current["qemu"])
     qemu.build()
     h_losses, h_params, h_logits, _ = _run(host)
     q_losses, q_params, q_logits, dev = _run(qemu)
@@ -134,7 +153,7 @@ def test_host_build_runs_clean_under_address_and_undefined_sanitizers(case):
 def test_qemu_measured_sram_is_the_plan_plus_a_small_runtime(case):
     require_tools("make", "arm-none-eabi-gcc", "qemu-system-arm")
     artifact, _, _, root = case
-    project = micro.create_project(artifact, "qemu_cortex_m7", root / "qemu_sram")
+    project = micro.create_project(artifact, "qemu_cortex_m7", root / "qemu_sram", _current["qemu"])
     project.build()
     static = project.static_ram()
     mem = artifact.metadata["memory"]
@@ -156,30 +175,28 @@ def test_a_build_over_the_ram_region_fails_at_link_time(case, tmp_path):
     require_tools("make", "arm-none-eabi-gcc")
     artifact, _, _, _ = case
     ram_kb = artifact.metadata["memory"]["planned_sram_bytes"] // 1024  # less than the plan needs
-    project = micro.create_project(artifact, "qemu_cortex_m7", tmp_path / "tiny", {"ram_kb": ram_kb, "stack_kb": 1})
+    project = micro.create_project(artifact, "qemu_cortex_m7", tmp_path / "tiny", {**_current["qemu"], "ram_kb": ram_kb, "stack_kb": 1})
     with pytest.raises(tt.TinyTrainError, match="region .RAM. overflowed"):
         project.build()
 
 
 def test_budget_refuses_before_any_c_is_generated(case, monkeypatch):
-    artifact, _, _, root = case
+    artifact, _, _, _ = case
     from tvm_tinytrain.codegen import build as build_module
 
     def no_c(*args, **kwargs):
         raise AssertionError("C was generated for a build over budget")
 
-    monkeypatch.setattr(build_module, "kernels_c", no_c)
-    onnx_path = root / "m.onnx"
-    mod, params = tt.load_model(onnx_path)
-    train_mod = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=0.01))(mod)
-    with pytest.raises(BudgetError) as err:
-        tt.build(train_mod, params, target="c", budget="2KB")
-    text = str(err.value)
-    assert "budget is 2.0 KB" in text and "needs" in text and "trainable parameters" in text
     need = artifact.metadata["memory"]["planned_sram_bytes"]
+    train_mod, params = _current["train_mod"], _current["params"]
+    monkeypatch.setattr(build_module, "kernels_c", no_c)
+    with pytest.raises(BudgetError) as err:
+        tt.build(train_mod, params, target="c", budget=need - 1)
+    text = str(err.value)
+    assert f"needs {need / 1024:,.1f} KB" in text and "budget is" in text and "rest of the arena" in text
     monkeypatch.undo()
-    fits = tt.build(train_mod, params, target="c", budget=10**6)
-    assert fits.metadata["memory"]["budget_bytes"] == 10**6 and need > 0
+    fits = tt.build(train_mod, params, target="c", budget=need)  # exactly the plan: accepted
+    assert fits.metadata["memory"]["budget_bytes"] == need
 
 
 @pytest.mark.parametrize("text, expected", [("256KB", 262144), ("320 KiB", 327680), ("1MB", 1048576),
@@ -204,7 +221,7 @@ def test_export_as_tar_loads_back_and_makes_a_project(case, tmp_path):
     loaded = Artifact.load(path)
     assert loaded.files == artifact.files and loaded.metadata == artifact.metadata
     meta = loaded.metadata
-    assert meta["versions"]["tvm"].startswith("0.27") and meta["input"]["shape"] == [1, 1, 8, 8]
+    assert meta["versions"]["tvm"].startswith("0.27") and meta["input"]["shape"] == list(_current["shape"])
     assert set(meta["plan"]) == {"train_step", "predict"}
     project = micro.create_project(path, "host", tmp_path / "p")
     assert (project.path / "model" / "include" / "tinytrain_model.h").is_file()
@@ -233,6 +250,6 @@ def test_device_rejects_a_bad_label_before_sending(case, tmp_path):
     project.build()
     with project.session() as dev:
         with pytest.raises(InputError, match="class index"):
-            dev.train_step(np.zeros((1, 1, 8, 8), np.float32), 7)
+            dev.train_step(np.zeros(_current["shape"], np.float32), 7)
         with pytest.raises(InputError, match="shape"):
             dev.predict(np.zeros((3, 3), np.float32))

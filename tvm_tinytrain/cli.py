@@ -1,4 +1,4 @@
-"""The ``tinytrain`` command: ``summary``, ``demo``.
+"""The ``tinytrain`` command: ``summary``, ``memory``, ``compile``, ``create-project``, ``demo``.
 
 Every user error prints one line, ``tinytrain: error: ...``, and exits 2.
 """
@@ -16,6 +16,8 @@ EPILOG = """examples:
   tinytrain summary model.tflite         the layers the sparse-update scheme numbers
   tinytrain summary model.onnx --json    the same, for scripts
   tinytrain memory model.tflite --scheme last-k:4 --plot mem.png
+  tinytrain compile model.onnx --scheme last-k:4 --budget 256KB -o model.tar
+  tinytrain create-project model.tar --template qemu_cortex_m7 -o proj --build
 """
 
 
@@ -57,6 +59,44 @@ def _cmd_memory(args) -> int:
     return 0
 
 
+def _optimizer(args):
+    from relay_passes import SGD
+
+    return SGD(lr=args.lr, momentum=args.momentum)
+
+
+def _cmd_compile(args) -> int:
+    from .frontend import load_model
+    from .relay.transform import TinyTrain
+    from .trainer import build
+
+    mod, params = load_model(args.model)
+    train_mod = TinyTrain(scheme=args.scheme, loss=args.loss, optimizer=_optimizer(args))(mod)
+    artifact = build(train_mod, params, target="c", budget=args.budget, model=args.model)
+    path = artifact.export(args.output)
+    mem = artifact.metadata["memory"]
+    print(f"{path}: arena {mem['arena_bytes']:,} B + trainable {mem['trainable_bytes']:,} B + optimizer "
+          f"state {mem['optimizer_state_bytes']:,} B = {mem['planned_sram_bytes']:,} B SRAM planned; "
+          f"flash {mem['flash_bytes']:,} B")
+    return 0
+
+
+def _cmd_create_project(args) -> int:
+    from . import micro
+
+    options = {}
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        if not value:
+            raise micro.InputError(f"--option {item!r} must read KEY=VALUE (for example ram_kb=512)")
+        options[key] = value
+    project = micro.create_project(args.artifact, args.template, args.output, options)
+    print(f"{project.path}: project from template {args.template}")
+    if args.build:
+        print(f"built {project.build()}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -78,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
         prog="tinytrain",
         description="On-device training for microcontrollers, as a compiler plugin for "
                     "Apache TVM: import a model, build its training step at compile time, "
-                    "train it on the host (C and Cortex-M targets come next).",
+                    "train it on the host, or emit it as standalone C for a Cortex-M board.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,6 +142,30 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print JSON")
     m.add_argument("--plot", metavar="FILE", help="write a PNG of live bytes per kernel")
     m.set_defaults(run=_cmd_memory)
+    c = sub.add_parser("compile", help="emit the training step as standalone C (an artifact)",
+                       description="Build the training step of MODEL under a scheme and emit it as C: "
+                                   "one static arena of the planned size, TVM's kernels as plain C, "
+                                   "frozen parameters in flash. Fails before writing anything when the "
+                                   "planned SRAM exceeds --budget.")
+    c.add_argument("model", help="path to a .tflite or .onnx file")
+    c.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .tar")
+    c.add_argument("--scheme", default="full",
+                   help="full, last-layer, bias-only, last-k:N or a .json scheme (default full)")
+    c.add_argument("--budget", help="SRAM budget, like 256KB; the build fails when the plan needs more")
+    c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
+    c.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
+    c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    c.set_defaults(run=_cmd_compile)
+    cp = sub.add_parser("create-project", help="make a buildable project from an artifact and a template",
+                        description="Copy a template of microtvm_projects (host, qemu_cortex_m7) with the "
+                                    "artifact into a folder that builds by itself with make.")
+    cp.add_argument("artifact", help="an artifact folder or .tar from `tinytrain compile`")
+    cp.add_argument("--template", default="host", help="host or qemu_cortex_m7 (default host)")
+    cp.add_argument("-o", "--output", required=True, help="the project folder (replaced if it exists)")
+    cp.add_argument("--option", action="append", metavar="KEY=VALUE",
+                    help="a template option, e.g. ram_kb=512 (repeatable)")
+    cp.add_argument("--build", action="store_true", help="also build it")
+    cp.set_defaults(run=_cmd_create_project)
     d = sub.add_parser("demo", help="pretrain on digits 0-4, fine-tune on 5-9, report accuracy",
                        description="Transfer learning on scikit-learn's handwritten digits: "
                                    "a small CNN pretrained on 0-4 is fine-tuned on 5-9 with "

@@ -79,7 +79,8 @@ def function_body(fn: LoweredFunction, storage: Storage, kernel_symbols: dict[st
     """The kernel calls of one function, in plan order, each with its scratch window set first."""
     lines = []
     for k in fn.kernels:
-        args = [storage.address(n, fn) for n in (*k.inputs, *k.outputs)]
+        fresh = [o for o in k.outputs if o not in k.inplace]  # an in-place output is its input's buffer
+        args = [storage.address(n, fn) for n in (*k.inputs, *fresh)]
         lines.append(f"  /* k{k.index} {k.func}: {', '.join(k.inputs)} -> {', '.join(k.outputs)} */")
         need = workspace.get(kernel_symbols[k.func], 0)
         if need:
