@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         flags = {}
         for index in range(len(layers)):
             bias = index >= len(layers) - scheme["bias"]["last"]
-            weight = str(index) in scheme["weights"] or (scheme.get("classifier") and index == len(layers) - 1)
+            last = index == len(layers) - 1
+            weight = str(index) in scheme["weights"] or bool(scheme.get("classifier") and last)
             if bias or weight:
                 flags[index] = (weight, bias)
         _say("PyTorch ...")
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
         print(f"\nQEMU Cortex-M7: {q['instructions_per_step']:,.0f} instructions per train step; "
               f"losses equal host C bit for bit: {all(q['equals_host_c_bitwise'])}")
         print(f"SRAM planned {kb(q['planned_sram_bytes'])} (arena {kb(result['memory']['arena_bytes'])}), "
-              f"measured {kb(q['measured_sram_bytes'])} (.data+.bss {kb(q['static']['data'] + q['static']['bss'])}"
+              f"measured {kb(q['measured_sram_bytes'])} "
+              f"(.data+.bss {kb(q['static']['data'] + q['static']['bss'])}"
               f", stack high-water {kb(q['stack_used'])}): {q['measured_minus_planned']:+,} bytes")
     return 0
 

@@ -24,13 +24,16 @@ int main(void) {
 def test_expf_and_logf_are_within_two_ulp(tmp_path):
     require_tools("gcc")
     src = resources.files("tvm_tinytrain.codegen").joinpath("runtime", "tinytrain_math.c").read_text()
-    (tmp_path / "tinytrain_internal.h").write_text("float tinytrain_expf(float); float tinytrain_logf(float);\n")
+    header = "float tinytrain_expf(float); float tinytrain_logf(float);\n"
+    (tmp_path / "tinytrain_internal.h").write_text(header)
     (tmp_path / "m.c").write_text(src)
     (tmp_path / "h.c").write_text(HARNESS)
-    subprocess.run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", "-I", str(tmp_path),
+    subprocess.run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
+                    "-I", str(tmp_path),
                     str(tmp_path / "m.c"), str(tmp_path / "h.c"), "-o", str(tmp_path / "h")], check=True)
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.uniform(-87, 88, 20000), rng.uniform(-1, 1, 20000), [0.0, 1.0, -1e-3]]).astype(np.float32)
+    x = np.concatenate([rng.uniform(-87, 88, 20000), rng.uniform(-1, 1, 20000), [0.0, 1.0, -1e-3]])
+    x = x.astype(np.float32)
     out = subprocess.run([str(tmp_path / "h")], input=x.tobytes(), capture_output=True, check=True).stdout
     got = np.frombuffer(out, np.float32).reshape(-1, 2).astype(np.float64)
     exact_exp = np.exp(x.astype(np.float64))

@@ -127,7 +127,8 @@ def test_compile_then_create_project_and_build(small_onnx, tmp_path, capsys):
     from tvm_tinytrain.cli import main
 
     out = tmp_path / "model.tar"
-    assert main(["compile", str(small_onnx), "--scheme", "last-k:2", "--budget", "256KB", "-o", str(out)]) == 0
+    args = ["compile", str(small_onnx), "--scheme", "last-k:2", "--budget", "256KB", "-o", str(out)]
+    assert main(args) == 0
     assert out.is_file() and "SRAM planned" in capsys.readouterr().out
     require_tools("gcc", "make")
     assert main(["create-project", str(out), "--template", "host", "-o", str(tmp_path / "p"), "--build"]) == 0

@@ -84,7 +84,8 @@ def test_c_compiles_warning_free_on_host_and_cortex_m7(case):
     for cc, extra in (("gcc", []), ("arm-none-eabi-gcc", ARM)):
         for i, src in enumerate(sources):
             obj = root / f"{cc}{i}.o"
-            subprocess.run([cc, *extra, *STRICT, "-I", str(out / "include"), "-I", str(out / "src"), "-c", src,
+            includes = ["-I", str(out / "include"), "-I", str(out / "src")]
+            subprocess.run([cc, *extra, *STRICT, *includes, "-c", src,
                             "-o", str(obj)], check=True, capture_output=True)
             if cc == "gcc":
                 nm = subprocess.run(["nm", str(obj)], check=True, capture_output=True, text=True).stdout
@@ -175,7 +176,8 @@ def test_a_build_over_the_ram_region_fails_at_link_time(case, tmp_path):
     require_tools("make", "arm-none-eabi-gcc")
     artifact, _, _, _ = case
     ram_kb = artifact.metadata["memory"]["planned_sram_bytes"] // 1024  # less than the plan needs
-    project = micro.create_project(artifact, "qemu_cortex_m7", tmp_path / "tiny", {**_current["qemu"], "ram_kb": ram_kb, "stack_kb": 1})
+    options = {**_current["qemu"], "ram_kb": ram_kb, "stack_kb": 1}
+    project = micro.create_project(artifact, "qemu_cortex_m7", tmp_path / "tiny", options)
     with pytest.raises(tt.TinyTrainError, match="region .RAM. overflowed"):
         project.build()
 

@@ -106,7 +106,8 @@ class Project:
         tool = self.template.get("size_tool")
         if tool is None:
             raise TinyTrainError("this template's program has no fixed memory map (a host process)")
-        out = subprocess.run([tool, "-A", str(self.binary)], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([tool, "-A", str(self.binary)], capture_output=True, text=True,
+                             check=True).stdout
         sizes = {}
         for line in out.splitlines():
             parts = line.split()
@@ -243,7 +244,8 @@ class Session:
             classes = self.metadata["output"]["shape"][-1]
             if y.size != 1 or not np.issubdtype(y.dtype, np.integer) or not 0 <= int(y[0]) < classes:
                 raise InputError(f"label {y!r} must be one integer class index in 0..{classes - 1}")
-        body = self._call(b"T", self._tensor(x, self.metadata["input"], "input") + self._tensor(y, label, "label"))
+        payload = self._tensor(x, self.metadata["input"], "input") + self._tensor(y, label, "label")
+        body = self._call(b"T", payload)
         loss, cost = struct.unpack("<fQ", body)
         self.last_cost = self._cost(cost)
         return loss

@@ -66,7 +66,8 @@ class Artifact:
                 if f.is_file():
                     files[f.relative_to(path).as_posix()] = f.read_text()
         else:
-            raise InputError(f"{path} is not an artifact: export one with build(..., target='c').export(path)")
+            raise InputError(f"{path} is not an artifact: export one with "
+                             f"build(..., target='c').export(path)")
         if "metadata.json" not in files:
             raise InputError(f"{path} has no metadata.json: it is not a tvm-tinytrain artifact")
         metadata = json.loads(files.pop("metadata.json"))

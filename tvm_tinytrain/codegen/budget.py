@@ -6,7 +6,8 @@ import re
 
 from ..errors import InputError, TinyTrainError
 
-_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "k": 1024, "mb": 1024 ** 2, "mib": 1024 ** 2, "m": 1024 ** 2}
+_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "k": 1024,
+          "mb": 1024 ** 2, "mib": 1024 ** 2, "m": 1024 ** 2}
 
 
 class BudgetError(TinyTrainError):

@@ -69,7 +69,8 @@ INTERNAL = f'''/* Generated: declarations shared by the artifact's sources. */
 
 float {PREFIX}_expf(float x);
 float {PREFIX}_logf(float x);
-void* {PREFIX}_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits);
+void* {PREFIX}_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code,
+                                int dtype_bits);
 int {PREFIX}_workspace_free(int device_type, int device_id, void* ptr);
 extern int {PREFIX}_kernel_failed;
 
@@ -96,7 +97,8 @@ static inline void {PREFIX}_workspace_window(uint32_t offset, uint32_t size) {{
   {PREFIX}_workspace_end = {PREFIX}_arena + offset + size;
 }}
 
-void* {PREFIX}_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits) {{
+void* {PREFIX}_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code,
+                                int dtype_bits) {{
   (void)device_type; (void)device_id; (void)dtype_code; (void)dtype_bits;
   uint64_t size = (nbytes + 15u) & ~(uint64_t)15u;
   uint8_t* p = {PREFIX}_workspace_next;
@@ -223,7 +225,8 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
     model_c.append(f"void* {PREFIX}_params_buffer(void) {{ return {PREFIX}_ram; }}\n")
     model_c.append(f"void {PREFIX}_init(void) {{")
     for name in trainable:
-        model_c.append(f"  memcpy({persistent[name]}, {PREFIX}_initial_{symbol(name)}, {tensors[name].nbytes}u);")
+        model_c.append(f"  memcpy({persistent[name]}, {PREFIX}_initial_{symbol(name)}, "
+                       f"{tensors[name].nbytes}u);")
     for name in state:
         t = tensors[name]
         fill = float(state_init[name])
@@ -256,8 +259,10 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
     model_c.append("}\n")
 
     params_bytes = ram_offsets[state[0]] if state else ram_bytes
-    for what, offset, size in (("params", 0, params_bytes), ("state", params_bytes, ram_bytes - params_bytes)):
-        model_c.append(f"void {PREFIX}_get_{what}(void* out) {{ memcpy(out, {PREFIX}_ram + {offset}u, {size}u); }}")
+    for what, offset, size in (("params", 0, params_bytes),
+                               ("state", params_bytes, ram_bytes - params_bytes)):
+        model_c.append(f"void {PREFIX}_get_{what}(void* out) {{ "
+                       f"memcpy(out, {PREFIX}_ram + {offset}u, {size}u); }}")
         model_c.append(f"void {PREFIX}_set_{what}(const void* in) {{ memcpy({PREFIX}_ram + {offset}u, in, "
                        f"{size}u); }}")
     model_c.append("")
@@ -280,7 +285,8 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
         f"src/{PREFIX}_model.c": "\n".join(model_c),
         f"src/{PREFIX}_kernels.c": kernels_text,
         f"src/{PREFIX}_params.c": "\n".join(params_c),
-        f"src/{PREFIX}_math.c": resources.files(__package__).joinpath("runtime", f"{PREFIX}_math.c").read_text(),
+        f"src/{PREFIX}_math.c": resources.files(__package__).joinpath("runtime", f"{PREFIX}_math.c")
+        .read_text(),
     }
 
     def tensor_info(name, t):

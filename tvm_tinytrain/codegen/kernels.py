@@ -14,7 +14,8 @@ needs: each buffer parameter becomes a pointer parameter, and every
 
 Temporaries of 1 KB or more still call ``TVMBackendAllocWorkspace``; the source is
 rewritten to call the executor's arena allocator (``<prefix>_workspace_alloc``)
-instead, and a failure sets ``<prefix>_kernel_failed``. ``expf``/``logf`` become the artifact's own (``<prefix>_expf``), so the
+instead, and a failure sets ``<prefix>_kernel_failed``. ``expf``/``logf`` become the
+artifact's own (``<prefix>_expf``), so the
 host and the Cortex-M build compute bit-identical results whatever their libm.
 """
 
