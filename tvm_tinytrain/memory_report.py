@@ -109,15 +109,17 @@ def _elementwise(mod: tvm.IRModule, func: str) -> bool:
     return attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) <= ELEMENTWISE
 
 
+def _last_use(ks: list[Kernel]) -> dict[str, int]:
+    """The index of the last kernel that reads each tensor."""
+    return {name: k.index for k in ks for name in k.inputs}
+
+
 def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor], outputs: list[str],
              inputs: list[str], in_place: dict[str, str], loss_kernel: int) -> list[Buffer]:
     """Arena buffers of one function: its arena inputs, every kernel output not written into a
     persistent tensor, and each kernel's scratch. Kernels after ``loss_kernel`` make gradients."""
     end = len(ks)
-    last_use: dict[str, int] = {}
-    for k in ks:
-        for name in k.inputs:
-            last_use[name] = k.index
+    last_use = _last_use(ks)
     producer = {out for k in ks for out in k.outputs}
     buffers = [Buffer(name, tensors[name].nbytes, 0, last_use.get(name, 0), "activation") for name in inputs]
     for k in ks:
@@ -156,10 +158,7 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
     end = len(ks)
     params = [p.name for p in step.params]
     frozen = set(params[2 + len(trainable) + len(state):])
-    last_use: dict[str, int] = {}
-    for k in ks:
-        for name in k.inputs:
-            last_use[name] = k.index
+    last_use = _last_use(ks)
     producer = {out: k for k in ks for out in k.outputs}
     loss_kernel = producer[outputs[0]].index if outputs and outputs[0] in producer else end
     in_place = {}  # kernel output → the persistent tensor it overwrites
