@@ -23,6 +23,12 @@ After, with ``SGD(lr=0.1, momentum=0.9)``::
 
 The function records its state tensors and their initial fill values in the
 attributes ``tinytrain.state`` and ``tinytrain.state_init``.
+
+An integer parameter (a quantized layer's int8 weight or int32 bias) is updated
+in float32 and rounded back, so it stays an integer tensor; its optimizer state
+is float32::
+
+    w_new = R.astype(R.clip(R.round(R.astype(w, "float32") - 0.1 * g), -127, 127), "int8")
 """
 
 from __future__ import annotations
@@ -95,10 +101,28 @@ class Adam:
         return bb.emit(R.subtract(w, step)), [m, v, b1pow, b2pow]
 
 
+# an integer parameter's range after an update: int8 weights are symmetric, as TFLite's
+INTEGER_RANGE = {"int8": (-127.0, 127.0), "int32": (-2147483520.0, 2147483520.0)}
+
+
+def _float_dtype(param: relax.Var) -> str:
+    return "float32" if str(param.ty.dtype) in INTEGER_RANGE else str(param.ty.dtype)
+
+
 def _state_type(name: str, param: relax.Var) -> relax.TensorType:
     if name.endswith("pow"):
-        return relax.TensorType((), param.ty.dtype)
-    return param.ty
+        return relax.TensorType((), _float_dtype(param))
+    return relax.TensorType(param.ty.shape, _float_dtype(param))
+
+
+def _update(optimizer, bb, w, g, state):
+    """``optimizer.update``, through float32 and back for an integer parameter."""
+    dtype = str(w.ty.dtype)
+    if dtype not in INTEGER_RANGE:
+        return optimizer.update(bb, w, g, state)
+    lo, hi = INTEGER_RANGE[dtype]
+    w_new, s_new = optimizer.update(bb, bb.emit(R.astype(w, "float32")), g, state)
+    return bb.emit(R.astype(R.clip(R.round(w_new), lo, hi), dtype)), s_new
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyOptimizer")
@@ -127,7 +151,7 @@ class ApplyOptimizer:
                     bb.emit_normalized(binding)
                 new_params, new_state = [], []
                 for w, g, state in zip(trainable, grads, state_vars):
-                    w_new, s_new = self.optimizer.update(bb, w, g, state)
+                    w_new, s_new = _update(self.optimizer, bb, w, g, state)
                     new_params.append(w_new)
                     new_state.extend(s_new)
                 out = bb.emit_output(relax.Tuple([loss, *new_params, *new_state]))

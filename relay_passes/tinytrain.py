@@ -1,7 +1,7 @@
 """TrainingPipeline: backbone IRModule → training IRModule, as one Sequential.
 
-Sparse update (partial channels split off), loss, gradient, optimizer, dead-code
-removal, then the memory-saving reorder.
+Sparse update (partial channels split off), loss, gradient, QAS (int8 layers),
+optimizer, dead-code removal, then the memory-saving reorder.
 
 Before: ``main(x, *params) -> logits`` (``num_input = 1``).
 After::
@@ -19,20 +19,23 @@ from tvm import relax
 from .append_loss import AppendLoss
 from .chunk_bottlenecks import ChunkBottlenecks
 from .gradient import BuildGradient
+from .int8_ops import PlainTIRCalls
 from .optimizer import ApplyOptimizer
+from .qas import QuantizationAwareScaling
 from .reorder import ReorderForMemory
 from .sparse_update import SplitPartialWeights, trainable_slice_name
 
 
 def TrainingPipeline(
     trainable: dict[str, int | None], loss: str, optimizer, reorder: bool = True,
-    chunk_bytes: int | None = 16 * 1024,
+    chunk_bytes: int | None = 16 * 1024, qas: bool = True,
 ) -> tvm.transform.Pass:
     """``trainable``: parameter name → output channels that learn (None: all), in the
     order train_step takes them. ``reorder=False`` keeps Gradient's order (all
     gradients, then all updates), to measure what reordering saves. Frozen
     bottlenecks whose middle tensor exceeds ``chunk_bytes`` run in channel chunks
-    (None: never)."""
+    (None: never). ``qas`` rescales the gradients of int8 layers (a float backbone
+    has none)."""
     partial = {name: k for name, k in trainable.items() if k is not None}
     names = [trainable_slice_name(n, k) if k is not None else n for n, k in trainable.items()]
     chunking = []
@@ -43,8 +46,10 @@ def TrainingPipeline(
         SplitPartialWeights(partial),
         AppendLoss(names, loss),
         BuildGradient(),
+        *([QuantizationAwareScaling()] if qas else []),
         ApplyOptimizer(optimizer),
         relax.transform.DeadCodeElimination(["predict", "train_step"]),
+        PlainTIRCalls,
     ]
     if reorder:
         passes.append(ReorderForMemory())

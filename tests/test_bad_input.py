@@ -165,14 +165,6 @@ def test_dynamic_batch_is_bound_to_1(tmp_path):
     assert len(tt.layer_table(mod)) == 5 and params
 
 
-def test_int8_tflite_is_refused_for_now(shared_model):
-    path = shared_model("vww_96_int8.tflite")
-    message = rejects(path, ModelStructureError, str(path))
-    assert "int8" in message.lower() and "float" in message
-
-
-# ---- samples and labels handed to a trainer ---------------------------------------
-@pytest.fixture
 def x(small_trainer):
     return np.zeros(small_trainer.input_shape, np.float32)
 

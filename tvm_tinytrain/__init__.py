@@ -14,6 +14,7 @@ from .errors import (
 from .export import export_onnx
 from .frontend import load_model
 from .layers import layer_table
+from .quantize import quantize_input
 from .trainer import HostTrainer, build
 
 __version__ = "0.1.0"
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Adam", "HostTrainer", "InputError", "ModelFormatError", "ModelStructureError", "SGD",
     "SchemeError", "TinyTrainError", "UnsupportedOperatorError", "build", "export_onnx",
-    "layer_table", "load_model", "relay",
+    "layer_table", "load_model", "quantize_input", "relay",
 ]

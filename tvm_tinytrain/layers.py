@@ -13,6 +13,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from relay_passes.int8_ops import qconv_params, qop_name
+
 
 @dataclass
 class Layer:
@@ -56,10 +58,22 @@ def layer_table(mod: tvm.IRModule) -> list[Layer]:
     layers: list[Layer] = []
     for b in bindings:
         call = b.value
-        if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+        if not isinstance(call, relax.Call):
             continue
         weight = None
-        if call.op.name == "relax.nn.conv2d" and call.args[1] in params:
+        qop = qop_name(call)
+        if qop in ("tinytrain_qconv", "tinytrain_qlinear") and call.args[1][1] in params:
+            weight = call.args[1][1]
+            w_shape, out = _shape(weight), _shape(b.var)
+            groups = qconv_params(call).groups
+            if qop == "tinytrain_qlinear":
+                kind, macs = "linear", int(np.prod(out)) * w_shape[1]
+            else:
+                kind = "dwconv" if groups > 1 and w_shape[1] == 1 else "conv"
+                macs = int(np.prod(out)) * int(np.prod(w_shape[1:]))
+        elif not isinstance(call.op, tvm.ir.Op) or qop is not None:
+            continue
+        elif call.op.name == "relax.nn.conv2d" and call.args[1] in params:
             weight = call.args[1]
             w_shape, out = _shape(weight), _shape(b.var)
             groups = int(call.attrs.groups)
@@ -71,7 +85,8 @@ def layer_table(mod: tvm.IRModule) -> list[Layer]:
             kind, macs = "linear", int(np.prod(out)) * w_shape[1]
         if weight is None:
             continue
-        groups = int(call.attrs.groups) if kind != "linear" else 1
+        if qop is None:
+            groups = int(call.attrs.groups) if kind != "linear" else 1
         name = params[weight]
         prefix = name.rsplit(".", 1)[0]
         bias = prefix + ".bias" if prefix + ".bias" in params.values() else None

@@ -65,7 +65,8 @@ class HostTrainer:
         self.executable = tvm.compile(train_mod, target=target)
         self.compile_seconds = time.perf_counter() - t0
         self.vm = relax.VirtualMachine(self.executable, self.device)
-        self._values = {n: tvm.runtime.tensor(np.asarray(params[n], np.float32), self.device)
+        dtypes = {p.name: str(p.ty.dtype) for p in predict.params[1:]}
+        self._values = {n: tvm.runtime.tensor(np.asarray(params[n], dtypes[n]), self.device)
                         for n in self.param_names}
         init = step.attrs["tinytrain.state_init"] if self.state_names else {}
         for name, var in zip(self.state_names,

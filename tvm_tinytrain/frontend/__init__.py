@@ -13,14 +13,19 @@ from .tflite_reader import read_tflite
 
 
 def load_model(
-    path: str | Path, dtype: str = "float32"
+    path: str | Path, dtype: str = "float32", float_classifier: bool = True,
 ) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
-    """Read a float ``.tflite`` or ``.onnx`` model.
+    """Read a ``.tflite`` (float32 or int8) or ``.onnx`` (float, or int8 QDQ) model.
 
     Returns ``(mod, params)``: ``mod["main"](x, *params)`` computes the logits,
     taking ``x`` in the file's own layout (NHWC for TFLite, NCHW for ONNX);
     ``params`` maps readable names (``conv0.weight``, ``linear13.bias``) to arrays.
     ``dtype="float64"`` builds the same graph in double precision (for gradient checks).
+
+    An int8 model becomes a true integer graph (``relay_passes.int8_ops``): it takes
+    int8 input (``quantize_input`` converts float data) and returns float logits.
+    ``float_classifier`` (default, the paper's choice) makes its last fully
+    connected layer float32; ``False`` keeps the file's int8 classifier exactly.
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, not {dtype}")
@@ -29,7 +34,7 @@ def load_model(
         raise ModelFormatError(f"{path}: no such file")
     data = path.read_bytes()
     if len(data) >= 8 and data[4:8] == b"TFL3":
-        return read_tflite(data, str(path), dtype)
+        return read_tflite(data, str(path), dtype, float_classifier)
     if path.suffix.lower() == ".tflite":
         raise ModelFormatError(
             f"{path}: not a TFLite model (no TFL3 identifier); the file may be truncated or "

@@ -19,6 +19,9 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from relay_passes import int8_ops
+from relay_passes.int8_ops import QAddParams, QConvParams, QPoolParams
+
 from ..errors import ModelStructureError, UnsupportedOperatorError
 
 Value = relax.Expr
@@ -44,8 +47,10 @@ class RelaxEmitter:
         self._frame.__enter__()
         self._df = self.bb.dataflow()
         self._df.__enter__()
+        self.qas: dict[str, list[float]] = {}  # int8 parameter → QAS factor per output channel
+        self.input_quant: tuple[float, int] | None = None
         x = self.input
-        if dtype != float_dtype:
+        if dtype != float_dtype and dtype != "int8":
             x = self.bb.emit(R.astype(x, float_dtype))
         if layout == "NHWC" and len(shape) == 4:
             x = self.bb.emit(R.permute_dims(x, [0, 3, 1, 2]))
@@ -56,9 +61,10 @@ class RelaxEmitter:
     def shape(value: Value) -> tuple[int, ...]:
         return tuple(int(d) for d in value.ty.shape)
 
-    def _param(self, name: str, array: np.ndarray) -> relax.Var:
-        array = np.ascontiguousarray(array, dtype=self.float_dtype)
-        var = relax.Var(name, relax.TensorType(array.shape, self.float_dtype))
+    def _param(self, name: str, array: np.ndarray, dtype: str | None = None) -> relax.Var:
+        dtype = dtype or self.float_dtype
+        array = np.ascontiguousarray(array, dtype=dtype)
+        var = relax.Var(name, relax.TensorType(array.shape, dtype))
         self.params[name] = array
         self.param_vars.append(var)
         return var
@@ -107,6 +113,41 @@ class RelaxEmitter:
         b = self._param(f"{prefix}.bias", np.zeros(weight.shape[0]) if bias is None else bias)
         y = self.bb.emit(R.matmul(x, R.permute_dims(w)))
         return self.bb.emit(R.add(y, b))
+
+    # ---- quantized layers (int8 activations, see relay_passes.int8_ops) ----
+    def _qparams(self, prefix: str, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams):
+        c_out = weight.shape[0]
+        w = self._param(f"{prefix}.weight", weight, "int8")
+        b = self._param(f"{prefix}.bias", np.zeros(c_out) if bias is None else bias, "int32")
+        sw = np.asarray(q.sw, np.float64)
+        # QAS (reference.md): weight gradient × s_W⁻², bias gradient × s_W⁻²·s_x⁻²
+        self.qas[w.name] = [float(v) for v in sw ** -2]
+        self.qas[b.name] = [float(v) for v in (sw * q.sx) ** -2]
+        return w, b
+
+    def qconv2d(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams,
+                source: str) -> Value:
+        """int8 conv: ``weight`` OIHW int8 (per-channel scales ``q.sw``), ``bias`` int32."""
+        depthwise = q.groups > 1 and q.groups == self.shape(x)[1] and weight.shape[1] == 1
+        prefix = self._new_layer("dwconv" if depthwise else "conv", source)
+        w, b = self._qparams(prefix, weight, bias, q)
+        return int8_ops.emit_qconv(self.bb, x, w, b, q)
+
+    def qlinear(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams,
+                source: str) -> Value:
+        """int8 fully connected layer: ``weight`` (out, in) int8, ``bias`` int32."""
+        prefix = self._new_layer("linear", source)
+        w, b = self._qparams(prefix, weight, bias, q)
+        return int8_ops.emit_qlinear(self.bb, x, w, b, q)
+
+    def qadd(self, a: Value, b: Value, q: QAddParams) -> Value:
+        return int8_ops.emit_qadd(self.bb, a, b, q)
+
+    def qavg_pool(self, x: Value, q: QPoolParams) -> Value:
+        return int8_ops.emit_qavgpool(self.bb, x, q)
+
+    def dequantize(self, x: Value, scale: float, zero: int) -> Value:
+        return int8_ops.emit_dequantize(self.bb, x, scale, zero)
 
     # ---- elementwise and shape ops ----------------------------------------
     def relu(self, x: Value) -> Value:
@@ -166,5 +207,10 @@ class RelaxEmitter:
         mod = self.bb.get()
         func = mod["main"].with_attr("num_input", 1)
         func = func.with_attr("tinytrain.sources", dict(self.sources))
+        if self.qas:
+            func = func.with_attr("tinytrain.qas", dict(self.qas))
+        if self.input_quant is not None:
+            func = func.with_attr("tinytrain.input_quant", [float(self.input_quant[0]),
+                                                            int(self.input_quant[1])])
         mod["main"] = func
         return mod, self.params

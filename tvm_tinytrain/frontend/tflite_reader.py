@@ -28,7 +28,8 @@ SUPPORTED = [
 ]
 
 
-def read_tflite(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
+def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
+                float_classifier: bool = True) -> tuple:
     try:
         model = tflite.Model.GetRootAsModel(data, 0)
         if model.SubgraphsLength() < 1:
@@ -43,7 +44,13 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
             f"{path}: not a readable TFLite model ({err.__class__.__name__}: {err}); "
             "the file may be truncated"
         )
+    graph = model.Subgraphs(0)
+    quantized = graph.InputsLength() == 1 and graph.Tensors(graph.Inputs(0)).Type() == TensorType.INT8
     try:
+        if quantized:
+            from .tflite_int8 import Int8TfliteReader
+
+            return Int8TfliteReader(model, path, float_dtype, float_classifier).run()
         return _TfliteReader(model, path, float_dtype).run()
     except struct.error as err:  # a flatbuffer read past the end of a cut-off file
         raise ModelFormatError(
@@ -66,6 +73,8 @@ def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[i
 
 
 class _TfliteReader:
+    VALUE_TYPE = TensorType.FLOAT32  # the type of every activation
+
     def __init__(self, model, path: str, float_dtype: str):
         self.model, self.path, self.float_dtype = model, path, float_dtype
         self.graph = model.Subgraphs(0)
@@ -82,7 +91,7 @@ class _TfliteReader:
         if isinstance(raw, int) or raw.size == 0:
             self._unsupported(f"its {what} is computed at run time, not a constant")
         dtype = {TensorType.FLOAT32: np.float32, TensorType.INT32: np.int32,
-                 TensorType.INT64: np.int64}.get(tensor.Type())
+                 TensorType.INT64: np.int64, TensorType.INT8: np.int8}.get(tensor.Type())
         if dtype is None:
             self._unsupported(f"its {what} has type {TYPE_NAMES.get(tensor.Type())}")
         shape = tuple(tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
@@ -114,11 +123,10 @@ class _TfliteReader:
         index = self.graph.Inputs(0)
         tensor = self._tensor(index)
         name = tensor.Name().decode()
-        if tensor.Type() != TensorType.FLOAT32:
+        if tensor.Type() != self.VALUE_TYPE:
             raise ModelStructureError(
-                f"{self.path}: input {name} is {TYPE_NAMES.get(tensor.Type())}; this release "
-                "trains float TFLite models (int8 training comes with the int8 frontend); "
-                "use the float twin of the model"
+                f"{self.path}: input {name} is {TYPE_NAMES.get(tensor.Type())}; tinytrain "
+                "trains float32 and int8 TFLite models; convert the model to one of them"
             )
         shape = [int(d) for d in tensor.ShapeAsNumpy()]
         signature = (
@@ -140,7 +148,7 @@ class _TfliteReader:
 
     def run(self):
         index, name, shape = self._input()
-        self.em = RelaxEmitter(name, shape, self.float_dtype, "NHWC", self.float_dtype, "TFLite")
+        self.em = self._emitter(name, shape)
         self.values[index] = self.em.entry
         self.output = self.graph.Outputs(0)
         for position in range(self.graph.OperatorsLength()):
@@ -153,10 +161,16 @@ class _TfliteReader:
             handler = getattr(self, f"_op_{self.op_name}", None)
             if handler is None:
                 raise UnsupportedOperatorError("TFLite", self.op_name, self.label, SUPPORTED)
-            if out_tensor.Type() != TensorType.FLOAT32:
+            if out_tensor.Type() != self.VALUE_TYPE and self.op_name != "SOFTMAX":
                 self._unsupported(f"output type {TYPE_NAMES.get(out_tensor.Type())}")
             self.values[op.Outputs(0)] = handler(op)
-        return self.em.finish(self._value(self.output))
+        return self.em.finish(self._result(self._value(self.output)))
+
+    def _emitter(self, name: str, shape: tuple[int, ...]) -> RelaxEmitter:
+        return RelaxEmitter(name, shape, self.float_dtype, "NHWC", self.float_dtype, "TFLite")
+
+    def _result(self, value: Value) -> Value:
+        return value
 
     def _unsupported(self, detail: str):
         raise UnsupportedOperatorError("TFLite", self.op_name, self.label, SUPPORTED, detail)

@@ -20,7 +20,7 @@ for _cls in (TinyTrainError, SchemeError):
 
 def TinyTrain(
     scheme="full", loss: str = "cross_entropy", optimizer=None, reorder: bool = True,
-    chunk_bytes: int | None = 16 * 1024,
+    chunk_bytes: int | None = 16 * 1024, qas: bool = True,
 ) -> tvm.transform.Pass:
     """Backbone (``main(x, *params) -> logits``) → ``predict`` + ``train_step``.
 
@@ -31,7 +31,9 @@ def TinyTrain(
     operator reordering (for comparison); frozen inverted bottlenecks whose middle
     tensor is over ``chunk_bytes`` run a few channels at a time (None: never); ``loss`` is
     ``cross_entropy`` (integer label) or ``mse`` (label shaped like the output);
-    ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``.
+    ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``. On an int8
+    backbone, ``qas`` (default) applies Quantization-Aware Scaling to the gradients of
+    the int8 weights and int32 biases; ``qas=False`` trains without it, to compare.
     """
     optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
     check_form(scheme)
@@ -43,6 +45,6 @@ def TinyTrain(
     @tvm.transform.module_pass(opt_level=0, name="TinyTrain")
     def tinytrain(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         trainable = resolve(scheme, layer_table(mod))
-        return TrainingPipeline(trainable, loss, optimizer, reorder, chunk_bytes)(mod)
+        return TrainingPipeline(trainable, loss, optimizer, reorder, chunk_bytes, qas)(mod)
 
     return tinytrain

@@ -1,0 +1,36 @@
+"""Float data → the int8 input an int8 model takes, with the model's own input scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+
+from .errors import InputError
+from .layers import backbone
+
+
+def input_quantization(model) -> tuple[float, int] | None:
+    """(scale, zero point) of an int8 model's input; None for a float model.
+
+    ``model``: the module ``load_model`` or ``TinyTrain`` returned, or a ``HostTrainer``.
+    """
+    func = getattr(model, "predict_function", None)
+    if func is None:
+        if not isinstance(model, tvm.IRModule):
+            raise InputError(f"quantize_input takes the model's IRModule or HostTrainer, not {type(model).__name__}")
+        func = backbone(model)
+    if "tinytrain.input_quant" not in func.attrs:
+        return None
+    scale, zero = func.attrs["tinytrain.input_quant"]
+    return float(scale), int(zero)
+
+
+def quantize_input(model, x_float) -> np.ndarray:
+    """``clip(round(x / scale) + zero, -128, 127)`` as int8, TFLite's quantization of
+    the model's input. Works on any array shape (one sample or a stack)."""
+    quant = input_quantization(model)
+    if quant is None:
+        raise InputError("this model takes float input: pass the data as it is, no quantize_input")
+    x = np.asarray(x_float, np.float32)
+    scale, zero = quant
+    return np.clip(np.round(x / np.float32(scale)) + zero, -128, 127).astype(np.int8)
