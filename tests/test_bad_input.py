@@ -165,6 +165,8 @@ def test_dynamic_batch_is_bound_to_1(tmp_path):
     assert len(tt.layer_table(mod)) == 5 and params
 
 
+# ---- samples and labels handed to a trainer ---------------------------------------
+@pytest.fixture
 def x(small_trainer):
     return np.zeros(small_trainer.input_shape, np.float32)
 
