@@ -24,10 +24,14 @@ attribute ``tinytrain.split`` maps each split weight to k.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import tvm
 from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from . import int8_ops
 
 
 def trainable_slice_name(weight: str, k: int) -> str:
@@ -78,6 +82,9 @@ class _Splitter(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def visit_call_(self, call):
+        if int8_ops.qop_name(call) in ("tinytrain_qconv", "tinytrain_qlinear") \
+                and call.args[1][1] in self.pieces:
+            return self._quantized(call)
         if call.op == tvm.ir.Op.get("relax.nn.conv2d") and call.args[1] in self.pieces:
             return self._conv(call)
         if call.op == tvm.ir.Op.get("relax.matmul") and call.args[1] in self.transposed:
@@ -87,6 +94,31 @@ class _Splitter(PyExprMutator):
             y1 = self.builder_.emit(R.matmul(x, R.permute_dims(f)))
             return R.concat([y0, y1], axis=-1)
         return super().visit_call_(call)
+
+    def _quantized(self, call):
+        """An int8 layer: two kernels, each with its channels' bias and requantization."""
+        t, f, k = self.pieces[call.args[1][1]]
+        x, w, b = (self.visit_expr(call.args[1][i]) for i in range(3))
+        q = int8_ops.qconv_params(call)
+        c_out = int(w.ty.shape[0])
+        b0 = self.builder_.emit(R.strided_slice(b, axes=[0], begin=[0], end=[k]))
+        b1 = self.builder_.emit(R.strided_slice(b, axes=[0], begin=[k], end=[c_out]))
+        q0, q1 = q.channels(0, k), q.channels(k, c_out)
+        if int8_ops.qop_name(call) == "tinytrain_qlinear":
+            y0 = int8_ops.emit_qlinear(self.builder_, x, t, b0, q0)
+            y1 = int8_ops.emit_qlinear(self.builder_, x, f, b1, q1)
+            return R.concat([y0, y1], axis=-1)
+        x0 = x1 = x
+        if q.groups > 1:
+            per_group_out = c_out // q.groups
+            groups_t = k // per_group_out
+            split = groups_t * (int(x.ty.shape[1]) // q.groups)
+            x0 = self.builder_.emit(R.strided_slice(x, axes=[1], begin=[0], end=[split]))
+            x1 = self.builder_.emit(R.strided_slice(x, axes=[1], begin=[split], end=[int(x.ty.shape[1])]))
+            q0, q1 = replace(q0, groups=groups_t), replace(q1, groups=q.groups - groups_t)
+        y0 = int8_ops.emit_qconv(self.builder_, x0, t, b0, q0)
+        y1 = int8_ops.emit_qconv(self.builder_, x1, f, b1, q1)
+        return R.concat([y0, y1], axis=1)
 
     def _conv(self, call):
         t, f, k = self.pieces[call.args[1]]
@@ -128,6 +160,6 @@ class SplitPartialWeights:
         body = splitter.visit_expr(func.body)
         new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
         new = new.with_attr("tinytrain.split", {k: v for k, v in self.channels.items()})
-        out = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
+        out = splitter.builder_.get()  # mod, with the kernels an int8 split added
         out[self.func] = new
         return relax.transform.Normalize()(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import tvm
 
@@ -33,4 +35,11 @@ def quantize_input(model, x_float) -> np.ndarray:
         raise InputError("this model takes float input: pass the data as it is, no quantize_input")
     x = np.asarray(x_float, np.float32)
     scale, zero = quant
-    return np.clip(np.round(x / np.float32(scale)) + zero, -128, 127).astype(np.int8)
+    q = np.clip(np.round(x / np.float32(scale)) + zero, -128, 127).astype(np.int8)
+    if q.size and int(q.max()) - int(q.min()) < 16:
+        lo, hi = (-128 - zero) * scale, (127 - zero) * scale
+        warnings.warn(
+            f"quantize_input: the data spans only {int(q.max()) - int(q.min()) + 1} of the 256 int8 "
+            f"steps; this model expects inputs in [{lo:g}, {hi:g}] (scale {scale:g}, zero point "
+            f"{zero}): rescale the data to that range", stacklevel=2)
+    return q

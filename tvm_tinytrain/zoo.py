@@ -380,3 +380,69 @@ def count_macs(model: onnx.ModelProto) -> int:
             n = b_shape[0] if attrs.get("transB", 0) else b_shape[1]
             total += m * k * n
     return total
+
+
+def quantize_qdq(
+    model: onnx.ModelProto, calibration: np.ndarray | None = None, seed: int = 0
+) -> onnx.ModelProto:
+    """``model`` quantized to int8 in QDQ form, as ``load_model`` imports it as an integer graph.
+
+    onnxruntime's ``quantize_static``: QuantFormat.QDQ, QInt8 activations (asymmetric,
+    MinMax calibration) and QInt8 weights (symmetric, per output channel), the biases
+    int32 at ``s_x·s_w``; Relu / Clip vanish into their producer's output range.
+    ``calibration`` holds the samples to calibrate on, stacked along the batch axis
+    (shape ``(n, C, H, W)`` for a ``(1, C, H, W)`` input); by default 8 standard normal
+    samples drawn with ``seed``. BatchNormalization is folded into the convs first
+    (onnxruntime's ``quant_pre_process``). Needs onnxruntime.
+    """
+    import tempfile
+    from pathlib import Path
+
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as err:
+        raise ImportError(
+            f"quantize_qdq needs onnxruntime's quantization tools ({err}); pip install onnxruntime"
+        ) from err
+
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1:
+        raise ValueError(f"quantize_qdq takes a single-input model; this one has {len(inputs)}")
+    name = inputs[0].name
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+             for d in inputs[0].type.tensor_type.shape.dim]
+    if calibration is None:
+        rng = np.random.default_rng(seed)
+        samples = [rng.standard_normal(shape).astype(np.float32) for _ in range(8)]
+    else:
+        data = np.asarray(calibration, np.float32)
+        if data.ndim == len(shape) - 1:
+            data = data[None]
+        if data.ndim != len(shape) or tuple(data.shape[1:]) != tuple(shape[1:]):
+            raise ValueError(
+                f"calibration has shape {data.shape}; expected (n, {', '.join(map(str, shape[1:]))})"
+            )
+        samples = [data[i:i + 1] for i in range(data.shape[0])]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self._samples = iter(samples)
+
+        def get_next(self):
+            sample = next(self._samples, None)
+            return None if sample is None else {name: sample}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, source)
+        if any(node.op_type == "BatchNormalization" for node in model.graph.node):
+            folded = Path(tmp) / "folded.onnx"
+            quant_pre_process(str(source), str(folded), skip_symbolic_shape=True)
+            source = folded
+        quantize_static(
+            str(source), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        )
+        return onnx.load(str(out))

@@ -41,7 +41,7 @@ def load_model(
             "of another format"
         )
     if path.suffix.lower() == ".onnx" or data[:1] == b"\x08":
-        return read_onnx(data, str(path), dtype)
+        return read_onnx(data, str(path), dtype, float_classifier)
     raise ModelFormatError(
         f"{path}: unknown model format; tinytrain reads .tflite and .onnx files"
     )

@@ -22,7 +22,9 @@ SUPPORTED = [
 ]
 
 
-def read_onnx(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
+def read_onnx(data: bytes, path: str, float_dtype: str = "float32",
+              float_classifier: bool = True) -> tuple:
+    """A float model, or an int8 one in QDQ form (``onnx_qdq``, which ``float_classifier`` is for)."""
     try:
         model = onnx.load_model_from_string(data)
     except Exception as err:  # protobuf raises DecodeError and friends
@@ -32,6 +34,10 @@ def read_onnx(data: bytes, path: str, float_dtype: str = "float32") -> tuple:
         )
     if not model.graph.node:
         raise ModelFormatError(f"{path}: the ONNX file holds no graph (truncated or empty)")
+    from .onnx_qdq import is_quantized, read_onnx_qdq
+
+    if is_quantized(model):
+        return read_onnx_qdq(model, path, float_dtype, float_classifier)
     return _OnnxReader(model, path, float_dtype).run()
 
 
