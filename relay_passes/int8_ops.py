@@ -159,9 +159,15 @@ def _fused_accumulator(func: tirx.PrimFunc) -> tirx.PrimFunc:
     int32 accumulators become one scalar each, never a tensor."""
     sch = s_tir.Schedule(func)
     output = sch.get_sblock("y")
+    depth = len(sch.get_loops(output))
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(block).name_hint != "y":
             sch.compute_at(block, sch.get_loops(output)[-1])
+            loops = sch.get_loops(block)
+            if sch.get(block).init is not None and len(loops) > depth:
+                # the zeroing before the reduction loop, not inside it (which C compilers
+                # take for a maybe-uninitialized read)
+                sch.decompose_reduction(block, loops[depth])
     return sch.mod["main"]
 
 
@@ -390,6 +396,30 @@ def _qconv_weight_grad(q: QConvParams, x, g, w_shape):
                                          rx * sw + kx - pl), axis=[rn, ry, rx]), name="g_w")
 
 
+def _qconv_input_grad(q: QConvParams, g, w, x_shape):
+    """The transposed conv, reading the int8 weight directly (no float copy of it, no
+    dilated and padded copy of the gradient as conv2d_transpose would make)."""
+    n, c, h, wd = x_shape
+    o, i_g, kh, kw = (int(d) for d in w.shape)
+    _, _, oh, ow = (int(d) for d in g.shape)
+    (sh, sw), (pt, pl, _, _) = q.strides, q.padding
+    per_group = o // q.groups
+    ro, ry, rx = te.reduce_axis((0, per_group), "ro"), te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+
+    def term(nn, cc, yy, xx):
+        oc = (cc // i_g) * per_group + ro
+        ty, tx = yy + pt - ry, xx + pl - rx
+        oy, ox = tirx.floordiv(ty, sh), tirx.floordiv(tx, sw)
+        valid = tirx.all(ty >= 0, tx >= 0, tirx.floormod(ty, sh) == 0, tirx.floormod(tx, sw) == 0,
+                         oy < oh, ox < ow)
+        value = g[nn, oc, tirx.max(tirx.min(oy, oh - 1), 0), tirx.max(tirx.min(ox, ow - 1), 0)] \
+            * w[oc, tirx.floormod(cc, i_g), ry, rx].astype("float32")
+        return tirx.Select(valid, value, tirx.const(0.0, "float32"))
+
+    return te.compute((n, c, h, wd), lambda nn, cc, yy, xx: te.sum(term(nn, cc, yy, xx), axis=[ro, ry, rx]),
+                      name="g_x")
+
+
 def _qconv_grad(orig_var, call, output_grad, ctx):
     q = qconv_params(call)
     x, w, b, mult, shift = call.args[1]
@@ -398,14 +428,9 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
     g_w = ctx.emit_te(lambda xt, gt: _qconv_weight_grad(q, xt, gt, w_shape), x, g_acc,
                       primfunc_name_hint="qconv_weight_grad")
     g_b = ctx.emit(R.sum(g_acc, axis=[0, 2, 3]))
-    _, _, in_h, in_w = (int(d) for d in x.ty.shape)
-    _, _, out_h, out_w = (int(d) for d in orig_var.ty.shape)
-    (sh, sw), (pt, pl, pb, pr) = q.strides, q.padding
-    output_padding = (in_h - ((out_h - 1) * sh - pt - pb + w_shape[2]),
-                      in_w - ((out_w - 1) * sw - pl - pr + w_shape[3]))
-    g_x = ctx.emit(R.nn.conv2d_transpose(
-        g_acc, R.astype(w, "float32"), strides=q.strides, padding=q.padding,
-        output_padding=output_padding, groups=q.groups, kernel_layout="IOHW"))
+    x_shape = [int(d) for d in x.ty.shape]
+    g_x = ctx.emit_te(lambda gt, wt: _qconv_input_grad(q, gt, wt, x_shape), g_acc, w,
+                      primfunc_name_hint="qconv_input_grad")
     return ctx.emit(relax.Tuple([g_x, g_w, g_b, R.grad.no_grad(mult), R.grad.no_grad(shift)]))
 
 
@@ -421,7 +446,13 @@ def _qlinear_grad(orig_var, call, output_grad, ctx):
 
     g_w = ctx.emit_te(weight_grad, x, g_acc, primfunc_name_hint="qlinear_weight_grad")
     g_b = ctx.emit(R.sum(g_acc, axis=[0]))
-    g_x = ctx.emit(R.matmul(g_acc, R.astype(w, "float32")))
+
+    def input_grad(gt, wt):
+        r = te.reduce_axis((0, int(wt.shape[0])), "r")
+        return te.compute((int(gt.shape[0]), int(wt.shape[1])), lambda i, k: te.sum(
+            gt[i, r] * wt[r, k].astype("float32"), axis=r), name="g_x")
+
+    g_x = ctx.emit_te(input_grad, g_acc, w, primfunc_name_hint="qlinear_input_grad")
     return ctx.emit(relax.Tuple([g_x, g_w, g_b, R.grad.no_grad(mult), R.grad.no_grad(shift)]))
 
 

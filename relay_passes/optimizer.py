@@ -28,7 +28,7 @@ An integer parameter (a quantized layer's int8 weight or int32 bias) is updated
 in float32 and rounded back, so it stays an integer tensor; its optimizer state
 is float32::
 
-    w_new = R.astype(R.clip(R.round(R.astype(w, "float32") - 0.1 * g), -127, 127), "int8")
+    w_new = R.call_tir(integer_update, (w, 0.1 * g))   # int8(clip(round(w - 0.1 g), -127, 127))
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax import op as R
 
 from .attrs import attr_names
@@ -58,12 +58,13 @@ class SGD:
     def state(self, param: str) -> dict[str, float]:
         return {f"{param}.momentum": 0.0} if self.momentum else {}
 
-    def update(self, bb, w, g, state: list) -> tuple:
-        lr = relax.const(self.lr, w.ty.dtype)
+    def step(self, bb, g, state: list) -> tuple:
+        """The amount to subtract from the parameter, and the new state."""
+        lr = relax.const(self.lr, g.ty.dtype)
         if not self.momentum:
-            return bb.emit(R.subtract(w, R.multiply(lr, g))), []
-        v = bb.emit(R.add(R.multiply(relax.const(self.momentum, w.ty.dtype), state[0]), g))
-        return bb.emit(R.subtract(w, R.multiply(lr, v))), [v]
+            return bb.emit(R.multiply(lr, g)), []
+        v = bb.emit(R.add(R.multiply(relax.const(self.momentum, g.ty.dtype), state[0]), g))
+        return bb.emit(R.multiply(lr, v)), [v]
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,9 @@ class Adam:
         return {f"{param}.adam_m": 0.0, f"{param}.adam_v": 0.0,
                 f"{param}.adam_b1pow": 1.0, f"{param}.adam_b2pow": 1.0}
 
-    def update(self, bb, w, g, state: list) -> tuple:
+    def step(self, bb, g, state: list) -> tuple:
         def c(v):
-            return relax.const(v, w.ty.dtype)
+            return relax.const(v, g.ty.dtype)
 
         m, v, b1pow, b2pow = state
         m = bb.emit(R.add(R.multiply(c(self.beta1), m), R.multiply(c(1 - self.beta1), g)))
@@ -98,7 +99,7 @@ class Adam:
         m_hat = R.divide(m, R.subtract(c(1.0), b1pow))
         v_hat = R.divide(v, R.subtract(c(1.0), b2pow))
         step = R.divide(R.multiply(c(self.lr), m_hat), R.add(R.sqrt(v_hat), c(self.eps)))
-        return bb.emit(R.subtract(w, step)), [m, v, b1pow, b2pow]
+        return bb.emit(step), [m, v, b1pow, b2pow]
 
 
 # an integer parameter's range after an update: int8 weights are symmetric, as TFLite's
@@ -115,14 +116,21 @@ def _state_type(name: str, param: relax.Var) -> relax.TensorType:
     return relax.TensorType(param.ty.shape, _float_dtype(param))
 
 
+def _integer_update(w, delta, lo: float, hi: float):
+    """``clip(round(w − delta))`` in the integer type, one kernel: no float copy of w."""
+    return te.compute(w.shape, lambda *i: tirx.max(tirx.min(
+        tirx.round(w[i].astype("float32") - delta[i]), tirx.const(hi, "float32")),
+        tirx.const(lo, "float32")).astype(w.dtype), name="w_new")
+
+
 def _update(optimizer, bb, w, g, state):
-    """``optimizer.update``, through float32 and back for an integer parameter."""
+    """``w − optimizer.step(...)``; an integer parameter is rounded back to its type."""
+    delta, s_new = optimizer.step(bb, g, state)
     dtype = str(w.ty.dtype)
     if dtype not in INTEGER_RANGE:
-        return optimizer.update(bb, w, g, state)
+        return bb.emit(R.subtract(w, delta)), s_new
     lo, hi = INTEGER_RANGE[dtype]
-    w_new, s_new = optimizer.update(bb, bb.emit(R.astype(w, "float32")), g, state)
-    return bb.emit(R.astype(R.clip(R.round(w_new), lo, hi), dtype)), s_new
+    return bb.emit_te(_integer_update, w, delta, lo, hi, primfunc_name_hint="integer_update"), s_new
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyOptimizer")
@@ -144,7 +152,7 @@ class ApplyOptimizer:
             init.update(names)
             state_vars.append([relax.Var(n, _state_type(n, param)) for n in names])
         flat_state = [v for group in state_vars for v in group]
-        bb = relax.BlockBuilder()
+        bb = relax.BlockBuilder(mod)
         with bb.function(self.name, [x, label, *trainable, *flat_state, *frozen]):
             with bb.dataflow():
                 for binding in adj.body.blocks[0].bindings:
@@ -163,8 +171,8 @@ class ApplyOptimizer:
             "tinytrain.state_init": {k: str(v) for k, v in init.items()},
             "tinytrain.loss": adj.attrs["tinytrain.loss"],
         })
-        keep = {gv: f for gv, f in mod.functions.items()
-                if gv.name_hint not in (self.adjoint, "train_loss")}
+        keep = {gv: f for gv, f in bb.get().functions.items()  # with the kernels update added
+                if gv.name_hint not in (self.adjoint, "train_loss", self.name)}
         out_mod = tvm.IRModule(keep)
         out_mod[self.name] = func
         return out_mod

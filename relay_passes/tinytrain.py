@@ -48,8 +48,10 @@ def TrainingPipeline(
         BuildGradient(),
         *([QuantizationAwareScaling()] if qas else []),
         ApplyOptimizer(optimizer),
+        relax.transform.CanonicalizeBindings(),  # (g_x, g_w)[1] → g_w: an unused g_x dies
         relax.transform.DeadCodeElimination(["predict", "train_step"]),
         PlainTIRCalls,
+        relax.transform.DeadCodeElimination(["predict", "train_step"]),  # unused gradient kernels
     ]
     if reorder:
         passes.append(ReorderForMemory())

@@ -158,7 +158,7 @@ class QdqOnnxReader(_OnnxReader):
                 continue
             self.node, self.label = node, self._label(index, node)
             if node.op_type in QOPERATOR:
-                self._unsupported(f"onnxruntime's QOperator format; {REDO} (QDQ format)")
+                self._unsupported(f"onnxruntime's QOperator format; {REDO}")
             handler = getattr(self, f"_q_{node.op_type}", None)
             if handler is None:
                 self._unsupported(HINTS.get(node.op_type, "no int8 kernel for it"))
@@ -272,15 +272,15 @@ class QdqOnnxReader(_OnnxReader):
         target = np.float32(sx) * sw.astype(np.float32)
         if name in self.qconsts:
             q = self.qconsts[name]
-            if np.any(q.zero != 0):
-                self._unsupported("a bias with a non-zero zero point")
             data = q.data.astype(np.int64).reshape(-1)
             if data.size not in (1, target.size):
                 self._unsupported(f"a bias of {data.size} values for {target.size} channels")
             data = np.broadcast_to(data, target.shape)
+            zero = np.broadcast_to(q.zero.reshape(-1), data.shape)
             scale = np.broadcast_to(q.scale.reshape(-1), data.shape).astype(np.float32)
-            if q.data.dtype == np.int32 and np.allclose(scale, target, rtol=1e-6, atol=0):
+            if q.data.dtype == np.int32 and not zero.any() and np.allclose(scale, target, rtol=1e-6, atol=0):
                 return data
+            data = data - zero
             real = data * scale.astype(np.float64)
         elif name in self.consts:
             real = self.consts[name].astype(np.float64).reshape(-1)
@@ -471,11 +471,19 @@ class QdqOnnxReader(_OnnxReader):
         x = self._qvalue(node.input[0])
         weight, sw = self._weight(node.input[1], 1)
         bias, out, folded = None, node.output[0], []
-        add = self._sole_reader(out)
-        if add is not None and add[1].op_type == "Add":
-            other = [n for n in add[1].input if n != out]
-            if other and (other[0] in self.consts or other[0] in self.qconsts):
-                bias, out, folded = other[0], add[1].output[0], [add[0]]
+        # the bias Add, right after (MatMul → Add) or after a requantization onnxruntime
+        # puts between them (MatMul → Q → DQ → Add, bias int8): read as one layer that
+        # adds the bias at s_x·s_w and skips the intermediate rounding (within one step)
+        path, name = [], out
+        step = self._sole_reader(name)
+        if step is not None and step[1].op_type == "QuantizeLinear":
+            dq = self._sole_reader(step[1].output[0])
+            if dq is not None and dq[1].op_type == "DequantizeLinear":
+                path, name, step = [step[0], dq[0]], dq[1].output[0], self._sole_reader(dq[1].output[0])
+        if step is not None and step[1].op_type == "Add":
+            other = [n for n in step[1].input if n != name]
+            if len(other) == 1 and (other[0] in self.consts or other[0] in self.qconsts):
+                bias, out, folded = other[0], step[1].output[0], [*path, step[0]]
         self._linear(node, x, weight.T, sw, bias, out, folded)
 
     def _q_Add(self, node, index):

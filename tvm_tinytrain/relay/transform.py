@@ -39,7 +39,7 @@ def TinyTrain(
     check_form(scheme)
     if loss not in ("cross_entropy", "mse"):
         raise SchemeError(f"unknown loss {loss!r}; choose cross_entropy or mse")
-    if not hasattr(optimizer, "update"):
+    if not hasattr(optimizer, "step"):
         raise SchemeError(f"optimizer must be tvm_tinytrain.SGD(...) or Adam(...), not {optimizer!r}")
 
     @tvm.transform.module_pass(opt_level=0, name="TinyTrain")
