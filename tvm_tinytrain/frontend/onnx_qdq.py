@@ -112,7 +112,11 @@ def single_rounding(q: QConvParams) -> QConvParams:
     mult, shift = list(q.mult), list(q.shift)
     sx, sy = np.float64(np.float32(q.sx)), np.float64(np.float32(q.sy))
     for c, sw in enumerate(q.sw):
-        real = float(sx * np.float32(sw) / sy)  # as QConvParams derives it
+        import os
+        if os.environ.get("M32"):
+            real = float(np.float32(np.float32(q.sx) * np.float32(sw)) / np.float32(q.sy))
+        else:
+            real = float(sx * np.float32(sw) / sy)  # as QConvParams derives it
         scaled = round(real * (1 << 31))
         if 2.0 ** -12 <= real and scaled < (1 << 31):
             mult[c], shift[c] = scaled, 0

@@ -1,0 +1,461 @@
+"""Transfer accuracy on real data: int8 + QAS vs int8 without QAS vs the float32 twin.
+
+Data: scikit-learn's ``load_digits`` (1,797 greyscale 8x8 digits, values 0..16),
+scaled to [0, 1] (÷16), resized **bilinearly** (half-pixel centres, edge clamp) to
+the model's input size and tiled to 3 channels (NHWC). One fixed split:
+``train_test_split(test_size=0.3, random_state=0, stratify=digit)`` → 1,257
+train / 540 test samples.
+
+Models (``../shared/models``, MLPerf Tiny):
+
+- ``vww``: VWW MobileNetV1-0.25, 96x96x3, 2 classes → a **binary digits task,
+  label = (digit >= 5)**;
+- ``resnet8``: CIFAR-10 ResNet-8, 32x32x3, 10 classes → the 10 digits (label = digit).
+
+The pretrained classifier is kept (not re-initialised); the pretrained classes
+mean nothing for digits, so the accuracy before training is about chance.
+
+Variants, per model and update mode, all built with ``TinyTrain`` and trained
+with the same optimizer, learning rate and number of steps within a row:
+
+- ``int8+QAS``: the int8 ``.tflite`` as a true integer graph (``load_model``'s
+  default float32 classifier), Quantization-Aware Scaling on (``qas=True``);
+- ``int8 no-QAS``: the same graph, ``qas=False``;
+- ``float32``: the float twin ``.tflite`` (the reference), float input.
+
+Update modes: ``last-layer`` (the classifier), ``bias-only`` (every bias and the
+classifier), ``sparse`` (a paper-style sparse scheme, see ``SPARSE``; its extra
+SRAM over inference is under 100 KB) and ``full``.
+
+Training: batch 1, cross-entropy, SGD with momentum 0.9 (the paper's optimizer),
+a fixed number of steps per (model, mode) (``STEPS``) over the training set in an
+order shuffled by the seed (one permutation per epoch), learning rate ``LR``.
+Seeds 0, 1, 2 → mean ± std (population std, ddof=0) of top-1 test accuracy.
+
+Each (model, mode, variant) is compiled once (``tt.build``); between seeds the
+trainer's parameters and optimizer state are reset to the values it was built
+with (``HostTrainer`` has no reset method: ``reset`` below rewrites its value
+table from a snapshot taken right after the build).
+
+Memory: ``tvm_tinytrain.memory_report`` plans each (model, mode) training step
+(int8 with QAS, and float32). Columns: the train-step SRAM (arena + trainable
+copies + optimizer state), the trainable parameters + optimizer state, and the
+*extra SRAM over inference* = train-step SRAM − the ``predict`` arena (weights
+stay in flash for inference). The sparse schemes were chosen so that this
+*extra SRAM over inference* (int8, momentum state included) is under 100 KB.
+QAS adds only per-channel constant multiplies: its plan has the same bytes as
+``qas=False`` (checked on VWW), so the int8 figure stands for both int8 variants.
+
+    python benchmarks/accuracy.py [--quick] [--out benchmarks/results]
+
+writes ``accuracy.md``, ``accuracy.json`` and ``accuracy.png`` into ``--out``.
+``--quick`` is a smoke run (1 seed, few steps, a test subset, no memory plans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+KB = 1024
+MOMENTUM = 0.9
+VARIANTS = ("int8+QAS", "int8 no-QAS", "float32")
+MODES = ("last-layer", "bias-only", "sparse", "full")
+
+MODELS = {
+    "vww": {
+        "label": "VWW MobileNetV1-0.25 (96x96, digits: >=5 vs <5)",
+        "int8": "vww_96_int8.tflite",
+        "float": "vww_96_float.tflite",
+        "size": 96,
+        "task": "binary",
+    },
+    "resnet8": {
+        "label": "ResNet-8 CIFAR-10 (32x32, 10 digits)",
+        "int8": "resnet8_cifar10_int8.tflite",
+        "float": "resnet8_cifar10_float.tflite",
+        "size": 32,
+        "task": "digits",
+    },
+}
+
+# Paper-style sparse schemes (biases of the last k layers, a fraction of the output
+# channels of late conv weights, the classifier), picked so that the int8 training
+# step's SRAM beyond the inference arena (arena growth + trainable copies + momentum)
+# stays under 100 KB.
+SPARSE = {
+    "vww": {"bias": {"last": 8}, "weights": {"26": 0.125}, "classifier": True},
+    "resnet8": {"bias": {"last": 4}, "weights": {"7": 0.125}, "classifier": True},
+}
+
+# Learning rate per (model, mode), the same for all three variants of a row.
+LR = {
+    "vww": {"last-layer": 0.01, "bias-only": 0.01, "sparse": 0.01, "full": 0.01},
+    "resnet8": {"last-layer": 0.01, "bias-only": 0.01, "sparse": 0.01, "full": 0.01},
+}
+
+# Training steps per (model, mode) (batch 1): the same for all variants of a row.
+STEPS = {
+    "vww": {"last-layer": 600, "bias-only": 600, "sparse": 600, "full": 600},
+    "resnet8": {"last-layer": 600, "bias-only": 600, "sparse": 600, "full": 600},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Test accuracy of on-device transfer learning on sklearn digits: int8 + QAS vs "
+        "int8 without QAS vs the float32 twin, for last-layer / bias-only / sparse / full updates, "
+        "with the planned SRAM of each training step.",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="directory for accuracy.md, accuracy.json, accuracy.png "
+                        "(default benchmarks/results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 seed, 40 steps, 60 test samples, no memory plans")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)} (default all)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {','.join(MODES)} (default all)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps for every row (default: the per-row STEPS table)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate for every row (default: the per-row LR table)")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="evaluate on the first N test samples only (default all)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory plans")
+    parser.add_argument("--threads", type=int, default=1, help="TVM_NUM_THREADS (default 1)")
+    args = parser.parse_args(argv)
+
+    def subset(text: str, allowed, what: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [s for s in items if s not in allowed]
+        if unknown or not items:
+            parser.error(f"--{what}: choose from {', '.join(allowed)} (got {text!r})")
+        return items
+
+    args.models = subset(args.models, MODELS, "models")
+    args.modes = subset(args.modes, MODES, "modes")
+    args.variants = subset(args.variants, VARIANTS, "variants")
+    if args.quick:
+        args.seeds = 1 if args.seeds == 3 else args.seeds
+        args.steps = args.steps or 40
+        args.test_limit = args.test_limit or 60
+        args.no_memory = True
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- data ---------------------------------------------------------------------------------
+def bilinear(images, size: int):
+    """(N, h, w) → (N, size, size), bilinear with half-pixel centres and edge clamp."""
+    import numpy as np
+
+    n, h, w = images.shape
+
+    def axis(src: int):
+        pos = np.clip((np.arange(size) + 0.5) * src / size - 0.5, 0, src - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, src - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    y0, y1, fy = axis(h)
+    x0, x1, fx = axis(w)
+    top = images[:, y0][:, :, x0] * (1 - fx) + images[:, y0][:, :, x1] * fx
+    bottom = images[:, y1][:, :, x0] * (1 - fx) + images[:, y1][:, :, x1] * fx
+    return (top * (1 - fy[:, None]) + bottom * fy[:, None]).astype(np.float32)
+
+
+def load_data(size: int, task: str):
+    """Float NHWC in [0, 1] at ``size``, 3 channels; labels per task; the fixed split."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 16.0
+    x = np.repeat(bilinear(images, size)[..., None], 3, axis=-1)
+    y = digits.target.astype(np.int64)
+    labels = (y >= 5).astype(np.int64) if task == "binary" else y
+    x_tr, x_te, y_tr, y_te = train_test_split(x, labels, test_size=0.3, random_state=0, stratify=y)
+    return x_tr, y_tr, x_te, y_te
+
+
+# ---- training -----------------------------------------------------------------------------
+def snapshot(trainer) -> dict:
+    return {n: v.numpy().copy() for n, v in trainer._values.items()}
+
+
+def reset(trainer, snap: dict) -> None:
+    """Put back the parameters and optimizer state the trainer was built with."""
+    import tvm
+
+    trainer._values = {n: tvm.runtime.tensor(v.copy(), trainer.device) for n, v in snap.items()}
+
+
+def changed_fraction(before: dict, after: dict, trainable: list[str]) -> float | None:
+    """Fraction of the trainable integer weight values (int8) that differ after training."""
+    import numpy as np
+
+    total = changed = 0
+    for name in trainable:
+        if name not in before or before[name].dtype != np.int8:
+            continue
+        total += before[name].size
+        changed += int(np.count_nonzero(before[name] != after[name]))
+    return changed / total if total else None
+
+
+def train_run(trainer, x_tr, y_tr, x_te, y_te, steps: int, seed: int, label: str) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(y_tr)) for _ in range(-(-steps // len(y_tr)))])[:steps]
+    t0 = time.perf_counter()
+    losses = []
+    for i, j in enumerate(order, 1):
+        losses.append(trainer.step(x_tr[j], y_tr[j]))
+        if i % max(1, steps // 4) == 0 or i == steps:
+            log(f"  {label} seed {seed}: step {i}/{steps}, mean loss of the last "
+                f"{min(len(losses), steps // 4 or 1)} {np.mean(losses[-(steps // 4 or 1):]):.3f}")
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    acc = trainer.evaluate(x_te, y_te)
+    finite = bool(np.all(np.isfinite(losses)))
+    return {"seed": seed, "accuracy": acc, "train_seconds": train_s,
+            "eval_seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:])),
+            "finite_losses": finite}
+
+
+def plan(train_mod) -> dict:
+    from tvm_tinytrain.memory_report import memory_report, plan_predict
+
+    report = memory_report(train_mod, compare_tvm=False)
+    inference = plan_predict(report.lowered).plan.arena_bytes
+    return {
+        "train_sram_bytes": report.total_sram_bytes,
+        "arena_bytes": report.arena_bytes,
+        "trainable_bytes": report.trainable_bytes,
+        "optimizer_state_bytes": report.state_bytes,
+        "inference_arena_bytes": inference,
+        "extra_over_inference_bytes": report.total_sram_bytes - inference,
+        "flash_bytes": report.flash_bytes,
+    }
+
+
+def run(args) -> dict:
+    import numpy as np
+
+    import tvm_tinytrain as tt
+    from tvm_tinytrain.relay.transform import TinyTrain
+
+    rows = []
+    befores = {}
+    for key in args.models:
+        spec = MODELS[key]
+        x_tr, y_tr, x_te, y_te = load_data(spec["size"], spec["task"])
+        if args.test_limit:
+            x_te, y_te = x_te[:args.test_limit], y_te[:args.test_limit]
+        log(f"{key}: {len(y_tr)} train / {len(y_te)} test samples at {spec['size']}x{spec['size']}x3, "
+            f"{len(np.unique(y_tr))} classes")
+        loaded = {}
+        for kind in ("int8", "float"):
+            path = SHARED_MODELS / spec[kind]
+            if not path.is_file():
+                raise SystemExit(f"{path} is missing (see ../shared/models/README.md)")
+            loaded[kind] = tt.load_model(str(path))
+        inputs = {
+            "int8": (tt.quantize_input(loaded["int8"][0], x_tr), tt.quantize_input(loaded["int8"][0], x_te)),
+            "float": (x_tr, x_te),
+        }
+        for mode in args.modes:
+            scheme = SPARSE[key] if mode == "sparse" else mode
+            lr = args.lr if args.lr is not None else LR[key][mode]
+            steps = args.steps if args.steps is not None else STEPS[key][mode]
+            memory = {}
+            for variant in args.variants:
+                kind = "float" if variant == "float32" else "int8"
+                mod, params = loaded[kind]
+                label = f"{key}/{mode}/{variant}"
+                t0 = time.perf_counter()
+                train_mod = TinyTrain(scheme, optimizer=tt.SGD(lr=lr, momentum=MOMENTUM),
+                                      qas=(variant != "int8 no-QAS"))(mod)
+                trainer = tt.build(train_mod, params)
+                log(f"{label}: compiled in {time.perf_counter() - t0:.1f} s "
+                    f"({len(trainer.trainable)} trainable tensors, lr {lr}, {steps} steps)")
+                if not args.no_memory and variant in ("int8+QAS", "float32"):
+                    t0 = time.perf_counter()
+                    memory[kind] = plan(train_mod)
+                    m = memory[kind]
+                    log(f"{label}: planned train-step SRAM {m['train_sram_bytes'] / KB:.1f} KB, extra over "
+                        f"inference {m['extra_over_inference_bytes'] / KB:.1f} KB ({time.perf_counter() - t0:.1f} s)")
+                snap = snapshot(trainer)
+                xs_tr, xs_te = inputs[kind]
+                if (key, variant) not in befores:
+                    t0 = time.perf_counter()
+                    befores[(key, variant)] = trainer.evaluate(xs_te, y_te)
+                    log(f"{label}: accuracy before training {befores[(key, variant)]:.4f} "
+                        f"({time.perf_counter() - t0:.1f} s)")
+                runs = []
+                for seed in range(args.seeds):
+                    reset(trainer, snap)
+                    result = train_run(trainer, xs_tr, y_tr, xs_te, y_te, steps, seed, label)
+                    result["int8_weights_changed"] = changed_fraction(
+                        {n: snap[n] for n in trainer.trainable if n in snap},
+                        {n: trainer._values[n].numpy() for n in trainer.trainable},
+                        trainer.trainable)
+                    runs.append(result)
+                    log(f"{label} seed {seed}: test accuracy {result['accuracy']:.4f} "
+                        f"(train {result['train_seconds']:.1f} s, eval {result['eval_seconds']:.1f} s)")
+                accs = np.array([r["accuracy"] for r in runs])
+                changed = [r["int8_weights_changed"] for r in runs if r["int8_weights_changed"] is not None]
+                rows.append({
+                    "model": key, "mode": mode, "variant": variant, "scheme": scheme, "lr": lr,
+                    "steps": steps, "before": befores[(key, variant)],
+                    "mean": float(accs.mean()), "std": float(accs.std()), "runs": runs,
+                    "int8_weights_changed": float(np.mean(changed)) if changed else None,
+                    "trainable": list(trainer.trainable),
+                })
+                del trainer
+            for row in rows:
+                if row["model"] == key and row["mode"] == mode:
+                    kind = "float" if row["variant"] == "float32" else "int8"
+                    row["memory"] = memory.get(kind)
+    return {"rows": rows}
+
+
+# ---- report -------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _kb(row: dict, field: str) -> str:
+    m = row.get("memory")
+    return "-" if not m else f"{m[field] / KB:,.1f}"
+
+
+def markdown(result: dict, args, wall: float) -> str:
+    rows = result["rows"]
+    lines = [
+        "# Transfer accuracy on sklearn digits: int8 + QAS vs int8 without QAS vs float32",
+        "",
+        "Data: `sklearn.datasets.load_digits` (8x8, 0..16 → ÷16 to [0, 1]), resized **bilinearly** "
+        "to the model's input and tiled to 3 channels; `train_test_split(test_size=0.3, "
+        "random_state=0, stratify=digit)` → 1,257 train / 540 test"
+        + (f" (evaluated on the first {args.test_limit} only)" if args.test_limit else "")
+        + ". VWW (2 classes): **label = digit >= 5**. ResNet-8 (10 classes): label = digit. "
+        "Pretrained classifier kept (not re-initialised).",
+        "",
+        f"Training: batch 1, cross-entropy, SGD momentum {MOMENTUM}, the same lr and steps for the "
+        f"three variants of a (model, mode); the seed shuffles the training order. Accuracy: top-1 on "
+        f"the test split, % mean ± std over {args.seeds} seed(s). int8 variants: the int8 .tflite as an "
+        "integer graph with a float32 classifier (`load_model` default); float32: the float twin.",
+        "",
+        "SRAM columns (planned by `tvm_tinytrain.memory_report`, int8 figures for int8 rows, float32 for "
+        "float rows): *train SRAM* = arena + trainable copies + momentum; *params+state* = trainable "
+        "copies + momentum; *extra* = train SRAM − the inference (`predict`) arena. The sparse schemes "
+        "bound **extra (int8) < 100 KB**.",
+        "",
+        "| model | mode | variant | lr | steps | before % | after % (mean ± std) | Δ vs float32 "
+        "| int8 weights changed | train SRAM KB | params+state KB | extra over inference KB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    ref = {(r["model"], r["mode"]): r["mean"] for r in rows if r["variant"] == "float32"}
+    for r in rows:
+        delta = "-"
+        if r["variant"] != "float32" and (r["model"], r["mode"]) in ref:
+            delta = f"{100 * (r['mean'] - ref[(r['model'], r['mode'])]):+.1f}"
+        changed = "-" if r["int8_weights_changed"] is None else f"{100 * r['int8_weights_changed']:.2f}%"
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['variant']} | {r['lr']:g} | {r['steps']} | "
+            f"{_pct(r['before'])} | {_pct(r['mean'])} ± {_pct(r['std'])} | {delta} | {changed} | "
+            f"{_kb(r, 'train_sram_bytes')} | "
+            + ("-" if not r.get("memory") else
+               f"{(r['memory']['trainable_bytes'] + r['memory']['optimizer_state_bytes']) / KB:,.1f}")
+            + f" | {_kb(r, 'extra_over_inference_bytes')} |"
+        )
+    lines += ["", "Sparse schemes (layer numbers: `tt.layer_table`):", ""]
+    for key in args.models:
+        lines.append(f"- {key}: `{json.dumps(SPARSE[key])}`")
+    lines += [
+        "",
+        "*int8 weights changed*: share of the trainable int8 weight values (classifier excluded: it is "
+        "float32) that differ from the pretrained ones after training, mean over seeds "
+        "(`-`: no int8 weight trains).",
+        "",
+        f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`".rstrip() + f"; wall time "
+        f"{wall / 60:.1f} min, TVM_NUM_THREADS={args.threads}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    models = [m for m in args.models if any(r["model"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), dpi=100, squeeze=False)
+    colors = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
+    width = 0.8 / len(args.variants)
+    for ax, key in zip(axes[0], models):
+        for i, variant in enumerate(args.variants):
+            got = [next((r for r in rows if r["model"] == key and r["mode"] == m and r["variant"] == variant),
+                        None) for m in args.modes]
+            xs = [k + (i - (len(args.variants) - 1) / 2) * width for k in range(len(args.modes))]
+            ax.bar(xs, [100 * r["mean"] if r else 0 for r in got], width * 0.95,
+                   yerr=[100 * r["std"] if r else 0 for r in got], capsize=3,
+                   color=colors[variant], label=variant)
+            before = next((r["before"] for r in rows if r["model"] == key and r["variant"] == variant), None)
+            if before is not None:
+                ax.axhline(100 * before, color=colors[variant], linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(args.modes)), args.modes)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(MODELS[key]["label"], fontsize=9)
+        ax.legend(fontsize="small", loc="lower right", title="dotted: before training",
+                  title_fontsize="x-small")
+    fig.suptitle(f"On-device transfer to sklearn digits (mean ± std over {args.seeds} seed(s))", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before anything imports tvm
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    start = time.perf_counter()
+    result = run(args)
+    wall = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = markdown(result, args, wall)
+    (args.out / "accuracy.md").write_text(text)
+    meta = {"argv": sys.argv[1:], "wall_seconds": wall, "threads": args.threads, "momentum": MOMENTUM,
+            "seeds": args.seeds, "test_limit": args.test_limit, "sparse_schemes": SPARSE,
+            "resize": "bilinear, half-pixel centres", "vww_label": "digit >= 5"}
+    (args.out / "accuracy.json").write_text(json.dumps({**meta, **result}, indent=2, default=str) + "\n")
+    plot(result, args, args.out / "accuracy.png")
+    print(text, end="")
+    log(f"wrote {args.out / 'accuracy.md'}, accuracy.json and accuracy.png in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

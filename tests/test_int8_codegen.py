@@ -1,0 +1,83 @@
+"""The int8 training step through the C path: host C vs TVM's host build, QEMU vs host C,
+and the VWW sparse update inside 256 KB of SRAM on the emulated Cortex-M7."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require_tools, shared_model
+
+import tvm_tinytrain as tt
+from tvm_tinytrain import micro
+
+# the paper's style: biases of the last layers, a few late layers' weights in part, classifier
+VWW_SCHEME = {"bias": {"last": 6}, "weights": {"22": 0.5, "23": 0.25, "26": 0.5}, "classifier": True}
+STEPS = 4
+
+
+def _samples():
+    rng = np.random.default_rng(0)
+    return rng.integers(-128, 128, (STEPS, 1, 96, 96, 3)).astype(np.int8), rng.integers(0, 2, STEPS)
+
+
+@pytest.fixture(scope="module")
+def vww(tmp_path_factory):
+    mod, params = tt.load_model(shared_model("vww_96_int8.tflite"))
+    train_mod = tt.relay.transform.TinyTrain(VWW_SCHEME, optimizer=tt.SGD(lr=0.01))(mod)
+    artifact = tt.build(train_mod, params, target="c", budget="256KB")
+    ref = tt.build(train_mod, params)
+    xs, ys = _samples()
+    losses = [ref.step(x, y) for x, y in zip(xs, ys)]
+    return artifact, ref, np.array(losses, np.float32), tmp_path_factory.mktemp("vww")
+
+
+def _run(project):
+    xs, ys = _samples()
+    with project.session() as dev:
+        losses = np.array([dev.train_step(x, y) for x, y in zip(xs, ys)], np.float32)
+        return losses, dev.params(), dev.predict(xs[0]), dev.last_cost, dev.stack()
+
+
+@pytest.fixture(scope="module")
+def host_run(vww):
+    require_tools("gcc", "make")
+    artifact, _, _, root = vww
+    project = micro.create_project(artifact, "host", root / "host")
+    project.build()
+    return _run(project)
+
+
+def test_int8_host_c_matches_tvm_host_build(vww, host_run):
+    _, ref, ref_losses, _ = vww
+    losses, params, logits, _, _ = host_run
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    ours = {n: ref._values[n].numpy() for n in params}  # split weights as the device holds them
+    for name, value in params.items():
+        if value.dtype == np.float32:
+            np.testing.assert_allclose(value, ours[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:  # int8 weights, int32 biases: the same integers
+            assert value.dtype == ours[name].dtype and np.array_equal(value, ours[name]), name
+    np.testing.assert_allclose(logits, ref.predict(_samples()[0][0]), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_weights_stay_int8_in_c(vww, host_run):
+    _, _, _, _ = vww
+    params = host_run[1]
+    assert params["conv26.weight[:128]"].dtype == np.int8 and params["conv26.bias"].dtype == np.int32
+    assert params["linear27.weight"].dtype == np.float32
+
+
+def test_vww_sparse_update_fits_256kb_on_qemu_bit_identical_to_host(vww, host_run):
+    require_tools("arm-none-eabi-gcc", "qemu-system-arm", "make")
+    artifact, _, _, root = vww
+    project = micro.create_project(artifact, "qemu_cortex_m7", root / "qemu", {"ram_kb": "256"})
+    project.build()  # links: the whole step fits a 256 KB RAM region
+    ram = project.static_ram()
+    assert ram["arena"] == artifact.metadata["memory"]["arena_bytes"]
+    losses, params, logits, instructions, (high_water, _) = _run(project)
+    np.testing.assert_array_equal(losses, host_run[0])
+    for name, value in params.items():
+        np.testing.assert_array_equal(value, host_run[1][name], err_msg=name)
+    np.testing.assert_array_equal(logits, host_run[2])
+    assert ram["data"] + ram["bss"] + high_water <= 256 * 1024
+    assert instructions > 1e6
