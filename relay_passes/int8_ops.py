@@ -35,6 +35,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 GRAD_PREFIX = "tvm.relax.te_grad._register."
 QOPS = ("tinytrain_qconv", "tinytrain_qlinear", "tinytrain_qadd", "tinytrain_qavgpool",
         "tinytrain_dequantize")
+WEIGHT_GRADS = ("tinytrain_qconv_weight_grad", "tinytrain_qlinear_weight_grad")  # tagged, for fusion
 
 
 # ---- TFLite's fixed-point arithmetic --------------------------------------------
@@ -154,7 +155,7 @@ def _conv_out(size: int, k: int, stride: int, before: int, after: int) -> int:
     return (size + before + after - k) // stride + 1
 
 
-def _fused_accumulator(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def fused_accumulator(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Move every block that feeds the output block ``y`` under y's innermost loop: the
     int32 accumulators become one scalar each, never a tensor."""
     sch = s_tir.Schedule(func)
@@ -171,18 +172,42 @@ def _fused_accumulator(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def _emit_kernel(bb: relax.BlockBuilder, te_func, args: list, grad: str, kwargs: dict,
-                 schedule=None, name: str = "") -> relax.Var:
-    """``te_func(*tensors)`` as a PrimFunc in the module, called with a gradient."""
+def make_kernel(te_func, args: list, schedule=None) -> tuple[tirx.PrimFunc, relax.TensorType]:
+    """``te_func`` over placeholders shaped like the Relax ``args``, as a PrimFunc."""
     placeholders = [te.placeholder([int(d) for d in a.ty.shape], str(a.ty.dtype), f"in{i}")
                     for i, a in enumerate(args)]
     out = te_func(*placeholders)
     func = te.create_prim_func([*placeholders, out]).without_attr("global_symbol")
     if schedule is not None:
         func = schedule(func)
+    return func, relax.TensorType([int(d) for d in out.shape], out.dtype)
+
+
+def _emit_kernel(bb: relax.BlockBuilder, te_func, args: list, grad: str, kwargs: dict,
+                 schedule=None, name: str = "") -> relax.Var:
+    """``te_func(*tensors)`` as a PrimFunc in the module, called with a gradient."""
+    func, out_ty = make_kernel(te_func, args, schedule)
     gv = bb.add_func(func, name or grad.removeprefix("tinytrain_"))
-    out_ty = relax.TensorType([int(d) for d in out.shape], out.dtype)
     return bb.emit(relax.call_tir_with_grad(gv, args, out_ty, grad, kwargs))
+
+
+def emit_tagged_kernel(bb: relax.BlockBuilder, te_func, args: list, tag: str, kwargs: dict) -> relax.Var:
+    """A plain ``call_tir`` whose PrimFunc carries ``tinytrain.kernel`` (the tag) and
+    ``tinytrain.kwargs``: what FuseWeightUpdate reads (Gradient turns the calls it emits
+    into plain ``call_tir``, so the tag lives on the kernel)."""
+    func, out_ty = make_kernel(te_func, args)
+    func = func.with_attrs({"tinytrain.kernel": tag, "tinytrain.kwargs": kwargs})
+    gv = bb.add_func(func, tag.removeprefix("tinytrain_"))
+    return bb.emit(relax.call_tir(gv, args, out_ty))
+
+
+def kernel_tag(mod: tvm.IRModule, value) -> tuple[str | None, dict]:
+    """(tag, kwargs) of a ``call_tir`` to a kernel made by :func:`emit_tagged_kernel`."""
+    if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
+        attrs = mod[value.args[0]].attrs
+        if attrs is not None and "tinytrain.kernel" in attrs:
+            return str(attrs["tinytrain.kernel"]), {str(k): v for k, v in attrs["tinytrain.kwargs"].items()}
+    return None, {}
 
 
 def _channel_consts(q: QConvParams) -> list[relax.Constant]:
@@ -219,7 +244,7 @@ def qconv_te(q: QConvParams, x, w, b, mult, shift):
 def emit_qconv(bb, x, w, b, q: QConvParams) -> relax.Var:
     """``y = requant(conv2d(x − zx, w) + b)``: x NCHW int8, w OIHW int8, b int32."""
     return _emit_kernel(bb, lambda *t: qconv_te(q, *t), [x, w, b, *_channel_consts(q)],
-                        "tinytrain_qconv", q.kwargs(), _fused_accumulator)
+                        "tinytrain_qconv", q.kwargs(), fused_accumulator)
 
 
 def qlinear_te(q: QConvParams, x, w, b, mult, shift):
@@ -236,7 +261,7 @@ def qlinear_te(q: QConvParams, x, w, b, mult, shift):
 def emit_qlinear(bb, x, w, b, q: QConvParams) -> relax.Var:
     """``y = requant(x·wᵀ + b)``: x (N, K) int8, w (O, K) int8, b int32."""
     return _emit_kernel(bb, lambda *t: qlinear_te(q, *t), [x, w, b, *_channel_consts(q)],
-                        "tinytrain_qlinear", q.kwargs(), _fused_accumulator)
+                        "tinytrain_qlinear", q.kwargs(), fused_accumulator)
 
 
 @dataclass(frozen=True)
@@ -283,7 +308,7 @@ def qadd_te(q: QAddParams, a, b):
 
 def emit_qadd(bb, a, b, q: QAddParams) -> relax.Var:
     return _emit_kernel(bb, lambda *t: qadd_te(q, *t), [a, b], "tinytrain_qadd", q.kwargs(),
-                        _fused_accumulator)
+                        fused_accumulator)
 
 
 @dataclass(frozen=True)
@@ -350,7 +375,7 @@ def qavgpool_te(q: QPoolParams, x):
 
 def emit_qavgpool(bb, x, q: QPoolParams) -> relax.Var:
     return _emit_kernel(bb, lambda t: qavgpool_te(q, t), [x], "tinytrain_qavgpool", q.kwargs(),
-                        _fused_accumulator)
+                        fused_accumulator)
 
 
 def emit_dequantize(bb, x, scale: float, zero: int) -> relax.Var:
@@ -420,13 +445,19 @@ def _qconv_input_grad(q: QConvParams, g, w, x_shape):
                       name="g_x")
 
 
+def _qlinear_weight_grad(q: QConvParams, x, g):
+    r = te.reduce_axis((0, int(x.shape[0])), "r")
+    return te.compute((int(g.shape[1]), int(x.shape[1])), lambda o, k: te.sum(
+        g[r, o] * (x[r, k].astype("float32") - tirx.const(q.zx, "float32")), axis=r), name="g_w")
+
+
 def _qconv_grad(orig_var, call, output_grad, ctx):
     q = qconv_params(call)
     x, w, b, mult, shift = call.args[1]
     g_acc = _grad_through_clamp(ctx, orig_var, output_grad, _f32(q.real_multiplier), q.lo, q.hi, 1)
     w_shape = [int(d) for d in w.ty.shape]
-    g_w = ctx.emit_te(lambda xt, gt: _qconv_weight_grad(q, xt, gt, w_shape), x, g_acc,
-                      primfunc_name_hint="qconv_weight_grad")
+    g_w = emit_tagged_kernel(ctx, lambda xt, gt: _qconv_weight_grad(q, xt, gt, w_shape), [x, g_acc],
+                             "tinytrain_qconv_weight_grad", q.kwargs())
     g_b = ctx.emit(R.sum(g_acc, axis=[0, 2, 3]))
     x_shape = [int(d) for d in x.ty.shape]
     g_x = ctx.emit_te(lambda gt, wt: _qconv_input_grad(q, gt, wt, x_shape), g_acc, w,
@@ -439,12 +470,8 @@ def _qlinear_grad(orig_var, call, output_grad, ctx):
     x, w, b, mult, shift = call.args[1]
     g_acc = _grad_through_clamp(ctx, orig_var, output_grad, _f32(q.real_multiplier), q.lo, q.hi, 1)
 
-    def weight_grad(xt, gt):
-        r = te.reduce_axis((0, int(xt.shape[0])), "r")
-        return te.compute((int(gt.shape[1]), int(xt.shape[1])), lambda o, k: te.sum(
-            gt[r, o] * (xt[r, k].astype("float32") - tirx.const(q.zx, "float32")), axis=r), name="g_w")
-
-    g_w = ctx.emit_te(weight_grad, x, g_acc, primfunc_name_hint="qlinear_weight_grad")
+    g_w = emit_tagged_kernel(ctx, lambda xt, gt: _qlinear_weight_grad(q, xt, gt), [x, g_acc],
+                             "tinytrain_qlinear_weight_grad", q.kwargs())
     g_b = ctx.emit(R.sum(g_acc, axis=[0]))
 
     def input_grad(gt, wt):
@@ -498,6 +525,22 @@ for _name, _handler in [("tinytrain_qconv", _qconv_grad), ("tinytrain_qlinear", 
                         ("tinytrain_qadd", _qadd_grad), ("tinytrain_qavgpool", _qavgpool_grad),
                         ("tinytrain_dequantize", _dequantize_grad)]:
     tvm_ffi.register_global_func(GRAD_PREFIX + _name, _handler, override=True)
+
+
+def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, hi: float):
+    """``clip(round(w − factor[o]·∂L/∂w))`` in w's integer type, the gradient summed into one
+    scalar per weight: the weight gradient never exists as a tensor (the paper's in-place
+    update). ``kind`` is the weight gradient's tag."""
+    if kind == "tinytrain_qconv_weight_grad":
+        grad = _qconv_weight_grad(q, x, g, [int(d) for d in w.shape])
+    else:
+        grad = _qlinear_weight_grad(q, x, g)
+
+    def body(*i):
+        new = tirx.round(w[i].astype("float32") - factor[i[0]] * grad[i])
+        return tirx.max(tirx.min(new, tirx.const(hi, "float32")), tirx.const(lo, "float32")).astype(w.dtype)
+
+    return te.compute(w.shape, body, name="y")
 
 
 # ---- after differentiation --------------------------------------------------------

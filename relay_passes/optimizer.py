@@ -40,6 +40,7 @@ from tvm import relax, te, tirx
 from tvm.relax import op as R
 
 from .attrs import attr_names
+from .int8_ops import emit_tagged_kernel
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def _update(optimizer, bb, w, g, state):
     if dtype not in INTEGER_RANGE:
         return bb.emit(R.subtract(w, delta)), s_new
     lo, hi = INTEGER_RANGE[dtype]
-    return bb.emit_te(_integer_update, w, delta, lo, hi, primfunc_name_hint="integer_update"), s_new
+    return emit_tagged_kernel(bb, lambda wt, dt: _integer_update(wt, dt, lo, hi), [w, delta],
+                              "tinytrain_integer_update", {"lo": lo, "hi": hi}), s_new
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyOptimizer")

@@ -160,6 +160,9 @@ class SplitPartialWeights:
         body = splitter.visit_expr(func.body)
         new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
         new = new.with_attr("tinytrain.split", {k: v for k, v in self.channels.items()})
-        out = splitter.builder_.get()  # mod, with the kernels an int8 split added
+        out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        for gv, kernel in splitter.builder_.get().functions.items():  # the kernels an int8 split added
+            if isinstance(kernel, tvm.tirx.PrimFunc) and gv.name_hint not in [g.name_hint for g in out.functions]:
+                out[gv] = kernel
         out[self.func] = new
         return relax.transform.Normalize()(out)

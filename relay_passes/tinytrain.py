@@ -18,6 +18,7 @@ from tvm import relax
 
 from .append_loss import AppendLoss
 from .chunk_bottlenecks import ChunkBottlenecks
+from .fuse_update import FuseWeightUpdate
 from .gradient import BuildGradient
 from .int8_ops import PlainTIRCalls
 from .optimizer import ApplyOptimizer
@@ -50,6 +51,7 @@ def TrainingPipeline(
         ApplyOptimizer(optimizer),
         relax.transform.CanonicalizeBindings(),  # (g_x, g_w)[1] → g_w: an unused g_x dies
         relax.transform.DeadCodeElimination(["predict", "train_step"]),
+        FuseWeightUpdate(),
         PlainTIRCalls,
         relax.transform.DeadCodeElimination(["predict", "train_step"]),  # unused gradient kernels
     ]

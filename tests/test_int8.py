@@ -348,3 +348,26 @@ def test_qas_fine_tunes_int8_better_than_without(shared_model):
         trainer.fit(train_x, train_y, epochs=1, seed=0)
         accuracy[qas] = trainer.evaluate(test_x, test_y)
     assert accuracy[True] > accuracy[False] + 0.1, accuracy
+
+
+def test_fused_weight_update_equals_gradient_then_update(tiny):
+    """SGD on int8 weights sums each weight's gradient straight into its update
+    (FuseWeightUpdate): the result is the rounded step of the tested gradient."""
+    net, mod, _, grads = tiny
+    lr = 0.5
+    step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=lr))(net.module())
+    kernels = {gv.name_hint for gv in step.get_global_vars()}
+    assert any(name.startswith("qconv_weight_update") for name in kernels)
+    assert not any(name.startswith("qconv_weight_grad") for name in kernels)  # fused away
+    trainer = tt.build(step, {k: np.asarray(v) for k, v in net.params.items()})
+    trainer.step(net.x, net.label)
+    after = trainer.params()
+    qas = {k: np.asarray(list(v)) for k, v in mod["predict"].attrs["tinytrain.qas"].items()}
+    for name in ("conv0.weight", "dwconv1.weight", "conv2.weight", "linear3.weight"):
+        factor = qas[name].reshape(-1, *[1] * (grads[name].ndim - 1))
+        expected = np.clip(np.round(net.params[name] - lr * factor * grads[name]), -127, 127)
+        differ = after[name].astype(int) != expected.astype(int)
+        assert after[name].dtype == np.int8
+        assert differ.mean() <= 0.02, name  # a tie rounded the other way by summation order
+        assert np.abs(after[name].astype(int) - expected).max() <= 1, name
+        assert not np.array_equal(after[name], net.params[name]), name

@@ -14,14 +14,22 @@ import tvm_tinytrain as tt
 from relay_passes.int8_ops import PlainTIRCalls
 from tvm_tinytrain import zoo
 from tvm_tinytrain.layers import layer_table
+from tvm_tinytrain.quantize import input_quantization
 
 # TIR simplification passes that take ~40 s on MobileNetV2's ~60 int8 kernels and
 # change nothing the kernels compute (the full pipeline gives the same results)
 SLOW_PASSES = ["tirx.RemoveNoOp", "s_tir.HoistIfThenElse", "s_tir.StmtSimplify", "tirx.StmtSimplify"]
 
-MODELS = {  # name → (float model, skip the slow passes)
-    "small_cnn": (lambda: zoo.small_cnn(num_classes=10, input_hw=(8, 8)), False),
-    "mobilenet_v2": (lambda: zoo.mobilenet_v2(width_mult=0.35, resolution=32), True),
+# name → (float model, skip the slow passes, share of logits within one output step)
+MODELS = {
+    "small_cnn": (lambda: zoo.small_cnn(num_classes=10, input_hw=(8, 8)), False, 0.99),
+    # 0.95, not 0.99: onnxruntime's float32 requantization now and then rounds a value
+    # within ~1e-5 of a tie the other way than exact arithmetic (1 inference in 10 has one
+    # such activation; at each of the 10 seen in 100 inputs ours was the exact rounding),
+    # and this random-weight network can amplify that one step to several in the logits.
+    # The logits are bit-identical on 99 of 100 inputs; seed 0 holds the other one
+    # (7 of its 10 logits off by more than a step: 193/200 within one step).
+    "mobilenet_v2": (lambda: zoo.mobilenet_v2(width_mult=0.35, resolution=32), True, 0.95),
 }
 
 
@@ -44,7 +52,7 @@ def _output_quant(model: onnx.ModelProto) -> tuple[float, int]:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_qdq_forward_matches_onnxruntime(name, tmp_path):
-    build, fast = MODELS[name]
+    build, fast, share = MODELS[name]
     float_model = build()
     qdq = zoo.quantize_qdq(float_model)
     path = _save(qdq, tmp_path / f"{name}_int8.onnx")
@@ -59,7 +67,7 @@ def test_qdq_forward_matches_onnxruntime(name, tmp_path):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     scale, _ = _output_quant(qdq)
     rng = np.random.default_rng(0)
-    within, total, top1 = 0, 0, 0
+    within, total, top1, identical = 0, 0, 0, 0
     for _ in range(20):
         x = rng.standard_normal(session.get_inputs()[0].shape).astype(np.float32)
         ref = session.run(None, {"input": x})[0]
@@ -68,7 +76,9 @@ def test_qdq_forward_matches_onnxruntime(name, tmp_path):
         within += int(np.sum(steps <= 1))
         total += steps.size
         top1 += int(np.argmax(ours) == np.argmax(ref))
-    assert within / total >= 0.99
+        identical += int(np.all(steps == 0))
+    assert within / total >= share
+    assert identical >= 18
     assert top1 == 20
 
 
@@ -132,3 +142,23 @@ def test_uint8_activations_are_refused(tmp_path):
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     with pytest.raises(tt.UnsupportedOperatorError, match="uint8.*QuantType.QInt8"):
         tt.load_model(out)
+
+
+ZOO_128 = {  # the arguments benchmarks/memory.py uses
+    "mobilenet_v2": lambda: zoo.mobilenet_v2(width_mult=0.35, resolution=128),
+    "proxyless_nas": lambda: zoo.proxyless_nas(width_mult=0.3, resolution=128),
+    "mcunet_like": lambda: zoo.mcunet_like(resolution=128),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_128))
+def test_int8_zoo_models_import_with_the_float_layers(name, tmp_path):
+    float_model = ZOO_128[name]()
+    float_mod, _ = tt.load_model(_save(float_model, tmp_path / f"{name}.onnx"))
+    mod, params = tt.load_model(_save(zoo.quantize_qdq(float_model), tmp_path / f"{name}_int8.onnx"))
+    assert str(mod["main"].params[0].ty.dtype) == "int8"
+    assert input_quantization(mod) is not None
+    rows = lambda m: [(la.kind, la.weight_shape, la.output_shape, la.macs) for la in layer_table(m)]  # noqa: E731
+    assert rows(mod) == rows(float_mod)
+    layers = layer_table(mod)
+    assert all(params[la.weight].dtype == np.int8 for la in layers[:-1])

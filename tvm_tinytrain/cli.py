@@ -21,6 +21,13 @@ EPILOG = """examples:
 """
 
 
+def _int8_options(parser) -> None:
+    parser.add_argument("--no-qas", action="store_true",
+                        help="int8 models: train without Quantization-Aware Scaling (to compare)")
+    parser.add_argument("--int8-classifier", action="store_true",
+                        help="int8 models: keep the last layer int8 (default: float32, as the paper)")
+
+
 def _cmd_summary(args) -> int:
     from .frontend import load_model
     from .layers import format_table, layer_table
@@ -50,8 +57,8 @@ def _cmd_memory(args) -> int:
     from .memory_report import memory_report
     from .relay.transform import TinyTrain
 
-    mod, _ = load_model(args.model)
-    train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder)(mod)
+    mod, _ = load_model(args.model, float_classifier=not args.int8_classifier)
+    train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder, qas=not args.no_qas)(mod)
     report = memory_report(train_mod, compare_tvm=not args.no_tvm)
     if args.plot:
         report.plan.plot_png(args.plot, f"{args.model} — scheme {args.scheme}")
@@ -70,8 +77,9 @@ def _cmd_compile(args) -> int:
     from .relay.transform import TinyTrain
     from .trainer import build
 
-    mod, params = load_model(args.model)
-    train_mod = TinyTrain(scheme=args.scheme, loss=args.loss, optimizer=_optimizer(args))(mod)
+    mod, params = load_model(args.model, float_classifier=not args.int8_classifier)
+    train_mod = TinyTrain(scheme=args.scheme, loss=args.loss, optimizer=_optimizer(args),
+                          qas=not args.no_qas)(mod)
     artifact = build(train_mod, params, target="c", budget=args.budget, model=args.model)
     path = artifact.export(args.output)
     mem = artifact.metadata["memory"]
@@ -138,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--scheme", default="full",
                    help="full, last-layer, bias-only, last-k:N or a .json scheme (default full)")
     m.add_argument("--no-reorder", action="store_true", help="keep all updates at the end")
+    _int8_options(m)
     m.add_argument("--no-tvm", action="store_true", help="skip TVM's own planner figure")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.add_argument("--plot", metavar="FILE", help="write a PNG of live bytes per kernel")
@@ -155,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     c.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    _int8_options(c)
     c.set_defaults(run=_cmd_compile)
     cp = sub.add_parser("create-project", help="make a buildable project from an artifact and a template",
                         description="Copy a template of microtvm_projects (host, qemu_cortex_m7) with the "

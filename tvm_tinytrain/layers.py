@@ -112,5 +112,7 @@ def format_table(layers: list[Layer], params: dict[str, np.ndarray] | None = Non
     rows.append(f"{len(layers)} layers, {total:,} MACs")
     if params is not None:
         n = sum(int(v.size) for v in params.values())
-        rows[-1] += f", {n:,} parameters ({n * 4 / 1024:.1f} KB float32)"
+        size = sum(int(np.asarray(v).nbytes) for v in params.values())
+        kinds = "/".join(sorted({str(np.asarray(v).dtype) for v in params.values()}))
+        rows[-1] += f", {n:,} parameters ({size / 1024:.1f} KB, {kinds})"
     return "\n".join(rows)

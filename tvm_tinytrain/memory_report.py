@@ -103,10 +103,16 @@ class MemoryReport:
         return "\n".join(lines + self.notes)
 
 
-def _elementwise(mod: tvm.IRModule, func: str) -> bool:
-    prim = mod[func]
-    attrs = prim.attrs
-    return attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) <= ELEMENTWISE
+def elementwise_inputs(mod: tvm.IRModule, k: Kernel) -> list[str]:
+    """The inputs of which each output element reads only the same element: all inputs of an
+    elementwise op; those a kernel names in ``tinytrain.elementwise_in`` (the parameter an
+    int8 update overwrites, relay_passes.fuse_update). Only these may share the output's bytes."""
+    attrs = mod[k.func].attrs
+    if attrs is not None and "tinytrain.elementwise_in" in attrs:
+        return [k.inputs[int(i)] for i in attrs["tinytrain.elementwise_in"]]
+    if attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) <= ELEMENTWISE:
+        return list(k.inputs)
+    return []
 
 
 def _last_use(ks: list[Kernel]) -> dict[str, int]:
@@ -129,8 +135,9 @@ def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor]
                 continue
             last = end if out in outputs else last_use.get(out, k.index)
             reuse = k.inplace.get(out)
-            if reuse is None and len(k.outputs) == 1 and _elementwise(lowered, k.func):
-                same = [i for i in k.inputs if i in producer and tensors[i].nbytes >= tensors[out].nbytes]
+            if reuse is None and len(k.outputs) == 1:
+                same = [i for i in elementwise_inputs(lowered, k)
+                        if i in producer and tensors[i].nbytes >= tensors[out].nbytes]
                 reuse = same[0] if same else None
             buffers.append(Buffer(out, tensors[out].nbytes, k.index, last, kind, reuse))
         if k.scratch:

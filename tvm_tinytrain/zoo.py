@@ -399,8 +399,7 @@ def quantize_qdq(
     from pathlib import Path
 
     try:
-        from onnxruntime.quantization import (
-            CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as err:
         raise ImportError(

@@ -122,12 +122,12 @@ def _flash_symbol(name: str) -> str:
 
 def _check_in_place(lowered: tvm.IRModule, fn: LoweredFunction) -> None:
     """An update written over its parameter must be elementwise: it reads each element it overwrites."""
-    from ..memory_report import _elementwise
+    from ..memory_report import elementwise_inputs
 
     producer = {out: k for k in fn.kernels for out in k.outputs}
     for new, old in fn.in_place.items():
         k = producer[new]
-        if old in k.inputs and not _elementwise(lowered, k.func):
+        if old in k.inputs and old not in elementwise_inputs(lowered, k):
             raise AssertionError(f"update {new} would overwrite {old} while kernel {k.func} still reads it")
 
 

@@ -1,0 +1,103 @@
+"""FuseWeightUpdate: an int8 layer's weight gradient summed straight into its update.
+
+With plain SGD the update of an int8 weight needs each gradient element once,
+so the gradient is accumulated per weight in a register and applied at once:
+the float32 weight gradient (4× the weight, the largest tensor of a sparse
+int8 step) never exists. Momentum and Adam keep state from the gradient, so
+their updates are left as they are.
+
+Before (QAS on, lr 0.01)::
+
+    g = R.call_tir(qconv_weight_grad, (x, g_acc))      # kernel tagged tinytrain_qconv_weight_grad
+    gq = R.multiply(g, qas)                             # (O, 1, 1, 1) per-channel factor
+    d = R.multiply(R.const(0.01), gq)
+    w_new = R.call_tir(integer_update, (w, d))         # kernel tagged tinytrain_integer_update
+
+After::
+
+    w_new = R.call_tir(qconv_weight_update, (x, g_acc, w, R.const(0.01 * qas)))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .int8_ops import (WEIGHT_GRADS, QConvParams, fused_accumulator, fused_weight_update, kernel_tag,
+                       make_kernel)
+
+_MULTIPLY = tvm.ir.Op.get("relax.multiply")
+
+
+def _constant_and_other(call):
+    """(constant array, the other operand) of ``multiply(const, v)`` or ``multiply(v, const)``."""
+    if not (isinstance(call, relax.Call) and call.op == _MULTIPLY):
+        return None
+    a, b = call.args
+    for const, other in ((a, b), (b, a)):
+        if isinstance(const, tvm.ir.expr.Constant):  # GenericConst: .value is a number or tensor
+            value = const.value
+            return np.asarray(value.numpy() if hasattr(value, "numpy") else value, np.float64), other
+    return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseWeightUpdate")
+class FuseWeightUpdate:
+    def __init__(self, func: str = "train_step"):
+        self.func = func
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        func = mod[self.func]
+        bindings = list(func.body.blocks[0].bindings)
+        value = {b.var: b.value for b in bindings}
+        uses: dict = {}
+        for b in bindings:
+            for v in relax.analysis.free_vars(b.value):
+                uses[v] = uses.get(v, 0) + 1
+        for v in relax.analysis.free_vars(func.body.body):
+            uses[v] = uses.get(v, 0) + 1
+        def tag(v):
+            return kernel_tag(mod, v)[0]
+
+        fused = {}
+        for b in bindings:
+            if tag(b.value) != "tinytrain_integer_update":
+                continue
+            w, step = b.value.args[1]
+            factor, chain = np.ones(()), step
+            while chain in value and uses.get(chain, 0) == 1 and tag(value[chain]) not in WEIGHT_GRADS:
+                split = _constant_and_other(value[chain])
+                if split is None:
+                    break
+                factor, chain = factor * split[0], split[1]
+            if chain not in value or uses.get(chain, 0) != 1 or tag(value[chain]) not in WEIGHT_GRADS:
+                continue
+            grad = value[chain]
+            fused[b.var] = (grad, w, factor.reshape(-1) if factor.ndim else factor, kernel_tag(mod, b.value)[1],
+                            kernel_tag(mod, grad))
+        if not fused:
+            return mod
+        bb = relax.BlockBuilder(mod)
+        new_bindings = []
+        for b in bindings:
+            if b.var in fused:
+                grad, w, factor, kw, (kind, grad_kw) = fused[b.var]
+                x, g = grad.args[1]
+                q = QConvParams.from_kwargs(grad_kw)
+                factor = relax.const(np.broadcast_to(np.asarray(factor, np.float32),
+                                                     (int(w.ty.shape[0]),)).copy())
+                lo, hi = float(kw["lo"]), float(kw["hi"])
+                kernel, out_ty = make_kernel(
+                    lambda *t, kind=kind, q=q, lo=lo, hi=hi: fused_weight_update(kind, q, *t, lo, hi),
+                    [x, g, w, factor], fused_accumulator)
+                # element i of the new weight reads element i of the old one only: it may be
+                # written over the parameter (the C path's in-place update checks this attribute)
+                kernel = kernel.with_attr("tinytrain.elementwise_in", [2])
+                gv = bb.add_func(kernel, kind.replace("tinytrain_", "").replace("_grad", "_update"))
+                b = relax.VarBinding(b.var, relax.call_tir(gv, [x, g, w, factor], out_ty))
+            new_bindings.append(b)
+        out = bb.get()
+        body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], func.body.body)
+        out[self.func] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+        return relax.transform.DeadCodeElimination([self.func, "predict"])(relax.transform.Normalize()(out))
