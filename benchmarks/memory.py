@@ -16,16 +16,22 @@ Total SRAM = the planned arena (activations, gradients, scratch) + the
 trainable parameters (SRAM copies; SGD keeps no optimizer state). Flash = the
 frozen parameters and constants. The TVM column is TVM's own
 ``StaticPlanBlockMemory`` figure for the same lowered step. Every plan is
-checked with ``check_no_overlap``. Our figures are float32 and planned; the
-paper's (Fig. 10a) are int8, measured on the board, so only the ratios compare.
+checked with ``check_no_overlap``. ``--dtype int8`` (the default) plans the int8
+networks (the zoo's float ONNX quantized by ``zoo.quantize_qdq``, the MLPerf Tiny
+``*_int8.tflite``), the paper's setting (Fig. 10a: int8, measured on the board);
+``--dtype float32`` the float ones. ``--qemu`` also builds the sparse+reorder step
+of each zoo network as C for the emulated Cortex-M7 and measures it there: static
+RAM from the linker, the painted stack's high-water mark, and instructions per
+training step (``-icount``).
 
 Networks: ``tvm_tinytrain.zoo``'s MobileNetV2-w0.35, ProxylessNAS-w0.3 and
 MCUNet-like at ``--resolution``, and the MLPerf Tiny float models in
 ``../shared/models`` (fixed resolutions; skipped with a note when missing).
 
-    python benchmarks/memory.py [--out benchmarks/results] [--networks mobilenet_v2,vww]
+    python benchmarks/memory.py [--dtype int8] [--qemu] [--out benchmarks/results]
+                                [--networks mobilenet_v2,vww]
 
-writes ``memory.md``, ``memory.json`` and ``memory.png`` (total SRAM per network
+writes ``memory_int8.md`` (``memory.md`` for float32), ``.json`` and ``.png`` (total SRAM per network
 and setting, log scale) into ``--out`` and prints the markdown to stdout.
 """
 
@@ -61,7 +67,7 @@ PAPER_FIG10A = {
 class Network:
     key: str
     label: str
-    source: str  # "zoo" or a file name in SHARED_MODELS
+    source: str  # "zoo" or a file name in SHARED_MODELS (float; "_float" → "_int8" for int8)
     extra_settings: tuple[str, ...] = ()
 
 
@@ -87,13 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=ROOT / "benchmarks" / "results",
-        help="directory for memory.md, memory.json and memory.png (default benchmarks/results)",
+        help="directory for the markdown, JSON and PNG results (default benchmarks/results)",
     )
     parser.add_argument(
         "--networks",
         default=",".join(NETWORKS),
         help=f"comma-separated subset of {','.join(NETWORKS)} (default all)",
     )
+    parser.add_argument("--dtype", choices=["int8", "float32"], default="int8",
+                        help="plan the int8 networks (default, as the paper) or the float32 ones")
+    parser.add_argument("--qemu", action="store_true",
+                        help="also measure the zoo networks' sparse+reorder step on the emulated Cortex-M7")
     parser.add_argument(
         "--resolution",
         type=int,
@@ -156,8 +166,8 @@ def paper_style_scheme(layers: list) -> dict:
     }
 
 
-def load_network(net: Network, resolution: int, tmp: Path):
-    """``(mod, layers, resolution)``, or None when a shared model file is missing."""
+def load_network(net: Network, resolution: int, tmp: Path, dtype: str = "float32"):
+    """``(mod, params, layers, resolution)``, or None when a shared model file is missing."""
     import tvm_tinytrain
     from tvm_tinytrain.layers import backbone
 
@@ -171,26 +181,33 @@ def load_network(net: Network, resolution: int, tmp: Path):
             "proxyless_nas": lambda: zoo.proxyless_nas(width_mult=0.3, resolution=resolution),
             "mcunet_like": lambda: zoo.mcunet_like(resolution=resolution),
         }
-        path = tmp / f"{net.key}.onnx"
-        onnx.save(builders[net.key](), path)
+        model = builders[net.key]()
+        if dtype == "int8":
+            model = zoo.quantize_qdq(model)
+        path = tmp / f"{net.key}_{dtype}.onnx"
+        onnx.save(model, path)
     else:
-        path = SHARED_MODELS / net.source
+        path = SHARED_MODELS / (net.source.replace("_float", "_int8") if dtype == "int8" else net.source)
         if not path.is_file():
             return None
-    mod, _params = tvm_tinytrain.load_model(str(path))
+    mod, params = tvm_tinytrain.load_model(str(path))
     shape = [int(d) for d in backbone(mod).params[0].ty.shape]  # NCHW or NHWC, batch 1
-    return mod, tvm_tinytrain.layer_table(mod), max(shape[1:])
+    return mod, params, tvm_tinytrain.layer_table(mod), max(shape[1:])
 
 
-def measure(mod, scheme, reorder: bool) -> dict:
-    """Build the training step, plan it, check the plan; the figures of the report."""
+def training_step(mod, scheme, reorder: bool):
     import tvm_tinytrain
-    from tvm_tinytrain.memory_report import memory_report
 
-    train_mod = tvm_tinytrain.relay.transform.TinyTrain(
+    return tvm_tinytrain.relay.transform.TinyTrain(
         scheme, optimizer=tvm_tinytrain.SGD(lr=LR), reorder=reorder
     )(mod)
-    report = memory_report(train_mod)
+
+
+def measure(mod, scheme, reorder: bool, compare_tvm: bool = True) -> dict:
+    """Build the training step, plan it, check the plan; the figures of the report."""
+    from tvm_tinytrain.memory_report import memory_report
+
+    report = memory_report(training_step(mod, scheme, reorder), compare_tvm=compare_tvm)
     report.plan.check_no_overlap()
     return {
         "total_sram_bytes": report.total_sram_bytes,
@@ -204,13 +221,46 @@ def measure(mod, scheme, reorder: bool) -> dict:
     }
 
 
-def run_network(net: Network, resolution: int, tmp: Path) -> tuple[dict | None, list[dict]]:
+def measure_on_qemu(mod, params, scheme, tmp: Path) -> dict:
+    """The sparse+reorder step as C on the emulated Cortex-M7: linker RAM, stack, instructions."""
+    import numpy as np
+
+    import tvm_tinytrain
+    from tvm_tinytrain import micro
+
+    train_mod = training_step(mod, scheme, True)
+    artifact = tvm_tinytrain.build(train_mod, params, target="c")
+    planned = artifact.metadata["memory"]["planned_sram_bytes"]
+    ram_kb = max(320, -(-planned // KB) + 64)
+    project = micro.create_project(artifact, "qemu_cortex_m7", tmp / "qemu",
+                                   {"ram_kb": str(ram_kb), "flash_kb": "4096"})
+    project.build()
+    static = project.static_ram()
+    shape = [int(d) for d in train_mod["predict"].params[0].ty.shape]
+    dtype = str(train_mod["predict"].params[0].ty.dtype)
+    x = np.random.default_rng(0).integers(-128, 128, shape).astype(dtype)
+    with project.session() as dev:
+        dev.train_step(x, 1)
+        instructions = dev.last_cost
+        high_water, _ = dev.stack()
+    return {
+        "qemu_planned_bytes": planned,
+        "qemu_measured_bytes": static["data"] + static["bss"] + high_water,
+        "qemu_arena_bytes": static["arena"],
+        "qemu_stack_bytes": high_water,
+        "qemu_instructions_per_step": int(instructions),
+        "qemu_ms_at_216mhz_1ipc": instructions / 216e3,
+    }
+
+
+def run_network(net: Network, resolution: int, tmp: Path, dtype: str = "int8",
+                qemu: bool = False) -> tuple[dict | None, list[dict]]:
     """The network's summary (None when skipped) and one row per setting."""
     start = time.perf_counter()
-    loaded = load_network(net, resolution, tmp)
+    loaded = load_network(net, resolution, tmp, dtype)
     if loaded is None:
         return None, []
-    mod, layers, input_hw = loaded
+    mod, params, layers, input_hw = loaded
     sparse = paper_style_scheme(layers)
     _progress(f"{net.label}: {len(layers)} layers, sparse scheme {json.dumps(sparse)}")
     schemes = {"full": "full", "sparse": sparse, "bias-only": "bias-only"}
@@ -218,8 +268,11 @@ def run_network(net: Network, resolution: int, tmp: Path) -> tuple[dict | None, 
     for setting in ("full", "sparse", "sparse+reorder", *net.extra_settings):
         base, _, reorder = setting.partition("+")
         row = {"network": net.key, "label": net.label, "setting": setting, "reorder": bool(reorder)}
-        row.update(measure(mod, schemes[base], bool(reorder)))
+        row.update(measure(mod, schemes[base], bool(reorder), compare_tvm=dtype == "float32"))
         row["paper_kb"] = PAPER_FIG10A.get(net.key, {}).get(setting)
+        if qemu and net.source == "zoo" and setting == "sparse+reorder":
+            _progress(f"{net.label}: building the sparse+reorder step for QEMU ...")
+            row.update(measure_on_qemu(mod, params, sparse, tmp))
         rows.append(row)
     full = rows[0]["total_sram_bytes"]
     for row in rows:
@@ -239,15 +292,15 @@ def _kb(n: int | None) -> str:
     return "-" if n is None else f"{n / KB:,.1f}"
 
 
-def markdown(rows: list[dict], networks: list[dict], skipped: list[str]) -> str:
+def markdown(rows: list[dict], networks: list[dict], skipped: list[str], dtype: str = "int8") -> str:
     lines = [
-        "# Training-step memory: full vs sparse update vs sparse update + reordering",
+        f"# Training-step memory ({dtype}): full vs sparse update vs sparse update + reordering",
         "",
-        "Batch 1, cross-entropy, SGD (no optimizer state). **Ours: float32, planned** by "
-        "`tvm_tinytrain.memory_report` (int8 comes later). **Paper: int8, measured** on the board "
-        "(TinyTraining, Fig. 10a). Compare ratios, not absolute sizes.",
+        f"Batch 1, cross-entropy, SGD (no optimizer state). **Ours: {dtype}, planned** by "
+        "`tvm_tinytrain.memory_report` (int8: int8 activations and weights, int32 biases, float32 "
+        "classifier and gradients). **Paper: int8, measured** on the board (TinyTraining, Fig. 10a).",
         "",
-        "| network | setting | ours: total SRAM KB (float32, planned; arena + trainable) | arena KB "
+        f"| network | setting | ours: total SRAM KB ({dtype}, planned; arena + trainable) | arena KB "
         "| trainable KB | flash KB | TVM StaticPlanBlockMemory KB | full / this (ours) "
         "| paper Fig. 10a KB (int8, measured) | full / this (paper) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -279,6 +332,21 @@ def markdown(rows: list[dict], networks: list[dict], skipped: list[str]) -> str:
             f"- {net['label']} ({net['layers']} layers, {net['resolution']}x{net['resolution']}): "
             f"`{json.dumps(net['sparse_scheme'])}`"
         )
+    measured = [r for r in rows if "qemu_measured_bytes" in r]
+    if measured:
+        lines += ["", "Measured on the emulated Cortex-M7 (qemu-system-arm mps2-an500, the sparse+reorder "
+                  "step as C, one step, `-icount shift=0`):", "",
+                  "| network | planned SRAM KB | measured KB (.data + .bss + stack high-water) "
+                  "| linker arena KB "
+                  "| instructions / step | ms at 216 MHz, 1 instr/cycle | paper KB | paper ms (Fig. 10c) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        paper_ms = {"mobilenet_v2": 373, "proxyless_nas": 443, "mcunet_like": 546}
+        for r in measured:
+            lines.append(
+                f"| {r['label']} | {_kb(r['qemu_planned_bytes'])} | {_kb(r['qemu_measured_bytes'])} "
+                f"| {_kb(r['qemu_arena_bytes'])} | {r['qemu_instructions_per_step']:,} "
+                f"| {r['qemu_ms_at_216mhz_1ipc']:,.0f} | {r['paper_kb'] or '-'} "
+                f"| {paper_ms.get(r['network'], '-')} |")
     notes = sorted({f"{r['label']} {r['setting']}: {n}" for r in rows for n in r["notes"]})
     if notes or skipped:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes + skipped]
@@ -315,7 +383,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(bottom=lowest / 2)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("total SRAM, KB (log)")
-    ax.set_title("Training-step SRAM (ours: float32, planned; arena + trainable)")
+    ax.set_title(f"Training-step SRAM (ours: {rows[0].get('dtype', 'float32')}, planned; arena + trainable)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -334,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.networks:
             net = NETWORKS[key]
             _progress(f"{net.label}: building and planning ...")
-            summary, net_rows = run_network(net, args.resolution, Path(tmp))
+            summary, net_rows = run_network(net, args.resolution, Path(tmp), args.dtype, args.qemu)
+            for row in net_rows:
+                row["dtype"] = args.dtype
             if summary is None:
                 note = f"{net.label} skipped: {SHARED_MODELS / net.source} is missing"
                 _progress(note)
@@ -343,11 +413,12 @@ def main(argv: list[str] | None = None) -> int:
             networks.append(summary)
             rows.extend(net_rows)
 
-    text = markdown(rows, networks, skipped)
+    text = markdown(rows, networks, skipped, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.md").write_text(text)
+    stem = "memory" if args.dtype == "float32" else f"memory_{args.dtype}"
+    (args.out / f"{stem}.md").write_text(text)
     result = {
-        "dtype": "float32",
+        "dtype": args.dtype,
         "batch": 1,
         "optimizer": f"SGD(lr={LR})",
         "zoo_resolution": args.resolution,
@@ -356,11 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "skipped": skipped,
     }
-    (args.out / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     if rows:
-        plot(rows, args.out / "memory.png")
+        plot(rows, args.out / f"{stem}.png")
     print(text, end="")
-    _progress(f"wrote {args.out / 'memory.md'}, memory.json and memory.png")
+    _progress(f"wrote {args.out / stem}.md, .json and .png")
     return 0
 
 

@@ -24,8 +24,14 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .int8_ops import (WEIGHT_GRADS, QConvParams, fused_accumulator, fused_weight_update, kernel_tag,
-                       make_kernel)
+from .int8_ops import (
+    WEIGHT_GRADS,
+    QConvParams,
+    fused_accumulator,
+    fused_weight_update,
+    kernel_tag,
+    make_kernel,
+)
 
 _MULTIPLY = tvm.ir.Op.get("relax.multiply")
 
@@ -74,8 +80,8 @@ class FuseWeightUpdate:
             if chain not in value or uses.get(chain, 0) != 1 or tag(value[chain]) not in WEIGHT_GRADS:
                 continue
             grad = value[chain]
-            fused[b.var] = (grad, w, factor.reshape(-1) if factor.ndim else factor, kernel_tag(mod, b.value)[1],
-                            kernel_tag(mod, grad))
+            factor = factor.reshape(-1) if factor.ndim else factor
+            fused[b.var] = (grad, w, factor, kernel_tag(mod, b.value)[1], kernel_tag(mod, grad))
         if not fused:
             return mod
         bb = relax.BlockBuilder(mod)

@@ -59,15 +59,23 @@ def _i64(v) -> tirx.PrimExpr:
 
 def multiply_by_quantized_multiplier(x, mult, shift) -> tirx.PrimExpr:
     """TFLite's MultiplyByQuantizedMultiplier on an int32 value, computed in int64:
-    SaturatingRoundingDoublingHighMul then RoundingDivideByPOT (round half away)."""
-    x, mult, shift = _i64(x), _i64(mult), _i64(shift)
+    SaturatingRoundingDoublingHighMul then RoundingDivideByPOT (round half away).
+    A Python-int ``shift`` (per-tensor) folds the shift arithmetic into constants."""
     zero, one = tirx.const(0, "int64"), tirx.const(1, "int64")
-    ab = (x << tirx.max(shift, zero)) * mult
+    if isinstance(shift, int) and isinstance(mult, int):
+        ab = _i64(x) * tirx.const(mult << max(shift, 0), "int64")
+        right = tirx.const(max(-shift, 0), "int64")
+        mask = tirx.const((1 << max(-shift, 0)) - 1, "int64")
+        half_mask = tirx.const(((1 << max(-shift, 0)) - 1) >> 1, "int64")
+    else:
+        x, mult, shift = _i64(x), _i64(mult), _i64(shift)
+        ab = (x << tirx.max(shift, zero)) * mult
+        right = tirx.max(-shift, zero)
+        mask = (one << right) - one
+        half_mask = mask >> one
     nudge = tirx.Select(ab >= zero, tirx.const(1 << 30, "int64"), tirx.const(1 - (1 << 30), "int64"))
     high = tirx.truncdiv(ab + nudge, tirx.const(1 << 31, "int64"))
-    right = tirx.max(-shift, zero)
-    mask = (one << right) - one
-    threshold = (mask >> one) + tirx.Select(high < zero, one, zero)
+    threshold = half_mask + tirx.Select(high < zero, one, zero)
     return (high >> right) + tirx.Select(tirx.bitwise_and(high, mask) > threshold, one, zero)
 
 
@@ -178,8 +186,8 @@ def make_kernel(te_func, args: list, schedule=None) -> tuple[tirx.PrimFunc, rela
                     for i, a in enumerate(args)]
     out = te_func(*placeholders)
     func = te.create_prim_func([*placeholders, out]).without_attr("global_symbol")
-    if schedule is not None:
-        func = schedule(func)
+    if schedule is not None:  # and keep it: inlining the stages back would undo it
+        func = schedule(func).with_attr("tinytrain.scheduled", True)
     return func, relax.TensorType([int(d) for d in out.shape], out.dtype)
 
 
@@ -429,7 +437,8 @@ def _qconv_input_grad(q: QConvParams, g, w, x_shape):
     _, _, oh, ow = (int(d) for d in g.shape)
     (sh, sw), (pt, pl, _, _) = q.strides, q.padding
     per_group = o // q.groups
-    ro, ry, rx = te.reduce_axis((0, per_group), "ro"), te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    ro = te.reduce_axis((0, per_group), "ro")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
 
     def term(nn, cc, yy, xx):
         oc = (cc // i_g) * per_group + ro
@@ -498,7 +507,7 @@ def _qavgpool_grad(orig_var, call, output_grad, ctx):
     g = _grad_through_clamp(ctx, orig_var, output_grad, _f32(ones), q.lo, q.hi, 1)
     n, c, h, w = (int(d) for d in x.ty.shape)
     _, _, oh, ow = (int(d) for d in orig_var.ty.shape)
-    (kh, kw), (sh, sw), (pt, pl, _, _) = q.pool, q.strides, q.padding
+    kh, kw = q.pool
 
     def body(gt):
         ry, rx = te.reduce_axis((0, oh), "ry"), te.reduce_axis((0, ow), "rx")
@@ -512,7 +521,6 @@ def _qavgpool_grad(orig_var, call, output_grad, ctx):
         return te.compute((n, c, h, w), lambda nn, cc, yy, xx: te.sum(
             share(nn, cc, yy, xx, ry, rx), axis=[ry, rx]), name="g_x")
 
-    del sh, sw, pt, pl
     return ctx.emit(relax.Tuple([ctx.emit_te(body, g, primfunc_name_hint="qavgpool_grad")]))
 
 

@@ -162,7 +162,8 @@ class SplitPartialWeights:
         new = new.with_attr("tinytrain.split", {k: v for k, v in self.channels.items()})
         out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
         for gv, kernel in splitter.builder_.get().functions.items():  # the kernels an int8 split added
-            if isinstance(kernel, tvm.tirx.PrimFunc) and gv.name_hint not in [g.name_hint for g in out.functions]:
+            names = [g.name_hint for g in out.functions]
+            if isinstance(kernel, tvm.tirx.PrimFunc) and gv.name_hint not in names:
                 out[gv] = kernel
         out[self.func] = new
         return relax.transform.Normalize()(out)

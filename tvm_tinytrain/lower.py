@@ -21,7 +21,10 @@ from relay_passes.reorder import ReorderForMemory
 
 
 def _inline_intermediates(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Inline every block of ``func`` that can be inlined (pads, elementwise steps)."""
+    """Inline every block of ``func`` that can be inlined (pads, elementwise steps); a kernel
+    already scheduled (``tinytrain.scheduled``: the int8 kernels) is left as it is."""
+    if func.attrs is not None and "tinytrain.scheduled" in func.attrs:
+        return func
     sch = s_tir.Schedule(func)
     try:
         root = sch.get_sblock("root")

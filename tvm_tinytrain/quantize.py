@@ -19,7 +19,8 @@ def input_quantization(model) -> tuple[float, int] | None:
     func = getattr(model, "predict_function", None)
     if func is None:
         if not isinstance(model, tvm.IRModule):
-            raise InputError(f"quantize_input takes the model's IRModule or HostTrainer, not {type(model).__name__}")
+            raise InputError("quantize_input takes the model's IRModule or HostTrainer, "
+                             f"not {type(model).__name__}")
         func = backbone(model)
     if "tinytrain.input_quant" not in func.attrs:
         return None
