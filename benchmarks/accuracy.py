@@ -40,8 +40,7 @@ Seeds 0, 1, 2 → mean ± std (population std, ddof=0) of top-1 test accuracy.
 
 Each (model, mode, variant) is compiled once (``tt.build``); between seeds the
 trainer's parameters and optimizer state are reset to the values it was built
-with (``HostTrainer`` has no reset method: ``reset`` below rewrites its value
-table from a snapshot taken right after the build).
+with (``HostTrainer.reset()``).
 
 Memory: ``tvm_tinytrain.memory_report`` plans each (model, mode) training step
 (int8 with QAS, and float32). Columns: the train-step SRAM (arena + trainable
@@ -204,15 +203,9 @@ def load_data(size: int, task: str):
 
 
 # ---- training -----------------------------------------------------------------------------
-def snapshot(trainer) -> dict:
-    return {n: v.numpy().copy() for n, v in trainer._values.items()}
-
-
-def reset(trainer, snap: dict) -> None:
-    """Put back the parameters and optimizer state the trainer was built with."""
-    import tvm
-
-    trainer._values = {n: tvm.runtime.tensor(v.copy(), trainer.device) for n, v in snap.items()}
+def trainable_values(trainer) -> dict:
+    """The trainable tensors as the step holds them (split weights split)."""
+    return {n: trainer._values[n].numpy().copy() for n in trainer.trainable}
 
 
 def changed_fraction(before: dict, after: dict, trainable: list[str]) -> float | None:
@@ -318,8 +311,9 @@ def run(args) -> dict:
                     memory[kind] = plan(train_mod)
                     m = memory[kind]
                     log(f"{label}: planned train-step SRAM {m['train_sram_bytes'] / KB:.1f} KB, extra over "
-                        f"inference {m['extra_over_inference_bytes'] / KB:.1f} KB ({time.perf_counter() - t0:.1f} s)")
-                snap = snapshot(trainer)
+                        f"inference {m['extra_over_inference_bytes'] / KB:.1f} KB "
+                        f"({time.perf_counter() - t0:.1f} s)")
+                snap = trainable_values(trainer)
                 xs_tr, xs_te = inputs[kind]
                 if (key, variant) not in befores:
                     t0 = time.perf_counter()
@@ -328,11 +322,10 @@ def run(args) -> dict:
                         f"({time.perf_counter() - t0:.1f} s)")
                 runs = []
                 for seed in range(args.seeds):
-                    reset(trainer, snap)
+                    trainer.reset()
                     result = train_run(trainer, xs_tr, y_tr, xs_te, y_te, steps, seed, label)
                     result["int8_weights_changed"] = changed_fraction(
-                        {n: snap[n] for n in trainer.trainable if n in snap},
-                        {n: trainer._values[n].numpy() for n in trainer.trainable},
+                        snap, trainable_values(trainer),
                         trainer.trainable)
                     runs.append(result)
                     log(f"{label} seed {seed}: test accuracy {result['accuracy']:.4f} "
@@ -371,7 +364,8 @@ def markdown(result: dict, args, wall: float) -> str:
         "",
         "Data: `sklearn.datasets.load_digits` (8x8, 0..16 → ÷16 to [0, 1]), resized **bilinearly** "
         "to the model's input and tiled to 3 channels, then stretched to the model's trained input range "
-        "(from the int8 input quantization: VWW [0, 1], ResNet-8 [0, 255] raw pixels); `train_test_split(test_size=0.3, "
+        "(from the int8 input quantization: VWW [0, 1], ResNet-8 [0, 255] raw pixels); "
+        "`train_test_split(test_size=0.3, "
         "random_state=0, stratify=digit)` → 1,257 train / 540 test"
         + (f" (evaluated on the first {args.test_limit} only)" if args.test_limit else "")
         + ". VWW (2 classes): **label = digit >= 5**. ResNet-8 (10 classes): label = digit. "
@@ -414,7 +408,7 @@ def markdown(result: dict, args, wall: float) -> str:
         "float32) that differ from the pretrained ones after training, mean over seeds "
         "(`-`: no int8 weight trains).",
         "",
-        f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`".rstrip() + f"; wall time "
+        f"Command: `{' '.join(['python benchmarks/accuracy.py', *sys.argv[1:]])}`; wall time "
         f"{wall / 60:.1f} min, TVM_NUM_THREADS={args.threads}.",
     ]
     return "\n".join(lines) + "\n"
@@ -446,7 +440,7 @@ def plot(result: dict, args, path: Path) -> None:
         ax.set_ylim(0, 100)
         ax.set_ylabel("test accuracy %")
         ax.set_title(MODELS[key]["label"], fontsize=9)
-        ax.legend(fontsize="small", loc="lower right", title="dotted: before training",
+        ax.legend(fontsize="small", loc="upper left", title="dotted: before training",
                   title_fontsize="x-small")
     fig.suptitle(f"On-device transfer to sklearn digits (mean ± std over {args.seeds} seed(s))", fontsize=10)
     fig.tight_layout()

@@ -74,6 +74,11 @@ class HostTrainer:
             shape = tuple(int(d) for d in var.ty.shape)
             fill = np.full(shape, float(init[name]), np.float32)
             self._values[name] = tvm.runtime.tensor(fill, self.device)
+        self._initial = {n: v.numpy() for n, v in self._values.items()}
+
+    def reset(self) -> None:
+        """Back to the parameters it was built with and a fresh optimizer state (no recompile)."""
+        self._values = {n: tvm.runtime.tensor(v, self.device) for n, v in self._initial.items()}
 
     # ---- input checks ------------------------------------------------------
     def _sample(self, x) -> tvm.runtime.Tensor:
