@@ -93,9 +93,9 @@ class FuseWeightUpdate:
                 q = QConvParams.from_kwargs(grad_kw)
                 factor = relax.const(np.broadcast_to(np.asarray(factor, np.float32),
                                                      (int(w.ty.shape[0]),)).copy())
-                lo, hi = float(kw["lo"]), float(kw["hi"])
+                lo, hi, rounding = float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
                 kernel, out_ty = make_kernel(
-                    lambda *t, kind=kind, q=q, lo=lo, hi=hi: fused_weight_update(kind, q, *t, lo, hi),
+                    lambda *t, kind=kind, q=q, lo=lo, hi=hi, r=rounding: fused_weight_update(kind, q, *t, lo, hi, r),
                     [x, g, w, factor], fused_accumulator)
                 # element i of the new weight reads element i of the old one only: it may be
                 # written over the parameter (the C path's in-place update checks this attribute)

@@ -535,8 +535,46 @@ for _name, _handler in [("tinytrain_qconv", _qconv_grad), ("tinytrain_qlinear", 
     tvm_ffi.register_global_func(GRAD_PREFIX + _name, _handler, override=True)
 
 
-def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, hi: float):
-    """``clip(round(w − factor[o]·∂L/∂w))`` in w's integer type, the gradient summed into one
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def _flat_index(shape, index) -> tirx.PrimExpr:
+    flat = index[0]
+    for size, i in zip(shape[1:], index[1:]):
+        flat = flat * int(size) + i
+    return flat
+
+
+def integer_step(w, delta, index, shape, lo: float, hi: float, rounding: str) -> tirx.PrimExpr:
+    """``w − delta`` back in w's integer type, clipped to [lo, hi].
+
+    ``nearest`` rounds half away from zero: a step under half a unit is lost.
+    ``stochastic`` (the default for training) takes ``floor(w − delta + u)`` with
+    ``u ∈ [0, 1)`` from an integer hash of the element's index and of delta's bits, so
+    the expected update is the float update however small; it is reproducible bit for
+    bit on every target (no random state).
+    """
+    value = w.astype("float32") - delta
+    if rounding == "nearest":
+        new = tirx.round(value)
+    else:
+        def u32(v):
+            return tirx.const(v, "uint32")
+
+        h = tirx.reinterpret("uint32", delta) ^ (_flat_index(shape, index).astype("uint32") * u32(0x9E3779B9))
+        h = h ^ (h >> u32(16))
+        h = h * u32(0x7FEB352D)
+        h = h ^ (h >> u32(15))
+        h = h * u32(0x846CA68B)
+        h = h ^ (h >> u32(16))
+        uniform = (h >> u32(8)).astype("float32") * tirx.const(1.0 / (1 << 24), "float32")
+        new = tirx.floor(value + uniform)
+    return tirx.max(tirx.min(new, tirx.const(hi, "float32")), tirx.const(lo, "float32")).astype(w.dtype)
+
+
+def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, hi: float,
+                        rounding: str = "stochastic"):
+    """``w − factor[o]·∂L/∂w`` back in w's integer type (:func:`integer_step`), the gradient summed into one
     scalar per weight: the weight gradient never exists as a tensor (the paper's in-place
     update). ``kind`` is the weight gradient's tag."""
     if kind == "tinytrain_qconv_weight_grad":
@@ -545,8 +583,7 @@ def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, h
         grad = _qlinear_weight_grad(q, x, g)
 
     def body(*i):
-        new = tirx.round(w[i].astype("float32") - factor[i[0]] * grad[i])
-        return tirx.max(tirx.min(new, tirx.const(hi, "float32")), tirx.const(lo, "float32")).astype(w.dtype)
+        return integer_step(w[i], factor[i[0]] * grad[i], i, w.shape, lo, hi, rounding)
 
     return te.compute(w.shape, body, name="y")
 

@@ -29,6 +29,9 @@ in float32 and rounded back, so it stays an integer tensor; its optimizer state
 is float32::
 
     w_new = R.call_tir(integer_update, (w, 0.1 * g))   # int8(clip(round(w - 0.1 g), -127, 127))
+
+rounded stochastically by default (``integer_rounding="nearest"`` to compare; see
+``int8_ops.integer_step``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from tvm import relax, te, tirx
 from tvm.relax import op as R
 
 from .attrs import attr_names
-from .int8_ops import emit_tagged_kernel
+from .int8_ops import ROUNDINGS, emit_tagged_kernel, integer_step
 
 
 @dataclass(frozen=True)
@@ -117,28 +120,31 @@ def _state_type(name: str, param: relax.Var) -> relax.TensorType:
     return relax.TensorType(param.ty.shape, _float_dtype(param))
 
 
-def _integer_update(w, delta, lo: float, hi: float):
-    """``clip(round(w − delta))`` in the integer type, one kernel: no float copy of w."""
-    return te.compute(w.shape, lambda *i: tirx.max(tirx.min(
-        tirx.round(w[i].astype("float32") - delta[i]), tirx.const(hi, "float32")),
-        tirx.const(lo, "float32")).astype(w.dtype), name="w_new")
+def _integer_update(w, delta, lo: float, hi: float, rounding: str):
+    """``w − delta`` rounded back to the integer type, one kernel: no float copy of w."""
+    return te.compute(w.shape, lambda *i: integer_step(w[i], delta[i], i, w.shape, lo, hi, rounding),
+                      name="w_new")
 
 
-def _update(optimizer, bb, w, g, state):
+def _update(optimizer, bb, w, g, state, rounding: str = "stochastic"):
     """``w − optimizer.step(...)``; an integer parameter is rounded back to its type."""
     delta, s_new = optimizer.step(bb, g, state)
     dtype = str(w.ty.dtype)
     if dtype not in INTEGER_RANGE:
         return bb.emit(R.subtract(w, delta)), s_new
     lo, hi = INTEGER_RANGE[dtype]
-    return emit_tagged_kernel(bb, lambda wt, dt: _integer_update(wt, dt, lo, hi), [w, delta],
-                              "tinytrain_integer_update", {"lo": lo, "hi": hi}), s_new
+    return emit_tagged_kernel(bb, lambda wt, dt: _integer_update(wt, dt, lo, hi, rounding), [w, delta],
+                              "tinytrain_integer_update", {"lo": lo, "hi": hi, "rounding": rounding}), s_new
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyOptimizer")
 class ApplyOptimizer:
-    def __init__(self, optimizer, adjoint: str = "train_loss_adjoint", name: str = "train_step"):
+    def __init__(self, optimizer, adjoint: str = "train_loss_adjoint", name: str = "train_step",
+                 integer_rounding: str = "stochastic"):
+        if integer_rounding not in ROUNDINGS:
+            raise ValueError(f"integer_rounding must be one of {ROUNDINGS}, not {integer_rounding!r}")
         self.optimizer, self.adjoint, self.name = optimizer, adjoint, name
+        self.rounding = integer_rounding
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         adj = mod[self.adjoint]
@@ -161,7 +167,7 @@ class ApplyOptimizer:
                     bb.emit_normalized(binding)
                 new_params, new_state = [], []
                 for w, g, state in zip(trainable, grads, state_vars):
-                    w_new, s_new = _update(self.optimizer, bb, w, g, state)
+                    w_new, s_new = _update(self.optimizer, bb, w, g, state, self.rounding)
                     new_params.append(w_new)
                     new_state.extend(s_new)
                 out = bb.emit_output(relax.Tuple([loss, *new_params, *new_state]))

@@ -29,14 +29,15 @@ from .sparse_update import SplitPartialWeights, trainable_slice_name
 
 def TrainingPipeline(
     trainable: dict[str, int | None], loss: str, optimizer, reorder: bool = True,
-    chunk_bytes: int | None = 16 * 1024, qas: bool = True,
+    chunk_bytes: int | None = 16 * 1024, qas: bool = True, integer_rounding: str = "stochastic",
 ) -> tvm.transform.Pass:
     """``trainable``: parameter name → output channels that learn (None: all), in the
     order train_step takes them. ``reorder=False`` keeps Gradient's order (all
     gradients, then all updates), to measure what reordering saves. Frozen
     bottlenecks whose middle tensor exceeds ``chunk_bytes`` run in channel chunks
     (None: never). ``qas`` rescales the gradients of int8 layers (a float backbone
-    has none)."""
+    has none); ``integer_rounding`` is how int8 weights and int32 biases are rounded
+    after an update (``stochastic`` or ``nearest``)."""
     partial = {name: k for name, k in trainable.items() if k is not None}
     names = [trainable_slice_name(n, k) if k is not None else n for n, k in trainable.items()]
     chunking = []
@@ -48,7 +49,7 @@ def TrainingPipeline(
         AppendLoss(names, loss),
         BuildGradient(),
         *([QuantizationAwareScaling()] if qas else []),
-        ApplyOptimizer(optimizer),
+        ApplyOptimizer(optimizer, integer_rounding=integer_rounding),
         relax.transform.CanonicalizeBindings(),  # (g_x, g_w)[1] → g_w: an unused g_x dies
         relax.transform.DeadCodeElimination(["predict", "train_step"]),
         FuseWeightUpdate(),

@@ -335,14 +335,15 @@ def _digits(shape, count=600):
 
 
 def test_qas_fine_tunes_int8_better_than_without(shared_model):
-    """Same steps, learning rate and seed; the all-int8 model (int8 classifier too)."""
+    """Same steps, learning rate and seed; the all-int8 model (int8 classifier too), its int8
+    classifier learning (stochastic rounding, the default)."""
     mod, params = tt.load_model(shared_model("resnet8_cifar10_int8.tflite"), float_classifier=False)
     xs, ys = _digits((32, 32, 3))
     xs = tt.quantize_input(mod, xs * 255)  # ResNet-8 takes pixels in 0..255 (scale 1, zero -128)
     train_x, train_y, test_x, test_y = xs[:400], ys[:400], xs[400:], ys[400:]
     accuracy = {}
     for qas in (True, False):
-        step = tt.relay.transform.TinyTrain("bias-only", optimizer=tt.SGD(lr=0.01, momentum=0.9),
+        step = tt.relay.transform.TinyTrain("last-layer", optimizer=tt.SGD(lr=0.01, momentum=0.9),
                                             qas=qas)(mod)
         trainer = tt.build(step, params)
         trainer.fit(train_x, train_y, epochs=1, seed=0)
@@ -355,7 +356,8 @@ def test_fused_weight_update_equals_gradient_then_update(tiny):
     (FuseWeightUpdate): the result is the rounded step of the tested gradient."""
     net, mod, _, grads = tiny
     lr = 0.5
-    step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=lr))(net.module())
+    step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=lr), integer_rounding="nearest")(
+        net.module())
     kernels = {gv.name_hint for gv in step.get_global_vars()}
     assert any(name.startswith("qconv_weight_update") for name in kernels)
     assert not any(name.startswith("qconv_weight_grad") for name in kernels)  # fused away
@@ -371,3 +373,26 @@ def test_fused_weight_update_equals_gradient_then_update(tiny):
         assert differ.mean() <= 0.02, name  # a tie rounded the other way by summation order
         assert np.abs(after[name].astype(int) - expected).max() <= 1, name
         assert not np.array_equal(after[name], net.params[name]), name
+
+
+def test_stochastic_rounding_moves_weights_by_the_float_step_on_average(tiny):
+    """Steps below half a unit: nearest rounding loses them all; stochastic rounding moves
+    each weight by the float step in expectation."""
+    net, mod, _, grads = tiny
+    name = "conv0.weight"
+    factor = np.asarray(list(mod["predict"].attrs["tinytrain.qas"][name])).reshape(-1, 1, 1, 1)
+    lr = 0.45 / np.abs(factor * grads[name]).max()  # the largest step: 0.45 of a unit
+    expected = -lr * factor * grads[name]
+    moved = {}
+    for rounding in ("nearest", "stochastic"):
+        step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=float(lr)), integer_rounding=rounding)(
+            net.module())
+        trainer = tt.build(step, {k: np.asarray(v) for k, v in net.params.items()})
+        trainer.step(net.x, net.label)
+        moved[rounding] = trainer.params()[name].astype(float) - net.params[name]
+    assert not moved["nearest"].any()
+    assert set(np.unique(moved["stochastic"])) <= {-1.0, 0.0, 1.0}
+    assert np.abs(moved["stochastic"]).sum() >= 5
+    # a sum of independent Bernoulli moves: within 4 standard deviations of the float sum
+    assert abs(moved["stochastic"].sum() - expected.sum()) <= 4 * np.sqrt(expected.size) * 0.5
+    assert np.all(moved["stochastic"] * expected >= 0)  # never against the gradient

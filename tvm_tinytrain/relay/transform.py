@@ -20,7 +20,7 @@ for _cls in (TinyTrainError, SchemeError):
 
 def TinyTrain(
     scheme="full", loss: str = "cross_entropy", optimizer=None, reorder: bool = True,
-    chunk_bytes: int | None = 16 * 1024, qas: bool = True,
+    chunk_bytes: int | None = 16 * 1024, qas: bool = True, integer_rounding: str = "stochastic",
 ) -> tvm.transform.Pass:
     """Backbone (``main(x, *params) -> logits``) → ``predict`` + ``train_step``.
 
@@ -33,18 +33,24 @@ def TinyTrain(
     ``cross_entropy`` (integer label) or ``mse`` (label shaped like the output);
     ``optimizer`` is ``tvm_tinytrain.SGD(...)`` or ``tvm_tinytrain.Adam(...)``. On an int8
     backbone, ``qas`` (default) applies Quantization-Aware Scaling to the gradients of
-    the int8 weights and int32 biases; ``qas=False`` trains without it, to compare.
+    the int8 weights and int32 biases; ``qas=False`` trains without it, to compare. After each
+    update they are rounded back to integers stochastically (unbiased: a step smaller than
+    one unit still moves the weight with the right probability); ``integer_rounding="nearest"``
+    rounds to nearest (steps under half a unit are lost).
     """
     optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
     check_form(scheme)
     if loss not in ("cross_entropy", "mse"):
         raise SchemeError(f"unknown loss {loss!r}; choose cross_entropy or mse")
+    if integer_rounding not in ("stochastic", "nearest"):
+        raise SchemeError(f"unknown integer_rounding {integer_rounding!r}; choose stochastic or nearest")
     if not hasattr(optimizer, "step"):
         raise SchemeError(f"optimizer must be tvm_tinytrain.SGD(...) or Adam(...), not {optimizer!r}")
 
     @tvm.transform.module_pass(opt_level=0, name="TinyTrain")
     def tinytrain(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         trainable = resolve(scheme, layer_table(mod))
-        return TrainingPipeline(trainable, loss, optimizer, reorder, chunk_bytes, qas)(mod)
+        return TrainingPipeline(trainable, loss, optimizer, reorder, chunk_bytes, qas,
+                                integer_rounding)(mod)
 
     return tinytrain
