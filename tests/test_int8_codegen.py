@@ -20,14 +20,19 @@ def _samples():
     return rng.integers(-128, 128, (STEPS, 1, 96, 96, 3)).astype(np.int8), rng.integers(0, 2, STEPS)
 
 
-@pytest.fixture(scope="module")
-def vww(tmp_path_factory):
+@pytest.fixture(scope="module", params=["nearest", "stochastic"])
+def vww(request, tmp_path_factory):
+    """Nearest rounding: TVM's build and the C build agree to float rounding. Stochastic
+    rounding hashes each update's float bits, which differ with the summation order of
+    the two builds; the C builds (host, Cortex-M7) still agree bit for bit."""
     mod, params = tt.load_model(shared_model("vww_96_int8.tflite"))
-    train_mod = tt.relay.transform.TinyTrain(VWW_SCHEME, optimizer=tt.SGD(lr=0.01))(mod)
+    train_mod = tt.relay.transform.TinyTrain(VWW_SCHEME, optimizer=tt.SGD(lr=0.01),
+                                             integer_rounding=request.param)(mod)
     artifact = tt.build(train_mod, params, target="c", budget="256KB")
     ref = tt.build(train_mod, params)
     xs, ys = _samples()
     losses = [ref.step(x, y) for x, y in zip(xs, ys)]
+    ref.rounding = request.param  # for the tests to read
     return artifact, ref, np.array(losses, np.float32), tmp_path_factory.mktemp("vww")
 
 
@@ -49,6 +54,8 @@ def host_run(vww):
 
 def test_int8_host_c_matches_tvm_host_build(vww, host_run):
     _, ref, ref_losses, _ = vww
+    if ref.rounding == "stochastic":
+        pytest.skip("stochastic rounding: TVM's build and C differ in summation order (see the fixture)")
     losses, params, logits, _, _ = host_run
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     ours = {n: ref._values[n].numpy() for n in params}  # split weights as the device holds them

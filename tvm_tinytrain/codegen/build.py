@@ -66,6 +66,14 @@ INTERNAL = f'''/* Generated: declarations shared by the artifact's sources. */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdbool.h>
+#include <string.h>
+
+/* a float's bits (TIR's reinterpret), without breaking strict aliasing */
+static inline uint32_t {PREFIX}_float_bits(float f) {{{{
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}}}}
 
 float {PREFIX}_expf(float x);
 float {PREFIX}_logf(float x);

@@ -99,6 +99,8 @@ def _clean(source: str, prefix: str) -> str:
     text = re.sub(r"\bTVMBackendAllocWorkspace\b", f"{prefix}_workspace_alloc", text)
     text = re.sub(r"\bTVMBackendFreeWorkspace\b", f"{prefix}_workspace_free", text)
     text = re.sub(r"\b(expf|logf)\(", lambda m: f"{prefix}_{m.group(1)}(", text)
+    # TIR's reinterpret of a float as uint32 prints as a pointer cast (strict-aliasing UB)
+    text = re.sub(r"\*\(uint32_t \*\)\(&\((\w+)\)\)", lambda m: f"{prefix}_float_bits({m.group(1)})", text)
     # a failed workspace call returns -1 from a void function: record it for the executor instead
     text = text.replace("return -1;", f"{{ {prefix}_kernel_failed = 1; return; }}")
     text = _DEFINITION.sub(_mark_params_used, text)
