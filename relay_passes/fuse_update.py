@@ -95,7 +95,8 @@ class FuseWeightUpdate:
                                                      (int(w.ty.shape[0]),)).copy())
                 lo, hi, rounding = float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
                 kernel, out_ty = make_kernel(
-                    lambda *t, kind=kind, q=q, lo=lo, hi=hi, r=rounding: fused_weight_update(kind, q, *t, lo, hi, r),
+                    lambda *t, kind=kind, q=q, lo=lo, hi=hi, r=rounding:
+                        fused_weight_update(kind, q, *t, lo, hi, r),
                     [x, g, w, factor], fused_accumulator)
                 # element i of the new weight reads element i of the old one only: it may be
                 # written over the parameter (the C path's in-place update checks this attribute)

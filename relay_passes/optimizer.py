@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te
 from tvm.relax import op as R
 
 from .attrs import attr_names
