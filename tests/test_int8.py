@@ -385,8 +385,8 @@ def test_stochastic_rounding_moves_weights_by_the_float_step_on_average(tiny):
     expected = -lr * factor * grads[name]
     moved = {}
     for rounding in ("nearest", "stochastic"):
-        step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=float(lr)), integer_rounding=rounding)(
-            net.module())
+        sgd = tt.SGD(lr=float(lr))
+        step = tt.relay.transform.TinyTrain("full", optimizer=sgd, integer_rounding=rounding)(net.module())
         trainer = tt.build(step, {k: np.asarray(v) for k, v in net.params.items()})
         trainer.step(net.x, net.label)
         moved[rounding] = trainer.params()[name].astype(float) - net.params[name]
