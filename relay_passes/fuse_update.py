@@ -22,18 +22,29 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 
-from .int8_ops import (
-    WEIGHT_GRADS,
-    QConvParams,
-    fused_accumulator,
-    fused_weight_update,
-    kernel_tag,
-    make_kernel,
-)
+from .int8_arith import integer_step
+from .int8_grads import _qconv_weight_grad, _qlinear_weight_grad
+from .int8_ops import WEIGHT_GRADS, QConvParams, fused_accumulator, kernel_tag, make_kernel
 
 _MULTIPLY = tvm.ir.Op.get("relax.multiply")
+
+
+def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, hi: float,
+                        rounding: str = "stochastic"):
+    """``w − factor[o]·∂L/∂w`` back in w's integer type (:func:`integer_step`), the gradient summed into one
+    scalar per weight: the weight gradient never exists as a tensor (the paper's in-place
+    update). ``kind`` is the weight gradient's tag."""
+    if kind == "tinytrain_qconv_weight_grad":
+        grad = _qconv_weight_grad(q, x, g, [int(d) for d in w.shape])
+    else:
+        grad = _qlinear_weight_grad(q, x, g)
+
+    def body(*i):
+        return integer_step(w[i], factor[i[0]] * grad[i], i, w.shape, lo, hi, rounding)
+
+    return te.compute(w.shape, body, name="y")
 
 
 def _constant_and_other(call):

@@ -25,7 +25,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import op_gradients  # noqa: F401  (registers the missing op gradients)
+from . import int8_grads, op_gradients  # noqa: F401  (register the gradients Relax lacks)
 from .attrs import attr_names
 
 _ASTYPE = tvm.ir.Op.get("relax.astype")

@@ -31,7 +31,7 @@ is float32::
     w_new = R.call_tir(integer_update, (w, 0.1 * g))   # int8(clip(round(w - 0.1 g), -127, 127))
 
 rounded stochastically by default (``integer_rounding="nearest"`` to compare; see
-``int8_ops.integer_step``).
+``int8_arith.integer_step``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from tvm import relax, te
 from tvm.relax import op as R
 
 from .attrs import attr_names
-from .int8_ops import ROUNDINGS, emit_tagged_kernel, integer_step
+from .int8_arith import ROUNDINGS, integer_step
+from .int8_ops import emit_tagged_kernel
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from .append_loss import AppendLoss
 from .chunk_bottlenecks import ChunkBottlenecks
 from .fuse_update import FuseWeightUpdate
 from .gradient import BuildGradient
-from .int8_ops import PlainTIRCalls
 from .optimizer import ApplyOptimizer
+from .plain_calls import PlainTIRCalls
 from .qas import QuantizationAwareScaling
 from .reorder import ReorderForMemory
 from .sparse_update import SplitPartialWeights, trainable_slice_name

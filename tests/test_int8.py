@@ -16,7 +16,8 @@ from tvm import relax
 
 import tvm_tinytrain as tt
 from relay_passes import AppendLoss, BuildGradient
-from relay_passes.int8_ops import PlainTIRCalls, QAddParams, QConvParams, QPoolParams
+from relay_passes.int8_ops import QAddParams, QConvParams, QPoolParams
+from relay_passes.plain_calls import PlainTIRCalls
 from relay_passes.qas import QuantizationAwareScaling
 from tvm_tinytrain.frontend.emitter import RelaxEmitter
 

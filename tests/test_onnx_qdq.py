@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 import tvm_tinytrain as tt
-from relay_passes.int8_ops import PlainTIRCalls
+from relay_passes.plain_calls import PlainTIRCalls
 from tvm_tinytrain import zoo
 from tvm_tinytrain.layers import layer_table
 from tvm_tinytrain.quantize import input_quantization

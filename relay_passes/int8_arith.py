@@ -1,0 +1,96 @@
+"""TFLite's integer arithmetic as TIR expressions, and the rounding of integer updates.
+
+``multiply_by_quantized_multiplier`` is TFLite's requantization (a 31-bit fixed-point
+multiplier and a shift, rounded twice); ``integer_step`` rounds an updated int8
+weight or int32 bias back to its type (nearest, or stochastic without random state).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """``real ≈ mult · 2^(shift − 31)``, mult in [2^30, 2^31): TFLite's QuantizeMultiplier."""
+    if real == 0:
+        return 0, 0
+    frac, shift = math.frexp(real)
+    mult = round(frac * (1 << 31))
+    if mult == 1 << 31:
+        mult //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    return int(mult), int(shift)
+
+def _i64(v) -> tirx.PrimExpr:
+    return tirx.const(v, "int64") if isinstance(v, int) else v.astype("int64")
+
+def multiply_by_quantized_multiplier(x, mult, shift) -> tirx.PrimExpr:
+    """TFLite's MultiplyByQuantizedMultiplier on an int32 value, computed in int64:
+    SaturatingRoundingDoublingHighMul then RoundingDivideByPOT (round half away).
+    A Python-int ``shift`` (per-tensor) folds the shift arithmetic into constants."""
+    zero, one = tirx.const(0, "int64"), tirx.const(1, "int64")
+    if isinstance(shift, int) and isinstance(mult, int):
+        ab = _i64(x) * tirx.const(mult << max(shift, 0), "int64")
+        right = tirx.const(max(-shift, 0), "int64")
+        mask = tirx.const((1 << max(-shift, 0)) - 1, "int64")
+        half_mask = tirx.const(((1 << max(-shift, 0)) - 1) >> 1, "int64")
+    else:
+        x, mult, shift = _i64(x), _i64(mult), _i64(shift)
+        ab = (x << tirx.max(shift, zero)) * mult
+        right = tirx.max(-shift, zero)
+        mask = (one << right) - one
+        half_mask = mask >> one
+    nudge = tirx.Select(ab >= zero, tirx.const(1 << 30, "int64"), tirx.const(1 - (1 << 30), "int64"))
+    high = tirx.truncdiv(ab + nudge, tirx.const(1 << 31, "int64"))
+    threshold = half_mask + tirx.Select(high < zero, one, zero)
+    return (high >> right) + tirx.Select(tirx.bitwise_and(high, mask) > threshold, one, zero)
+
+def multiply_single_rounding(x, mult, shift) -> tirx.PrimExpr:
+    """``x·mult·2^(shift−31)`` rounded once, half up: what TFLite's reference int8 fully
+    connected kernel computes (its conv kernels round twice, as above)."""
+    x, mult = _i64(x), _i64(mult)
+    total = tirx.const(31, "int64") - _i64(shift)
+    one = tirx.const(1, "int64")
+    return (x * mult + (one << (total - one))) >> total
+
+def _clamp_int8(v, zy: int, lo: int, hi: int) -> tirx.PrimExpr:
+    v = v + tirx.const(zy, "int64")
+    return tirx.max(tirx.min(v, tirx.const(hi, "int64")), tirx.const(lo, "int64")).astype("int8")
+
+ROUNDINGS = ("stochastic", "nearest")
+
+def _flat_index(shape, index) -> tirx.PrimExpr:
+    flat = index[0]
+    for size, i in zip(shape[1:], index[1:]):
+        flat = flat * int(size) + i
+    return flat
+
+def integer_step(w, delta, index, shape, lo: float, hi: float, rounding: str) -> tirx.PrimExpr:
+    """``w − delta`` back in w's integer type, clipped to [lo, hi].
+
+    ``nearest`` rounds half away from zero: a step under half a unit is lost.
+    ``stochastic`` (the default for training) takes ``floor(w − delta + u)`` with
+    ``u ∈ [0, 1)`` from an integer hash of the element's index and of delta's bits, so
+    the expected update is the float update however small; it is reproducible bit for
+    bit on every target (no random state).
+    """
+    value = w.astype("float32") - delta
+    if rounding == "nearest":
+        new = tirx.round(value)
+    else:
+        def u32(v):
+            return tirx.const(v, "uint32")
+
+        h = tirx.reinterpret("uint32", delta) ^ (_flat_index(shape, index).astype("uint32") * u32(0x9E3779B9))
+        h = h ^ (h >> u32(16))
+        h = h * u32(0x7FEB352D)
+        h = h ^ (h >> u32(15))
+        h = h * u32(0x846CA68B)
+        h = h ^ (h >> u32(16))
+        uniform = (h >> u32(8)).astype("float32") * tirx.const(1.0 / (1 << 24), "float32")
+        new = tirx.floor(value + uniform)
+    return tirx.max(tirx.min(new, tirx.const(hi, "float32")), tirx.const(lo, "float32")).astype(w.dtype)
