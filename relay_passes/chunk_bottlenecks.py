@@ -38,6 +38,8 @@ from tvm.relax import op as R
 from tvm.relax.op import register_gradient
 from tvm.script import tirx as T  # noqa: F401  (the namespace the TVMScript below uses)
 
+from .exprs import use_counts
+
 CONV = "relax.nn.conv2d"
 ACTS = ("relax.nn.relu", "relax.clip")
 
@@ -168,12 +170,7 @@ class ChunkBottlenecks:
         bindings = list(f.body.blocks[0].bindings)
         frozen = {p for p in f.params if p.name in self.frozen_names}
         defs = {b.var: b.value for b in bindings}
-        uses: dict = {}
-        for b in bindings:
-            for v in relax.analysis.free_vars(b.value):
-                uses[v] = uses.get(v, 0) + 1
-        for v in relax.analysis.free_vars(f.body.body):
-            uses[v] = uses.get(v, 0) + 1
+        uses = use_counts(f)
         learning = {p for p in f.params[1:] if p not in frozen}
         for b in bindings:  # what the learning parameters reach: gradients flow there
             if any(v in learning for v in relax.analysis.free_vars(b.value)):

@@ -24,6 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
+from .exprs import constant_value, use_counts
 from .int8_arith import integer_step
 from .int8_grads import _qconv_weight_grad, _qlinear_weight_grad
 from .int8_ops import WEIGHT_GRADS, QConvParams, fused_accumulator, kernel_tag, make_kernel
@@ -53,9 +54,8 @@ def _constant_and_other(call):
         return None
     a, b = call.args
     for const, other in ((a, b), (b, a)):
-        if isinstance(const, tvm.ir.expr.Constant):  # GenericConst: .value is a number or tensor
-            value = const.value
-            return np.asarray(value.numpy() if hasattr(value, "numpy") else value, np.float64), other
+        if isinstance(const, tvm.ir.expr.Constant):
+            return np.asarray(constant_value(const), np.float64), other
     return None
 
 
@@ -68,12 +68,8 @@ class FuseWeightUpdate:
         func = mod[self.func]
         bindings = list(func.body.blocks[0].bindings)
         value = {b.var: b.value for b in bindings}
-        uses: dict = {}
-        for b in bindings:
-            for v in relax.analysis.free_vars(b.value):
-                uses[v] = uses.get(v, 0) + 1
-        for v in relax.analysis.free_vars(func.body.body):
-            uses[v] = uses.get(v, 0) + 1
+        uses = use_counts(func)
+
         def tag(v):
             return kernel_tag(mod, v)[0]
 

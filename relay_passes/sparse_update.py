@@ -161,9 +161,9 @@ class SplitPartialWeights:
         new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
         new = new.with_attr("tinytrain.split", {k: v for k, v in self.channels.items()})
         out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        existing = {gv.name_hint for gv in mod.functions}
         for gv, kernel in splitter.builder_.get().functions.items():  # the kernels an int8 split added
-            names = [g.name_hint for g in out.functions]
-            if isinstance(kernel, tvm.tirx.PrimFunc) and gv.name_hint not in names:
+            if isinstance(kernel, tvm.tirx.PrimFunc) and gv.name_hint not in existing:
                 out[gv] = kernel
         out[self.func] = new
         return relax.transform.Normalize()(out)

@@ -17,6 +17,7 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.analysis import calculate_allocated_bytes
 
+from relay_passes.exprs import constant_value
 from relay_passes.reorder import ReorderForMemory
 
 
@@ -119,8 +120,7 @@ def _tensor(name: str, ty) -> Tensor:
 def _constant(name: str, const) -> Tensor:
     """A Relax constant argument (``GenericConst``: a scalar's ``value`` is a Python number)."""
     t = _tensor(name, const.ty)
-    value = const.value
-    t.value = value.numpy() if hasattr(value, "numpy") else np.full(t.shape, value, dtype=t.dtype)
+    t.value = np.full(t.shape, constant_value(const), dtype=t.dtype)
     return t
 
 

@@ -128,14 +128,8 @@ class Int8TfliteReader(_TfliteReader):
         for position in range(self.graph.OperatorsLength()):
             nxt = self.graph.Operators(position)
             if any(nxt.Inputs(i) == out for i in range(nxt.InputsLength())):
-                return nxt.Outputs(0) == self.output and self._opname(nxt) == "SOFTMAX"
+                return nxt.Outputs(0) == self.output and self._op_name(nxt) == "SOFTMAX"
         return False
-
-    def _opname(self, op) -> str:
-        from .tflite_reader import OP_NAMES
-
-        code = self.model.OperatorCodes(op.OpcodeIndex())
-        return OP_NAMES.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "")
 
     def _op_FULLY_CONNECTED(self, op):
         opts = _options(op, tflite.FullyConnectedOptions)

@@ -153,9 +153,7 @@ class _TfliteReader:
         self.output = self.graph.Outputs(0)
         for position in range(self.graph.OperatorsLength()):
             op = self.graph.Operators(position)
-            code = self.model.OperatorCodes(op.OpcodeIndex())
-            opcode = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-            self.op_name = OP_NAMES.get(opcode, f"CUSTOM({opcode})")
+            self.op_name = self._op_name(op)
             out_tensor = self._tensor(op.Outputs(0))
             self.label = f"{position} ({out_tensor.Name().decode()})"
             handler = getattr(self, f"_op_{self.op_name}", None)
@@ -165,6 +163,11 @@ class _TfliteReader:
                 self._unsupported(f"output type {TYPE_NAMES.get(out_tensor.Type())}")
             self.values[op.Outputs(0)] = handler(op)
         return self.em.finish(self._result(self._value(self.output)))
+
+    def _op_name(self, op) -> str:
+        code = self.model.OperatorCodes(op.OpcodeIndex())
+        opcode = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        return OP_NAMES.get(opcode, f"CUSTOM({opcode})")
 
     def _emitter(self, name: str, shape: tuple[int, ...]) -> RelaxEmitter:
         return RelaxEmitter(name, shape, self.float_dtype, "NHWC", self.float_dtype, "TFLite")
