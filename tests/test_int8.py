@@ -19,6 +19,7 @@ from relay_passes import AppendLoss, BuildGradient
 from relay_passes.int8_ops import QAddParams, QConvParams, QPoolParams
 from relay_passes.plain_calls import PlainTIRCalls
 from relay_passes.qas import QuantizationAwareScaling
+from tests.numpy_reference import conv2d_nchw
 from tvm_tinytrain.frontend.emitter import RelaxEmitter
 
 MODELS = ["vww_96_int8.tflite", "resnet8_cifar10_int8.tflite"]
@@ -74,24 +75,6 @@ def test_quantize_input_uses_the_model_input_scale(shared_model):
 
 
 # ---- gradients: a small int8 network against its float64 twin ---------------------
-def _conv_nchw(x, w, stride, pad, groups):
-    """float64 reference conv (NCHW, OIHW), zero padding of the already shifted input."""
-    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    n, c, h, wd = x.shape
-    o, i_g, kh, kw = w.shape
-    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
-    out = np.zeros((n, o, oh, ow))
-    per_group = o // groups
-    for oc in range(o):
-        g = oc // per_group
-        xs = x[:, g * i_g:(g + 1) * i_g]
-        for yy in range(oh):
-            for xx in range(ow):
-                patch = xs[:, :, yy * stride:yy * stride + kh, xx * stride:xx * stride + kw]
-                out[:, oc, yy, xx] = np.sum(patch * w[oc], axis=(1, 2, 3))
-    return out
-
-
 class _TinyInt8Net:
     """x → conv 3×3 → depthwise 3×3 /2 → 1×1 conv → add (residual) → avg pool → linear.
 
@@ -122,7 +105,7 @@ class _TinyInt8Net:
         q, qa = self.q, getattr(self, "qadd", None)
 
         def conv(name, x, stride, pad, groups):
-            acc = _conv_nchw(x, p[name + ".weight"], stride, pad, groups) \
+            acc = conv2d_nchw(x, p[name + ".weight"], stride, pad, groups) \
                 + p[name + ".bias"][None, :, None, None]
             return acc, acc * q[name].real_multiplier[None, :, None, None] if name in q else None
 
@@ -152,10 +135,9 @@ class _TinyInt8Net:
                 s1, s2 = self.q["dwconv1"].sy, self.q["conv2"].sy
                 self.qadd = QAddParams(s1, zy["dwconv1"], s2, zy["conv2"], (s1 + s2) * 1.1, 1)
                 sx, zx = self.qadd.sy, 1
-            sw = np.asarray(self.sw[name])
-            peak = np.abs(self._twin(self.params, stop=name) * sw[None, :, None, None][..., 0, 0]
-                          if name == "linear3" else
-                          self._twin(self.params, stop=name) * sw[None, :, None, None]).max() * sx
+            acc = self._twin(self.params, stop=name)  # (1, O, H, W) or (1, O)
+            sw = np.asarray(self.sw[name]).reshape(-1, *[1] * (acc.ndim - 2))
+            peak = np.abs(acc * sw).max() * sx
             kw = {} if geo is None else dict(strides=(geo[0],) * 2, padding=(geo[1],) * 4, groups=geo[2])
             self.q[name] = QConvParams(sx, zx, self.sw[name], peak / 60, zy[name], **kw)
             sx, zx = self.q[name].sy, zy[name]
@@ -244,7 +226,7 @@ def test_quantized_layer_gradient_matches_its_float64_twin(kind):
         if kind == "linear":
             return xs @ wf.T + bf
         padded = np.pad(xs, ((0, 0), (0, 0), (1, 0), (1, 0)))  # (top 1, left 1, bottom 0, right 0)
-        return _conv_nchw(padded, wf, 2, 0, geometry["groups"]) + bf[None, :, None, None]
+        return conv2d_nchw(padded, wf, 2, 0, geometry["groups"]) + bf[None, :, None, None]
 
     peak = np.abs(accumulator(w.astype(np.float64), b.astype(np.float64))).max() * max(sw) * sx
     q = QConvParams(sx, zx, sw, peak / 80, -3, **geometry)

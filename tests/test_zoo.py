@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from tests.numpy_reference import conv2d_nchw
 from tests.onnx_ops import OP_MODELS
 from tvm_tinytrain import zoo
 
@@ -162,24 +163,7 @@ def _conv2d_f64(
     x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, groups: int
 ) -> np.ndarray:
     """x (C, H, W), w (O, C/groups, k, k), 'same' padding k // 2."""
-    k = w.shape[-1]
-    pad = k // 2
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
-    h_out = (x.shape[1] + 2 * pad - k) // stride + 1
-    w_out = (x.shape[2] + 2 * pad - k) // stride + 1
-    out = np.zeros((w.shape[0], h_out, w_out))
-    cg, og = w.shape[1], w.shape[0] // groups
-    for o in range(w.shape[0]):
-        g = o // og
-        for c in range(cg):
-            for i in range(k):
-                for j in range(k):
-                    window = xp[
-                        g * cg + c, i : i + stride * h_out : stride, j : j + stride * w_out : stride
-                    ]
-                    out[o] += w[o, c, i, j] * window
-        out[o] += b[o]
-    return out
+    return conv2d_nchw(x[None], w, stride, w.shape[-1] // 2, groups)[0] + b[:, None, None]
 
 
 def _small_cnn_f64(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
