@@ -21,11 +21,22 @@ EPILOG = """examples:
 """
 
 
-def _int8_options(parser) -> None:
+def _step_options(parser) -> None:
+    """The options of every command that builds a training step."""
+    parser.add_argument("model", help="path to a .tflite or .onnx file")
+    parser.add_argument("--scheme", default="full",
+                        help="full, last-layer, bias-only, last-k:N or a .json scheme (default full)")
     parser.add_argument("--no-qas", action="store_true",
                         help="int8 models: train without Quantization-Aware Scaling (to compare)")
     parser.add_argument("--int8-classifier", action="store_true",
                         help="int8 models: keep the last layer int8 (default: float32, as the paper)")
+
+
+def _load(args):
+    """The model of ``args`` and its parameters, as the step options ask."""
+    from .frontend import load_model
+
+    return load_model(args.model, float_classifier=not args.int8_classifier)
 
 
 def _cmd_summary(args) -> int:
@@ -53,11 +64,10 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_memory(args) -> int:
-    from .frontend import load_model
     from .memory_report import memory_report
     from .relay.transform import TinyTrain
 
-    mod, _ = load_model(args.model, float_classifier=not args.int8_classifier)
+    mod, _ = _load(args)
     train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder, qas=not args.no_qas)(mod)
     report = memory_report(train_mod, compare_tvm=not args.no_tvm)
     if args.plot:
@@ -73,11 +83,10 @@ def _optimizer(args):
 
 
 def _cmd_compile(args) -> int:
-    from .frontend import load_model
     from .relay.transform import TinyTrain
     from .trainer import build
 
-    mod, params = load_model(args.model, float_classifier=not args.int8_classifier)
+    mod, params = _load(args)
     train_mod = TinyTrain(scheme=args.scheme, loss=args.loss, optimizer=_optimizer(args),
                           qas=not args.no_qas)(mod)
     artifact = build(train_mod, params, target="c", budget=args.budget, model=args.model)
@@ -142,11 +151,8 @@ def parser() -> argparse.ArgumentParser:
                                    "lower it to kernels, plan every tensor into one arena and "
                                    "report SRAM (arena + trainable parameters) and flash, with "
                                    "TVM's own StaticPlanBlockMemory figure for comparison.")
-    m.add_argument("model", help="path to a .tflite or .onnx file")
-    m.add_argument("--scheme", default="full",
-                   help="full, last-layer, bias-only, last-k:N or a .json scheme (default full)")
+    _step_options(m)
     m.add_argument("--no-reorder", action="store_true", help="keep all updates at the end")
-    _int8_options(m)
     m.add_argument("--no-tvm", action="store_true", help="skip TVM's own planner figure")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.add_argument("--plot", metavar="FILE", help="write a PNG of live bytes per kernel")
@@ -156,15 +162,12 @@ def parser() -> argparse.ArgumentParser:
                                    "one static arena of the planned size, TVM's kernels as plain C, "
                                    "frozen parameters in flash. Fails before writing anything when the "
                                    "planned SRAM exceeds --budget.")
-    c.add_argument("model", help="path to a .tflite or .onnx file")
+    _step_options(c)
     c.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .tar")
-    c.add_argument("--scheme", default="full",
-                   help="full, last-layer, bias-only, last-k:N or a .json scheme (default full)")
     c.add_argument("--budget", help="SRAM budget, like 256KB; the build fails when the plan needs more")
     c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     c.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
-    _int8_options(c)
     c.set_defaults(run=_cmd_compile)
     cp = sub.add_parser("create-project", help="make a buildable project from an artifact and a template",
                         description="Copy a template of microtvm_projects (host, qemu_cortex_m7) with the "
