@@ -147,10 +147,13 @@ def _worth_it(chain: _Chain, target: int) -> bool:
     return _nbytes(chain.e) > max(target, 8 * weights)
 
 
+FROZEN_INPLACE = ("conv1x1_accumulate", "write_rows")  # this pass's and BandFrozenChains' kernels
+
+
 def _accumulate_grad(orig_var, orig_call, output_grad, ctx):
-    """Only chains no gradient reaches are chunked: their inputs need none."""
+    """Only chains no gradient reaches are chunked or banded: their inputs need none."""
     name = orig_call.args[0].name_hint
-    if not name.startswith("conv1x1_accumulate"):
+    if not name.startswith(FROZEN_INPLACE):
         raise ValueError(f"no gradient is registered for call_tir_inplace of {name}")
     return [R.grad.no_grad(arg) for arg in orig_call.args]
 

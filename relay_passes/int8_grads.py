@@ -12,26 +12,138 @@ transposed conv over the int8 weight. Importing this module registers them.
 from __future__ import annotations
 
 import numpy as np
+import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
 from tvm.relax import op as R
 
-from .int8_ops import QAddParams, QConvParams, QPoolParams, _kw, _window, emit_tagged_kernel, qconv_params
+from .int8_ops import (QAddParams, QConvParams, QPoolParams, _kw, _window, emit_tagged_kernel,
+                       make_kernel, qconv_params)
 
 GRAD_PREFIX = "tvm.relax.te_grad._register."
 
 def _f32(values) -> relax.Constant:
     return relax.const(np.asarray(values, np.float32))
 
-def _grad_through_clamp(ctx, y, g, multiplier: relax.Constant, lo: int, hi: int, channel_axis: int):
-    """``[lo < y < hi] · M[c] · g``: the output's clamp and the requant multiplier."""
-    def body(yt, gt, mt):
+def _flat_index(shape, i):
+    """Row-major position of index tuple ``i`` in ``shape``."""
+    flat = i[0]
+    for d, v in zip(shape[1:], i[1:]):
+        flat = flat * int(d) + v
+    return flat
+
+def _unravel(shape, flat):
+    out = []
+    for d in reversed(shape):
+        out.append(tirx.floormod(flat, int(d)))
+        flat = tirx.floordiv(flat, int(d))
+    return tuple(reversed(out))
+
+def pack_clamp_mask_te(y, lo: int, hi: int):
+    """One bit per element of ``y``: ``lo < y < hi`` (the output was not clamped), eight
+    elements per byte, element ``k`` in bit ``k % 8`` of byte ``k // 8``."""
+    shape = [int(d) for d in y.shape]
+    count = int(np.prod(shape))
+
+    def byte(j):
+        total = tirx.const(0, "int32")
+        for b in range(8):
+            k = j * 8 + b
+            v = y[_unravel(shape, tirx.min(k, count - 1))]
+            inside = tirx.all(k < count, v > tirx.const(lo, y.dtype), v < tirx.const(hi, y.dtype))
+            total = total + tirx.Select(inside, tirx.const(1 << b, "int32"), tirx.const(0, "int32"))
+        return total.astype("uint8")
+
+    return te.compute(((count + 7) // 8,), byte, name="mask")
+
+def _clamp_mask(ctx, y, lo: int, hi: int):
+    """The packed clamp mask of a forward output: the backward reads it instead of the
+    int8 output, 8× smaller, so the output dies after its forward consumers (the
+    reorder runs this right after the output is made)."""
+    return ctx.emit_te(lambda yt: pack_clamp_mask_te(yt, lo, hi), y, primfunc_name_hint="pack_clamp_mask")
+
+def _grad_through_clamp(ctx, mask, g, multiplier: relax.Constant, channel_axis: int):
+    """``[lo < y < hi] · M[c] · g``: the output's clamp (a packed mask) and the requant
+    multiplier. Each element reads only its own element of ``g``, so the result may
+    overwrite ``g`` in place (``tinytrain.elementwise_in``)."""
+    shape = [int(d) for d in g.ty.shape]
+
+    def body(mt, gt, kt):
         def f(*i):
-            yv = yt[i]
-            inside = tirx.all(yv > tirx.const(lo, "int8"), yv < tirx.const(hi, "int8"))
-            return tirx.Select(inside, gt[i] * mt[i[channel_axis]], tirx.const(0, "float32"))
+            k = _flat_index(shape, i)
+            bit = tirx.bitwise_and(tirx.shift_right(mt[k // 8].astype("int32"), k % 8), 1)
+            return tirx.Select(bit == 1, gt[i] * kt[i[channel_axis]], tirx.const(0, "float32"))
         return te.compute(gt.shape, f, name="g_acc")
-    return ctx.emit_te(body, y, g, multiplier, primfunc_name_hint="qgrad_clamp")
+
+    func, out_ty = make_kernel(body, [mask, g, multiplier])
+    gv = ctx.add_func(func.with_attr("tinytrain.elementwise_in", [1]), "qgrad_clamp")
+    return ctx.emit(relax.call_tir(gv, [mask, g, multiplier], out_ty))
+
+def _spread_te(g, w, shape):
+    """``g[n, c, 0, 0] · w[c, 0, h, w]``: the input gradient of a pool over the whole
+    image (``w`` the pool's weights, one row for all channels when it has one)."""
+    rows = int(w.shape[0])
+    return te.compute(shape, lambda n, c, yy, xx: g[n, c, 0, 0] * w[
+        c if rows > 1 else 0, 0, yy, xx].astype("float32"), name="g_x")
+
+def _emit_spread(ctx, g, w, shape):
+    """The input gradient of a global pool, as a kernel tagged ``tinytrain.spread``: the
+    gradient kernels of the layer before read ``(g, w)`` instead of the wide tensor."""
+    func, out_ty = make_kernel(lambda gt, wt: _spread_te(gt, wt, shape), [g, w])
+    gv = ctx.add_func(func.with_attr("tinytrain.spread", True), "spread_grad")
+    return ctx.emit(relax.call_tir(gv, [g, w], out_ty))
+
+def _is_global_window(in_hw, out_hw, padding) -> bool:
+    return tuple(out_hw) == (1, 1) and not any(padding) and min(in_hw) > 1
+
+def _producer(ctx, var):
+    """The value that made ``var``, through the aliases and tuple fields Gradient binds."""
+    value = ctx.lookup_binding(var)
+    for _ in range(8):
+        if isinstance(value, relax.Var):
+            value = ctx.lookup_binding(value)
+        elif isinstance(value, relax.TupleGetItem):
+            tup = value.tuple_value
+            tup = ctx.lookup_binding(tup) if isinstance(tup, relax.Var) else tup
+            if not isinstance(tup, relax.Tuple):
+                return None
+            value = tup.fields[value.index]
+        else:
+            return value
+    return value
+
+class _ClampedGrad:
+    """``[lo < y < hi] · M[c] · ∂L/∂y`` as a stage inside each kernel that reads it, never
+    a tensor: from the packed mask, the multiplier and the output gradient — or, when
+    that gradient is a global pool's spread, the pool's small gradient and weights."""
+
+    def __init__(self, ctx, mask, multiplier, output_grad):
+        self.shape = [int(d) for d in output_grad.ty.shape]
+        self.args = [mask, multiplier, output_grad]
+        value = _producer(ctx, output_grad)
+        if isinstance(value, relax.Call) and isinstance(value.args[0], relax.GlobalVar):
+            attrs = ctx.get()[value.args[0]].attrs
+            if attrs is not None and "tinytrain.spread" in attrs:
+                self.args = [mask, multiplier, *value.args[1]]
+
+    def stage(self, tensors):
+        """The stage over the kernel's placeholders for :attr:`args` (in that order)."""
+        mt, kt, *g = tensors
+        source = _spread_te(*g, self.shape) if len(g) == 2 else g[0]
+        shape = self.shape
+
+        def f(*i):
+            k = _flat_index(shape, i)
+            bit = tirx.bitwise_and(tirx.shift_right(mt[k // 8].astype("int32"), k % 8), 1)
+            return tirx.Select(bit == 1, source[i] * kt[i[1]], tirx.const(0, "float32"))
+        return te.compute(shape, f, name="g_acc")
+
+    def emit(self, ctx, te_func, extra: list, name: str):
+        """``te_func(g_acc, *extra)`` as a kernel; its intermediate stages are inlined at
+        lowering, so the clamped gradient exists one element at a time."""
+        n = len(self.args)
+        return ctx.emit_te(lambda *t: te_func(self.stage(t[:n]), *t[n:]), *self.args, *extra,
+                           primfunc_name_hint=name)
 
 def _qconv_weight_grad(q: QConvParams, x, g, w_shape):
     n, c, h, wd = (int(d) for d in x.shape)
@@ -83,20 +195,37 @@ def _qlinear_weight_grad(q: QConvParams, x, g):
 def _qconv_grad(orig_var, call, output_grad, ctx):
     q = qconv_params(call)
     x, w, b, mult, shift = call.args[1]
-    g_acc = _grad_through_clamp(ctx, orig_var, output_grad, _f32(q.real_multiplier), q.lo, q.hi, 1)
+    mask = _clamp_mask(ctx, orig_var, q.lo, q.hi)
+    multiplier = _f32(q.real_multiplier)
     w_shape = [int(d) for d in w.ty.shape]
+    x_shape = [int(d) for d in x.ty.shape]
+    out_hw = [int(d) for d in orig_var.ty.shape][2:]
+    if q.groups == x_shape[1] == w_shape[0] and _is_global_window(x_shape[2:], out_hw, q.padding) \
+            and isinstance(w, tvm.ir.expr.Constant):  # a global pool written as a conv
+        g_acc = _grad_through_clamp(ctx, mask, output_grad, multiplier, 1)
+        g_x = _emit_spread(ctx, g_acc, w, x_shape)
+        return ctx.emit(relax.Tuple([g_x, R.grad.no_grad(w), R.grad.no_grad(b),
+                                     R.grad.no_grad(mult), R.grad.no_grad(shift)]))
+    # the weight gradient reads a tensor (FuseWeightUpdate rewrites it); unused, it dies
+    g_acc = _grad_through_clamp(ctx, mask, output_grad, multiplier, 1)
     g_w = emit_tagged_kernel(ctx, lambda xt, gt: _qconv_weight_grad(q, xt, gt, w_shape), [x, g_acc],
                              "tinytrain_qconv_weight_grad", q.kwargs())
-    g_b = ctx.emit(R.sum(g_acc, axis=[0, 2, 3]))
-    x_shape = [int(d) for d in x.ty.shape]
-    g_x = ctx.emit_te(lambda gt, wt: _qconv_input_grad(q, gt, wt, x_shape), g_acc, w,
-                      primfunc_name_hint="qconv_input_grad")
+    clamped = _ClampedGrad(ctx, mask, multiplier, output_grad)
+
+    def bias_grad(g):
+        rn, ry, rx = (te.reduce_axis((0, int(d)), f"r{k}") for k, d in enumerate((g.shape[0], *g.shape[2:])))
+        return te.compute((int(g.shape[1]),), lambda o: te.sum(g[rn, o, ry, rx], axis=[rn, ry, rx]),
+                          name="g_b")
+
+    g_b = clamped.emit(ctx, bias_grad, [], "qconv_bias_grad")
+    g_x = clamped.emit(ctx, lambda g, wt: _qconv_input_grad(q, g, wt, x_shape), [w], "qconv_input_grad")
     return ctx.emit(relax.Tuple([g_x, g_w, g_b, R.grad.no_grad(mult), R.grad.no_grad(shift)]))
 
 def _qlinear_grad(orig_var, call, output_grad, ctx):
     q = qconv_params(call)
     x, w, b, mult, shift = call.args[1]
-    g_acc = _grad_through_clamp(ctx, orig_var, output_grad, _f32(q.real_multiplier), q.lo, q.hi, 1)
+    mask = _clamp_mask(ctx, orig_var, q.lo, q.hi)
+    g_acc = _grad_through_clamp(ctx, mask, output_grad, _f32(q.real_multiplier), 1)
 
     g_w = emit_tagged_kernel(ctx, lambda xt, gt: _qlinear_weight_grad(q, xt, gt), [x, g_acc],
                              "tinytrain_qlinear_weight_grad", q.kwargs())
@@ -113,18 +242,22 @@ def _qlinear_grad(orig_var, call, output_grad, ctx):
 def _qadd_grad(orig_var, call, output_grad, ctx):
     q = QAddParams.from_kwargs(_kw(call))
     ones = np.ones(int(orig_var.ty.shape[1]))
-    g_a = _grad_through_clamp(ctx, orig_var, output_grad, _f32(ones * q.sa / q.sy), q.lo, q.hi, 1)
-    g_b = _grad_through_clamp(ctx, orig_var, output_grad, _f32(ones * q.sb / q.sy), q.lo, q.hi, 1)
+    mask = _clamp_mask(ctx, orig_var, q.lo, q.hi)
+    g_a = _grad_through_clamp(ctx, mask, output_grad, _f32(ones * q.sa / q.sy), 1)
+    g_b = _grad_through_clamp(ctx, mask, output_grad, _f32(ones * q.sb / q.sy), 1)
     return ctx.emit(relax.Tuple([g_a, g_b]))
 
 def _qavgpool_grad(orig_var, call, output_grad, ctx):
     q = QPoolParams.from_kwargs(_kw(call))
     (x,) = call.args[1]
     ones = np.ones(int(orig_var.ty.shape[1]))
-    g = _grad_through_clamp(ctx, orig_var, output_grad, _f32(ones), q.lo, q.hi, 1)
+    g = _grad_through_clamp(ctx, _clamp_mask(ctx, orig_var, q.lo, q.hi), output_grad, _f32(ones), 1)
     n, c, h, w = (int(d) for d in x.ty.shape)
     _, _, oh, ow = (int(d) for d in orig_var.ty.shape)
     kh, kw = q.pool
+    if _is_global_window((h, w), (oh, ow), q.padding) and (kh, kw) == (h, w):
+        share = relax.const(np.full((1, 1, h, w), 1.0 / (h * w), np.float32))
+        return ctx.emit(relax.Tuple([_emit_spread(ctx, g, share, [n, c, h, w])]))
 
     def body(gt):
         ry, rx = te.reduce_axis((0, oh), "ry"), te.reduce_axis((0, ow), "rx")

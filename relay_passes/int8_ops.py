@@ -177,9 +177,11 @@ def qconv_te(q: QConvParams, x, w, b, mult, shift):
             q.zy, q.lo, q.hi),
         name="y")
 
-def emit_qconv(bb, x, w, b, q: QConvParams) -> relax.Var:
-    """``y = requant(conv2d(x − zx, w) + b)``: x NCHW int8, w OIHW int8, b int32."""
-    return _emit_kernel(bb, lambda *t: qconv_te(q, *t), [x, w, b, *_channel_consts(q)],
+def emit_qconv(bb, x, w, b, q: QConvParams, channel_consts: list | None = None) -> relax.Var:
+    """``y = requant(conv2d(x − zx, w) + b)``: x NCHW int8, w OIHW int8, b int32;
+    ``channel_consts``: the (multiplier, shift) constants of a layer already emitted."""
+    consts = list(channel_consts) if channel_consts is not None else _channel_consts(q)
+    return _emit_kernel(bb, lambda *t: qconv_te(q, *t), [x, w, b, *consts],
                         "tinytrain_qconv", q.kwargs(), fused_accumulator)
 
 def qlinear_te(q: QConvParams, x, w, b, mult, shift):

@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 
 from .append_loss import AppendLoss
+from .band_rows import BandFrozenChains
 from .chunk_bottlenecks import ChunkBottlenecks
 from .fuse_update import FuseWeightUpdate
 from .gradient import BuildGradient
@@ -63,11 +64,13 @@ def TrainingPipeline(
 
 @tvm.transform.module_pass(opt_level=0, name="ChunkFrozenBottlenecks")
 class _ChunkFrozen:
-    """ChunkBottlenecks on every parameter of ``main`` that does not learn."""
+    """ChunkBottlenecks (float) and BandFrozenChains (int8) on every parameter of
+    ``main`` that does not learn."""
 
     def __init__(self, trainable: set[str], chunk_bytes: int):
         self.trainable, self.chunk_bytes = trainable, chunk_bytes
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         frozen = {p.name for p in mod["main"].params[1:]} - self.trainable
-        return ChunkBottlenecks(frozen, self.chunk_bytes)(mod)
+        mod = ChunkBottlenecks(frozen, self.chunk_bytes)(mod)
+        return BandFrozenChains(frozen, self.chunk_bytes)(mod)
