@@ -56,6 +56,14 @@ def pack_clamp_mask_te(y, lo: int, hi: int):
 
     return te.compute(((count + 7) // 8,), byte, name="mask")
 
+def _mask_bit(mask, k):
+    """Bit ``k`` of a packed mask, as a condition. The arithmetic is int32 on purpose: with
+    int64 indices TVM's simplifier folds ``(byte >> (k % 8)) & 1 == 1`` to false inside a
+    transposed conv's bounds branch."""
+    k = k.astype("int32")
+    byte = mask[tirx.floordiv(k, 8)].astype("int32")
+    return tirx.floormod(tirx.floordiv(byte, tirx.shift_left(tirx.const(1, "int32"), tirx.floormod(k, 8))), 2) == 1
+
 def _clamp_mask(ctx, y, lo: int, hi: int):
     """The packed clamp mask of a forward output: the backward reads it instead of the
     int8 output, 8× smaller, so the output dies after its forward consumers (the
@@ -71,8 +79,7 @@ def _grad_through_clamp(ctx, mask, g, multiplier: relax.Constant, channel_axis: 
     def body(mt, gt, kt):
         def f(*i):
             k = _flat_index(shape, i)
-            bit = tirx.bitwise_and(tirx.shift_right(mt[k // 8].astype("int32"), k % 8), 1)
-            return tirx.Select(bit == 1, gt[i] * kt[i[channel_axis]], tirx.const(0, "float32"))
+            return tirx.Select(_mask_bit(mt, k), gt[i] * kt[i[channel_axis]], tirx.const(0, "float32"))
         return te.compute(gt.shape, f, name="g_acc")
 
     func, out_ty = make_kernel(body, [mask, g, multiplier])
@@ -112,38 +119,69 @@ def _producer(ctx, var):
             return value
     return value
 
+def _tagged_producer(ctx, var) -> tuple[str | None, list]:
+    """(``tinytrain.spread`` or ``tinytrain.pointwise``, the kernel's arguments) when ``var``
+    was made by such a kernel, else (None, [])."""
+    value = _producer(ctx, var)
+    if isinstance(value, relax.Call) and isinstance(value.args[0], relax.GlobalVar):
+        attrs = ctx.get()[value.args[0]].attrs
+        for tag in ("tinytrain.spread", "tinytrain.pointwise"):
+            if attrs is not None and tag in attrs:
+                return tag, list(value.args[1])
+    return None, []
+
 class _ClampedGrad:
-    """``[lo < y < hi] · M[c] · ∂L/∂y`` as a stage inside each kernel that reads it, never
-    a tensor: from the packed mask, the multiplier and the output gradient — or, when
-    that gradient is a global pool's spread, the pool's small gradient and weights."""
+    """``[lo < y < hi] · M[c] · ∂L/∂y`` computed inside each kernel that reads it, never a
+    tensor, from the packed mask, the multiplier and the output gradient. Two producers
+    of that gradient are read through instead of their wide outputs:
+
+    - a global pool's spread: ``g[n, c, 0, 0] · w[c, 0, h, w]`` (the pool's small
+      gradient and its weights);
+    - a 1×1 conv's input gradient: ``Σ_o g[n, o, h, w] · w[o, c]`` (the next layer's
+      narrow clamped gradient and its int8 weight); the sum over ``o`` joins the
+      reading kernel's own reduction (:attr:`axes`), so the wide gradient of a frozen
+      bottleneck's middle never exists."""
 
     def __init__(self, ctx, mask, multiplier, output_grad):
         self.shape = [int(d) for d in output_grad.ty.shape]
-        self.args = [mask, multiplier, output_grad]
-        value = _producer(ctx, output_grad)
-        if isinstance(value, relax.Call) and isinstance(value.args[0], relax.GlobalVar):
-            attrs = ctx.get()[value.args[0]].attrs
-            if attrs is not None and "tinytrain.spread" in attrs:
-                self.args = [mask, multiplier, *value.args[1]]
+        self.tag, source = _tagged_producer(ctx, output_grad)
+        self.args = [mask, multiplier, *(source or [output_grad])]
+        self.axes = []
+        if self.tag == "tinytrain.pointwise":
+            self.axes = [te.reduce_axis((0, int(source[1].ty.shape[0])), "rp")]
 
-    def stage(self, tensors):
-        """The stage over the kernel's placeholders for :attr:`args` (in that order)."""
-        mt, kt, *g = tensors
-        source = _spread_te(*g, self.shape) if len(g) == 2 else g[0]
+    @property
+    def narrow(self) -> bool:
+        """The output gradient is a tensor already (so a clamped copy costs nothing more)."""
+        return self.tag is None
+
+    def reader(self, tensors):
+        """``at(n, c, h, w)``: the clamped gradient there (a term of the sum over
+        :attr:`axes` when there are any), over the kernel's placeholders for :attr:`args`."""
+        mt, kt, *src = tensors
         shape = self.shape
 
-        def f(*i):
-            k = _flat_index(shape, i)
-            bit = tirx.bitwise_and(tirx.shift_right(mt[k // 8].astype("int32"), k % 8), 1)
-            return tirx.Select(bit == 1, source[i] * kt[i[1]], tirx.const(0, "float32"))
-        return te.compute(shape, f, name="g_acc")
+        def source(n, c, h, w):
+            if self.tag == "tinytrain.spread":
+                g, wt = src
+                return g[n, c, 0, 0] * wt[c if int(wt.shape[0]) > 1 else 0, 0, h, w].astype("float32")
+            if self.tag == "tinytrain.pointwise":
+                g, wt = src
+                (rp,) = self.axes
+                return g[n, rp, h, w] * wt[rp, c, 0, 0].astype("float32")
+            return src[0][n, c, h, w]
+
+        def at(n, c, h, w):
+            k = _flat_index(shape, (n, c, h, w))
+            return tirx.Select(_mask_bit(mt, k), source(n, c, h, w) * kt[c], tirx.const(0, "float32"))
+        return at
 
     def emit(self, ctx, te_func, extra: list, name: str):
-        """``te_func(g_acc, *extra)`` as a kernel; its intermediate stages are inlined at
-        lowering, so the clamped gradient exists one element at a time."""
+        """``te_func(at, axes, *extra)`` as a kernel: ``at`` reads the clamped gradient,
+        ``axes`` must join the kernel's reduction."""
         n = len(self.args)
-        return ctx.emit_te(lambda *t: te_func(self.stage(t[:n]), *t[n:]), *self.args, *extra,
-                           primfunc_name_hint=name)
+        return ctx.emit_te(lambda *t: te_func(self.reader(t[:n]), self.axes, *t[n:]), *self.args,
+                           *extra, primfunc_name_hint=name)
 
 def _qconv_weight_grad(q: QConvParams, x, g, w_shape):
     n, c, h, wd = (int(d) for d in x.shape)
@@ -163,12 +201,13 @@ def _qconv_weight_grad(q: QConvParams, x, g, w_shape):
         g[rn, oo, ry, rx] * x_minus_zero(rn, (oo // per_group) * i_g + ii, ry * sh + ky - pt,
                                          rx * sw + kx - pl), axis=[rn, ry, rx]), name="g_w")
 
-def _qconv_input_grad(q: QConvParams, g, w, x_shape):
+def _qconv_input_grad(q: QConvParams, g_at, axes: list, out_hw, w, x_shape):
     """The transposed conv, reading the int8 weight directly (no float copy of it, no
-    dilated and padded copy of the gradient as conv2d_transpose would make)."""
+    dilated and padded copy of the gradient as conv2d_transpose would make). ``g_at(n,
+    o, y, x)`` reads the output gradient (a term of a sum over ``axes``, joined here)."""
     n, c, h, wd = x_shape
     o, i_g, kh, kw = (int(d) for d in w.shape)
-    _, _, oh, ow = (int(d) for d in g.shape)
+    oh, ow = out_hw
     (sh, sw), (pt, pl, _, _) = q.strides, q.padding
     per_group = o // q.groups
     ro = te.reduce_axis((0, per_group), "ro")
@@ -180,12 +219,18 @@ def _qconv_input_grad(q: QConvParams, g, w, x_shape):
         oy, ox = tirx.floordiv(ty, sh), tirx.floordiv(tx, sw)
         valid = tirx.all(ty >= 0, tx >= 0, tirx.floormod(ty, sh) == 0, tirx.floormod(tx, sw) == 0,
                          oy < oh, ox < ow)
-        value = g[nn, oc, tirx.max(tirx.min(oy, oh - 1), 0), tirx.max(tirx.min(ox, ow - 1), 0)] \
+        value = g_at(nn, oc, tirx.max(tirx.min(oy, oh - 1), 0), tirx.max(tirx.min(ox, ow - 1), 0)) \
             * w[oc, tirx.floormod(cc, i_g), ry, rx].astype("float32")
-        return tirx.Select(valid, value, tirx.const(0.0, "float32"))
+        # a branch, not a select: the simplifier drops the index clamps inside it, so the
+        # mask's bit shift is only in range where valid (a select would evaluate it
+        # everywhere, and LLVM may fold a negative shift's poison into the whole sum)
+        return tirx.if_then_else(valid, value, tirx.const(0.0, "float32"))
 
-    return te.compute((n, c, h, wd), lambda nn, cc, yy, xx: te.sum(term(nn, cc, yy, xx), axis=[ro, ry, rx]),
-                      name="g_x")
+    return te.compute((n, c, h, wd), lambda nn, cc, yy, xx: te.sum(
+        term(nn, cc, yy, xx), axis=[ro, ry, rx, *axes]), name="g_x")
+
+def _is_pointwise(q: QConvParams, w_shape) -> bool:
+    return w_shape[2:] == [1, 1] and q.groups == 1 and q.strides == (1, 1) and not any(q.padding)
 
 def _qlinear_weight_grad(q: QConvParams, x, g):
     r = te.reduce_axis((0, int(x.shape[0])), "r")
@@ -212,13 +257,21 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
                              "tinytrain_qconv_weight_grad", q.kwargs())
     clamped = _ClampedGrad(ctx, mask, multiplier, output_grad)
 
-    def bias_grad(g):
-        rn, ry, rx = (te.reduce_axis((0, int(d)), f"r{k}") for k, d in enumerate((g.shape[0], *g.shape[2:])))
-        return te.compute((int(g.shape[1]),), lambda o: te.sum(g[rn, o, ry, rx], axis=[rn, ry, rx]),
-                          name="g_b")
+    def bias_grad(at, axes):
+        o = w_shape[0]
+        rn, ry, rx = (te.reduce_axis((0, d), f"r{k}") for k, d in enumerate([x_shape[0], *out_hw]))
+        return te.compute((o,), lambda c: te.sum(at(rn, c, ry, rx), axis=[rn, ry, rx, *axes]), name="g_b")
 
     g_b = clamped.emit(ctx, bias_grad, [], "qconv_bias_grad")
-    g_x = clamped.emit(ctx, lambda g, wt: _qconv_input_grad(q, g, wt, x_shape), [w], "qconv_input_grad")
+    if clamped.narrow and _is_pointwise(q, w_shape):
+        # read through by the layer before (_ClampedGrad): its wide gradient is never made
+        func, out_ty = make_kernel(lambda gt, wt: _qconv_input_grad(
+            q, lambda *i: gt[i], [], out_hw, wt, x_shape), [g_acc, w])
+        gv = ctx.add_func(func.with_attr("tinytrain.pointwise", True), "qconv_input_grad")
+        g_x = ctx.emit(relax.call_tir(gv, [g_acc, w], out_ty))
+    else:
+        g_x = clamped.emit(ctx, lambda at, axes, wt: _qconv_input_grad(q, at, axes, out_hw, wt, x_shape),
+                           [w], "qconv_input_grad")
     return ctx.emit(relax.Tuple([g_x, g_w, g_b, R.grad.no_grad(mult), R.grad.no_grad(shift)]))
 
 def _qlinear_grad(orig_var, call, output_grad, ctx):
