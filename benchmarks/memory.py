@@ -7,7 +7,9 @@ arena:
 - ``full``: every weight and bias learns, no operator reordering;
 - ``sparse``: a sparse-update scheme in the spirit of the TinyTraining paper's
   MCUNet scheme (see ``paper_style_scheme``), no reordering;
-- ``sparse+reorder``: the same scheme with the memory-saving reordering on.
+- ``sparse+reorder``: the same scheme with the memory-saving reordering on;
+- ``sparse+reorder, int8 classifier`` (int8 only): the same, the last layer kept
+  int8 as the file has it instead of the default float32 classifier.
 
 MobileNetV2 also gets ``bias-only`` and ``bias-only+reorder``: without
 reordering every gradient buffer stays alive until the updates at the end.
@@ -19,7 +21,7 @@ frozen parameters and constants. The TVM column is TVM's own
 checked with ``check_no_overlap``. ``--dtype int8`` (the default) plans the int8
 networks (the zoo's float ONNX quantized by ``zoo.quantize_qdq``, the MLPerf Tiny
 ``*_int8.tflite``), the paper's setting (Fig. 10a: int8, measured on the board);
-``--dtype float32`` the float ones. ``--qemu`` also builds the sparse+reorder step
+``--dtype float32`` the float ones. ``--qemu`` also builds the sparse+reorder steps
 of each zoo network as C for the emulated Cortex-M7 and measures it there: static
 RAM from the linker, the painted stack's high-water mark, and instructions per
 training step (``-icount``).
@@ -49,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 LR = 0.01
 KB = 1024
+INT8_CLASSIFIER = "sparse+reorder, int8 classifier"
 
 # The paper's MCUNet scheme (42 layers): the layer indices and ratios scaled by paper_style_scheme.
 PAPER_LAYERS = 42
@@ -81,7 +84,7 @@ NETWORKS = {
         Network("resnet8", "ResNet-8 CIFAR-10 (32)", "resnet8_cifar10_float.tflite"),
     ]
 }
-SETTINGS = ("full", "sparse", "sparse+reorder", "bias-only", "bias-only+reorder")
+SETTINGS = ("full", "sparse", "sparse+reorder", INT8_CLASSIFIER, "bias-only", "bias-only+reorder")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,8 +169,10 @@ def paper_style_scheme(layers: list) -> dict:
     }
 
 
-def load_network(net: Network, resolution: int, tmp: Path, dtype: str = "float32"):
-    """``(mod, params, layers, resolution)``, or None when a shared model file is missing."""
+def load_network(net: Network, resolution: int, tmp: Path, dtype: str = "float32",
+                 float_classifier: bool = True):
+    """``(mod, params, layers, resolution)``, or None when a shared model file is missing.
+    ``float_classifier=False`` keeps an int8 model's last layer int8."""
     import tvm_tinytrain
     from tvm_tinytrain.layers import backbone
 
@@ -190,7 +195,7 @@ def load_network(net: Network, resolution: int, tmp: Path, dtype: str = "float32
         path = SHARED_MODELS / (net.source.replace("_float", "_int8") if dtype == "int8" else net.source)
         if not path.is_file():
             return None
-    mod, params = tvm_tinytrain.load_model(str(path))
+    mod, params = tvm_tinytrain.load_model(str(path), float_classifier=float_classifier)
     shape = [int(d) for d in backbone(mod).params[0].ty.shape]  # NCHW or NHWC, batch 1
     return mod, params, tvm_tinytrain.layer_table(mod), max(shape[1:])
 
@@ -264,15 +269,21 @@ def run_network(net: Network, resolution: int, tmp: Path, dtype: str = "int8",
     sparse = paper_style_scheme(layers)
     _progress(f"{net.label}: {len(layers)} layers, sparse scheme {json.dumps(sparse)}")
     schemes = {"full": "full", "sparse": sparse, "bias-only": "bias-only"}
+    settings = ["full", "sparse", "sparse+reorder", *net.extra_settings]
+    models = {s: (mod, params) for s in settings}
+    if dtype == "int8":  # the classifier int8 too, as the file has it (float32 is the default)
+        settings.insert(3, INT8_CLASSIFIER)
+        models[INT8_CLASSIFIER] = load_network(net, resolution, tmp, dtype, float_classifier=False)[:2]
     rows = []
-    for setting in ("full", "sparse", "sparse+reorder", *net.extra_settings):
+    for setting in settings:
         base, _, reorder = setting.partition("+")
+        reorder = reorder.partition(",")[0]
         row = {"network": net.key, "label": net.label, "setting": setting, "reorder": bool(reorder)}
-        row.update(measure(mod, schemes[base], bool(reorder), compare_tvm=dtype == "float32"))
-        row["paper_kb"] = PAPER_FIG10A.get(net.key, {}).get(setting)
-        if qemu and net.source == "zoo" and setting == "sparse+reorder":
-            _progress(f"{net.label}: building the sparse+reorder step for QEMU ...")
-            row.update(measure_on_qemu(mod, params, sparse, tmp))
+        row.update(measure(models[setting][0], schemes[base], bool(reorder), compare_tvm=dtype == "float32"))
+        row["paper_kb"] = PAPER_FIG10A.get(net.key, {}).get(base + ("+reorder" if reorder else ""))
+        if qemu and net.source == "zoo" and setting in ("sparse+reorder", INT8_CLASSIFIER):
+            _progress(f"{net.label}: building the {setting} step for QEMU ...")
+            row.update(measure_on_qemu(*models[setting], sparse, tmp / f"{net.key}_{len(rows)}"))
         rows.append(row)
     full = rows[0]["total_sram_bytes"]
     for row in rows:
@@ -336,14 +347,14 @@ def markdown(rows: list[dict], networks: list[dict], skipped: list[str], dtype: 
     if measured:
         lines += ["", "Measured on the emulated Cortex-M7 (qemu-system-arm mps2-an500, the sparse+reorder "
                   "step as C, one step, `-icount shift=0`):", "",
-                  "| network | planned SRAM KB | measured KB (.data + .bss + stack high-water) "
+                  "| network | setting | planned SRAM KB | measured KB (.data + .bss + stack high-water) "
                   "| linker arena KB "
                   "| instructions / step | ms at 216 MHz, 1 instr/cycle | paper KB | paper ms (Fig. 10c) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         paper_ms = {"mobilenet_v2": 373, "proxyless_nas": 443, "mcunet_like": 546}
         for r in measured:
             lines.append(
-                f"| {r['label']} | {_kb(r['qemu_planned_bytes'])} | {_kb(r['qemu_measured_bytes'])} "
+                f"| {r['label']} | {r['setting']} | {_kb(r['qemu_planned_bytes'])} | {_kb(r['qemu_measured_bytes'])} "
                 f"| {_kb(r['qemu_arena_bytes'])} | {r['qemu_instructions_per_step']:,} "
                 f"| {r['qemu_ms_at_216mhz_1ipc']:,.0f} | {r['paper_kb'] or '-'} "
                 f"| {paper_ms.get(r['network'], '-')} |")

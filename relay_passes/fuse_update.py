@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax, s_tir, te
+from tvm.relax import op as R
 
 from .exprs import constant_value, use_counts
 from .int8_arith import integer_step
-from .int8_grads import _qconv_weight_grad, _qlinear_weight_grad
+from .int8_grads import ROWS_WEIGHT_GRAD, _qconv_weight_grad, _qlinear_weight_grad, rows_weight_grad
 from .int8_ops import WEIGHT_GRADS, QConvParams, fused_accumulator, kernel_tag, make_kernel
 
 _MULTIPLY = tvm.ir.Op.get("relax.multiply")
+_CONCAT = tvm.ir.Op.get("relax.concat")
 
 
 def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, hi: float,
@@ -46,6 +48,27 @@ def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, h
         return integer_step(w[i], factor[i[0]] * grad[i], i, w.shape, lo, hi, rounding)
 
     return te.compute(w.shape, body, name="y")
+
+
+def fused_rows_update(q: QConvParams, x, mask, multiplier, g, w, factor, c0: int, out_shape,
+                      lo: float, hi: float, rounding: str = "stochastic"):
+    """Rows ``c0 .. c0 + len(g)`` of :func:`fused_weight_update` for a weight whose gradient
+    comes in row chunks (``int8_grads.rows_weight_grad``): the new rows only."""
+    grad = rows_weight_grad(q, x, mask, multiplier, g, c0, out_shape)
+    shape = [int(d) for d in grad.shape]
+
+    def body(j, *i):
+        full = (j + c0, *i)
+        return integer_step(w[full], factor[j + c0] * grad[(j, *i)], full, w.shape, lo, hi, rounding)
+
+    return te.compute(shape, body, name="y")
+
+
+def _inline_then_accumulate(func):
+    """Inline the clamp stage into the gradient sum, then :func:`fused_accumulator`."""
+    sch = s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("g_acc"))
+    return fused_accumulator(sch.mod["main"])
 
 
 def _constant_and_other(call):
@@ -84,16 +107,22 @@ class FuseWeightUpdate:
                 if split is None:
                     break
                 factor, chain = factor * split[0], split[1]
-            if chain not in value or uses.get(chain, 0) != 1 or tag(value[chain]) not in WEIGHT_GRADS:
+            if chain not in value or uses.get(chain, 0) != 1:
                 continue
-            grad = value[chain]
             factor = factor.reshape(-1) if factor.ndim else factor
-            fused[b.var] = (grad, w, factor, kernel_tag(mod, b.value)[1], kernel_tag(mod, grad))
+            kw = kernel_tag(mod, b.value)[1]
+            if tag(value[chain]) in WEIGHT_GRADS:
+                fused[b.var] = (value[chain], w, factor, kw, kernel_tag(mod, value[chain]))
+            elif self._row_chunks(mod, value[chain], value, uses) is not None:
+                fused[b.var] = (self._row_chunks(mod, value[chain], value, uses), w, factor, kw, None)
         if not fused:
             return mod
         bb = relax.BlockBuilder(mod)
         new_bindings = []
         for b in bindings:
+            if b.var in fused and fused[b.var][4] is None:
+                new_bindings += self._fuse_rows(bb, b.var, *fused[b.var][:4])
+                continue
             if b.var in fused:
                 grad, w, factor, kw, (kind, grad_kw) = fused[b.var]
                 x, g = grad.args[1]
@@ -115,3 +144,37 @@ class FuseWeightUpdate:
         body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], func.body.body)
         out[self.func] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
         return relax.transform.DeadCodeElimination([self.func, "predict"])(relax.transform.Normalize()(out))
+
+    @staticmethod
+    def _row_chunks(mod, value, defs, uses):
+        """The row-chunk weight-gradient calls a ``concat`` joins, or None."""
+        if not (isinstance(value, relax.Call) and value.op == _CONCAT):
+            return None
+        fields = list(value.args[0].fields) if isinstance(value.args[0], relax.Tuple) else None
+        if not fields or any(uses.get(f, 0) != 1 or kernel_tag(mod, defs.get(f))[0] != ROWS_WEIGHT_GRAD
+                             for f in fields):
+            return None
+        return [defs[f] for f in fields]
+
+    @staticmethod
+    def _fuse_rows(bb, var, chunks, w, factor, kw) -> list:
+        """Each chunk's new rows straight from its gradient, then the rows joined as the
+        new weight (written over the old one once nothing reads it)."""
+        factor = relax.const(np.broadcast_to(np.asarray(factor, np.float32), (int(w.ty.shape[0]),)).copy())
+        lo, hi, rounding = float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
+        out, rows = [], []
+        for call in chunks:
+            _, grad_kw = kernel_tag(bb.get(), call)
+            q = QConvParams.from_kwargs(grad_kw)
+            c0, out_shape = int(grad_kw["c0"]), [int(d) for d in grad_kw["out_shape"]]
+            x, mask, multiplier, g = call.args[1]
+            args = [x, mask, multiplier, g, w, factor]
+            kernel, out_ty = make_kernel(
+                lambda *t, q=q, c0=c0, shape=out_shape: fused_rows_update(q, *t, c0, shape, lo, hi, rounding),
+                args, _inline_then_accumulate)
+            gv = bb.add_func(kernel, "qconv_weight_rows_update")
+            row_var = relax.DataflowVar(f"{var.name}_rows{len(rows)}", out_ty)
+            out.append(relax.VarBinding(row_var, relax.call_tir(gv, args, out_ty)))
+            rows.append(row_var)
+        out.append(relax.VarBinding(var, R.concat(rows, axis=0)))
+        return out

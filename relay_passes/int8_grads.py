@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import relax, te, tirx
+from tvm import relax, s_tir, te, tirx
 from tvm.relax import op as R
 
 from .int8_ops import (QAddParams, QConvParams, QPoolParams, _kw, _window, emit_tagged_kernel,
-                       make_kernel, qconv_params)
+                       fused_accumulator, make_kernel, qconv_params)
 
 GRAD_PREFIX = "tvm.relax.te_grad._register."
 
@@ -119,16 +119,16 @@ def _producer(ctx, var):
             return value
     return value
 
-def _tagged_producer(ctx, var) -> tuple[str | None, list]:
-    """(``tinytrain.spread`` or ``tinytrain.pointwise``, the kernel's arguments) when ``var``
-    was made by such a kernel, else (None, [])."""
+def _tagged_producer(ctx, var, tags=("tinytrain.spread", "tinytrain.pointwise")):
+    """(the tag among ``tags``, the kernel's arguments, its attributes) when ``var`` was
+    made by a kernel so tagged, else (None, [], None)."""
     value = _producer(ctx, var)
     if isinstance(value, relax.Call) and isinstance(value.args[0], relax.GlobalVar):
         attrs = ctx.get()[value.args[0]].attrs
-        for tag in ("tinytrain.spread", "tinytrain.pointwise"):
+        for tag in tags:
             if attrs is not None and tag in attrs:
-                return tag, list(value.args[1])
-    return None, []
+                return tag, list(value.args[1]), attrs
+    return None, [], None
 
 class _ClampedGrad:
     """``[lo < y < hi] · M[c] · ∂L/∂y`` computed inside each kernel that reads it, never a
@@ -143,12 +143,21 @@ class _ClampedGrad:
       bottleneck's middle never exists."""
 
     def __init__(self, ctx, mask, multiplier, output_grad):
-        self.shape = [int(d) for d in output_grad.ty.shape]
-        self.tag, source = _tagged_producer(ctx, output_grad)
-        self.args = [mask, multiplier, *(source or [output_grad])]
+        tag, source, _ = _tagged_producer(ctx, output_grad)
+        self._set([int(d) for d in output_grad.ty.shape], tag, [mask, multiplier, *(source or [output_grad])])
+
+    @classmethod
+    def of_parts(cls, shape, tag, args) -> _ClampedGrad:
+        """Over ``args = [mask, multiplier, *source]`` as a kernel tagged ``tag`` took them."""
+        self = cls.__new__(cls)
+        self._set(shape, tag, args)
+        return self
+
+    def _set(self, shape, tag, args):
+        self.shape, self.tag, self.args = shape, tag, args
         self.axes = []
-        if self.tag == "tinytrain.pointwise":
-            self.axes = [te.reduce_axis((0, int(source[1].ty.shape[0])), "rp")]
+        if tag == "tinytrain.pointwise":
+            self.axes = [te.reduce_axis((0, int(args[3].ty.shape[0])), "rp")]
 
     @property
     def narrow(self) -> bool:
@@ -201,11 +210,13 @@ def _qconv_weight_grad(q: QConvParams, x, g, w_shape):
         g[rn, oo, ry, rx] * x_minus_zero(rn, (oo // per_group) * i_g + ii, ry * sh + ky - pt,
                                          rx * sw + kx - pl), axis=[rn, ry, rx]), name="g_w")
 
-def _qconv_input_grad(q: QConvParams, g_at, axes: list, out_hw, w, x_shape):
+def _qconv_input_grad(q: QConvParams, g_at, axes: list, out_hw, w, x_shape, channels=None):
     """The transposed conv, reading the int8 weight directly (no float copy of it, no
     dilated and padded copy of the gradient as conv2d_transpose would make). ``g_at(n,
-    o, y, x)`` reads the output gradient (a term of a sum over ``axes``, joined here)."""
+    o, y, x)`` reads the output gradient (a term of a sum over ``axes``, joined here).
+    ``channels=(c0, count)``: only input channels ``c0 .. c0 + count``."""
     n, c, h, wd = x_shape
+    c0, c = channels if channels is not None else (0, c)
     o, i_g, kh, kw = (int(d) for d in w.shape)
     oh, ow = out_hw
     (sh, sw), (pt, pl, _, _) = q.strides, q.padding
@@ -214,6 +225,7 @@ def _qconv_input_grad(q: QConvParams, g_at, axes: list, out_hw, w, x_shape):
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
 
     def term(nn, cc, yy, xx):
+        cc = cc + c0
         oc = (cc // i_g) * per_group + ro
         ty, tx = yy + pt - ry, xx + pl - rx
         oy, ox = tirx.floordiv(ty, sh), tirx.floordiv(tx, sw)
@@ -251,6 +263,10 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
         g_x = _emit_spread(ctx, g_acc, w, x_shape)
         return ctx.emit(relax.Tuple([g_x, R.grad.no_grad(w), R.grad.no_grad(b),
                                      R.grad.no_grad(mult), R.grad.no_grad(shift)]))
+    through, through_args, through_attrs = _tagged_producer(ctx, output_grad, ("tinytrain.dw_through",))
+    if through and _is_pointwise(q, w_shape):
+        return _chunked_expansion_grad(ctx, q, call, mask, multiplier, through_args, through_attrs,
+                                       [int(d) for d in orig_var.ty.shape])
     # the weight gradient reads a tensor (FuseWeightUpdate rewrites it); unused, it dies
     g_acc = _grad_through_clamp(ctx, mask, output_grad, multiplier, 1)
     g_w = emit_tagged_kernel(ctx, lambda xt, gt: _qconv_weight_grad(q, xt, gt, w_shape), [x, g_acc],
@@ -269,9 +285,104 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
             q, lambda *i: gt[i], [], out_hw, wt, x_shape), [g_acc, w])
         gv = ctx.add_func(func.with_attr("tinytrain.pointwise", True), "qconv_input_grad")
         g_x = ctx.emit(relax.call_tir(gv, [g_acc, w], out_ty))
+    elif clamped.tag == "tinytrain.pointwise" and q.groups == x_shape[1] == w_shape[0]:
+        # a depthwise conv between two 1×1 convs: the expansion before reads this in
+        # channel chunks (_chunked_expansion_grad); kept whole only where nothing does
+        func, out_ty = make_kernel(lambda *t: _qconv_input_grad(
+            q, clamped.reader(t[:4]), clamped.axes, out_hw, t[4], x_shape), [*clamped.args, w])
+        func = func.with_attrs({"tinytrain.dw_through": True, "tinytrain.kwargs": q.kwargs(),
+                                "tinytrain.out_shape": [int(d) for d in orig_var.ty.shape]})
+        gv = ctx.add_func(func, "qconv_input_grad")
+        g_x = ctx.emit(relax.call_tir(gv, [*clamped.args, w], out_ty))
     else:
         g_x = clamped.emit(ctx, lambda at, axes, wt: _qconv_input_grad(q, at, axes, out_hw, wt, x_shape),
                            [w], "qconv_input_grad")
+    return ctx.emit(relax.Tuple([g_x, g_w, g_b, R.grad.no_grad(mult), R.grad.no_grad(shift)]))
+
+def _accumulate_in_register(func):
+    """``y = acc + Σ …``: the clamp inlined, the sum one scalar per output (no scratch)."""
+    sch = s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("g_acc"))
+    return fused_accumulator(sch.mod["main"])
+
+ROWS_WEIGHT_GRAD = "tinytrain_qconv_weight_grad_rows"  # tagged, for FuseWeightUpdate
+
+def _clamped_rows(mask, multiplier, g, c0: int, out_shape):
+    """The clamp of a layer's output gradient on a chunk ``g`` of its channels from ``c0``."""
+    n, _, h, wd = out_shape
+    step = int(g.shape[1])
+
+    def f(nn, j, yy, xx):
+        k = _flat_index(out_shape, (nn, j + c0, yy, xx))
+        return tirx.Select(_mask_bit(mask, k), g[nn, j, yy, xx] * multiplier[j + c0], tirx.const(0, "float32"))
+    return te.compute((n, step, h, wd), f, name="g_acc")
+
+def rows_weight_grad(q: QConvParams, x, mask, multiplier, g, c0: int, out_shape):
+    """The weight gradient of output channels ``c0 .. c0 + len(g)`` of a 1×1 conv, from its
+    input and a chunk ``g`` of its output gradient (before the clamp)."""
+    return _qconv_weight_grad(q, x, _clamped_rows(mask, multiplier, g, c0, out_shape),
+                              [int(g.shape[1]), int(x.shape[1]), 1, 1])
+
+CHUNK_BYTES = 8 * 1024  # the largest slice of a bottleneck's middle gradient made at once
+
+def _chunked_expansion_grad(ctx, q: QConvParams, call, mask, multiplier, through: list, attrs,
+                            out_shape):
+    """The gradients of a 1×1 expansion ``E`` whose output feeds a depthwise ``D`` that feeds
+    a 1×1 projection ``P`` (an inverted bottleneck), a few middle channels at a time.
+
+    ``∂L/∂e`` (the wide middle gradient) is D's input gradient, computed by reading through
+    P's narrow clamped gradient. Everything E needs of it is per middle channel (its bias
+    and weight rows) or a sum over middle channels (its input gradient), so each chunk of
+    channels is made, used and dropped: the bias and weight gradients are concatenated
+    from their chunks, the input gradient accumulated over them."""
+    x, w, b, mult, shift = call.args[1]
+    n, channels, h, wd = out_shape
+    x_shape = [int(d) for d in x.ty.shape]
+    q_d = QConvParams.from_kwargs({str(k): v for k, v in attrs["tinytrain.kwargs"].items()})
+    d_shape = [int(v) for v in attrs["tinytrain.out_shape"]]
+    d_clamped = _ClampedGrad.of_parts(d_shape, "tinytrain.pointwise", through[:4])
+    w_d = through[4]
+    per_channel = n * h * wd * 4
+    step = next(k for k in range(channels, 0, -1) if channels % k == 0 and k * per_channel <= CHUNK_BYTES) \
+        if per_channel <= CHUNK_BYTES else 1
+    g_x = None
+    biases, weights = [], []
+    for c0 in range(0, channels, step):
+        g_e = ctx.emit_te(lambda *t: _qconv_input_grad(
+            q_d, d_clamped.reader(t[:4]), d_clamped.axes, d_shape[2:], t[4], out_shape, (c0, step)),
+            *d_clamped.args, w_d, primfunc_name_hint="qconv_input_grad_chunk")
+
+        def clamped(mt, kt, gt):
+            return _clamped_rows(mt, kt, gt, c0, out_shape)
+
+        def bias(mt, kt, gt):
+            g = clamped(mt, kt, gt)
+            rn, ry, rx = (te.reduce_axis((0, d), f"r{i}") for i, d in enumerate((n, h, wd)))
+            return te.compute((step,), lambda j: te.sum(g[rn, j, ry, rx], axis=[rn, ry, rx]), name="g_b")
+
+        def weight(xt, mt, kt, gt):
+            return rows_weight_grad(q, xt, mt, kt, gt, c0, out_shape)
+
+        def input_grad(mt, kt, gt, wt, *acc):
+            g = clamped(mt, kt, gt)
+            r = te.reduce_axis((0, step), "rc")
+            part = te.compute(x_shape, lambda nn, i, yy, xx: te.sum(
+                g[nn, r, yy, xx] * wt[r + c0, i, 0, 0].astype("float32"), axis=r), name="part")
+            if not acc:
+                return part
+            return te.compute(x_shape, lambda *i: acc[0][i] + part[i], name="y")
+
+        biases.append(ctx.emit_te(bias, mask, multiplier, g_e, primfunc_name_hint="qconv_bias_grad_chunk"))
+        weights.append(emit_tagged_kernel(ctx, weight, [x, mask, multiplier, g_e], ROWS_WEIGHT_GRAD,
+                                          {**q.kwargs(), "c0": c0, "out_shape": list(out_shape)}))
+        args = [mask, multiplier, g_e, w, *([g_x] if g_x is not None else [])]
+        func, out_ty = make_kernel(input_grad, args, _accumulate_in_register if g_x is not None else None)
+        if g_x is not None:  # adds into the running sum in place
+            func = func.with_attr("tinytrain.elementwise_in", [4])
+        gv = ctx.add_func(func, "qconv_input_grad_accumulate")
+        g_x = ctx.emit(relax.call_tir(gv, args, out_ty))
+    g_b = biases[0] if len(biases) == 1 else ctx.emit(R.concat(biases, axis=0))
+    g_w = weights[0] if len(weights) == 1 else ctx.emit(R.concat(weights, axis=0))
     return ctx.emit(relax.Tuple([g_x, g_w, g_b, R.grad.no_grad(mult), R.grad.no_grad(shift)]))
 
 def _qlinear_grad(orig_var, call, output_grad, ctx):

@@ -88,10 +88,19 @@ def schedule(bindings: list, outputs: dict, params: set, loss) -> list[int]:
             feeds[i] |= feeds[u]
             feeds_loss[i] = feeds_loss[i] or feeds_loss[u]
     is_update = [len(feeds[i]) == 1 and not feeds_loss[i] for i in range(len(bindings))]
-    for i in range(last):  # an in-place update waits for the parameter's other readers
-        if is_update[i]:
-            for p in reads[i]:
-                deps[i] |= {j for j in range(last) if p in reads[j] and not is_update[j]}
+    for i in range(last):  # the binding that overwrites a parameter waits for the other
+        if bindings[i].var not in outputs:  # readers of what its update work reads (that work
+            continue  # itself may read it early: it writes elsewhere, e.g. new rows of a weight)
+        read, stack, seen = set(), [i], {i}
+        while stack:
+            k = stack.pop()
+            read |= reads[k]
+            for j in deps[k]:
+                if is_update[j] and j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+        for p in read:
+            deps[i] |= {j for j in range(last) if p in reads[j] and not is_update[j]}
     backward = [False] * len(bindings)  # carries a gradient (the seed is ones_like(loss))
     for i in range(loss_at + 1, last):
         backward[i] = (not deps[i] and not is_update[i]) or any(backward[j] for j in deps[i])

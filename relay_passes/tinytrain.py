@@ -19,6 +19,7 @@ from tvm import relax
 from .append_loss import AppendLoss
 from .band_rows import BandFrozenChains
 from .chunk_bottlenecks import ChunkBottlenecks
+from .dense import DenseWithoutTranspose, FuseLinearUpdate
 from .fuse_update import FuseWeightUpdate
 from .gradient import BuildGradient
 from .optimizer import ApplyOptimizer
@@ -54,6 +55,8 @@ def TrainingPipeline(
         relax.transform.CanonicalizeBindings(),  # (g_x, g_w)[1] → g_w: an unused g_x dies
         relax.transform.DeadCodeElimination(["predict", "train_step"]),
         FuseWeightUpdate(),
+        FuseLinearUpdate,
+        DenseWithoutTranspose,
         PlainTIRCalls,
         relax.transform.DeadCodeElimination(["predict", "train_step"]),  # unused gradient kernels
     ]

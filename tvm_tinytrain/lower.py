@@ -59,7 +59,7 @@ def lower(train_mod: tvm.IRModule, fuse: bool = False) -> tvm.IRModule:
     Unfused, a conv's output and its bias add are two tensors the planner can
     overlay in place; fused, TVM gives the kernel a private copy of the conv
     output (scratch as large as the activation). The memory-saving order is
-    restored on the kernels when the module was reordered.
+    restored on the fused kernels when the module was reordered.
     """
     passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant()]
@@ -67,7 +67,10 @@ def lower(train_mod: tvm.IRModule, fuse: bool = False) -> tvm.IRModule:
         passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
     mod = tvm.transform.Sequential(passes)(train_mod)
     step = mod["train_step"]
-    if step.attrs is not None and "tinytrain.reordered" in step.attrs:
+    if fuse and step.attrs is not None and "tinytrain.reordered" in step.attrs:
+        # FuseOps places a group where its last member was. (Unfused, the kernels keep the
+        # order of the bindings; scheduling them again would see no gradient seed, which
+        # FoldConstant has folded, and take the backward for forward work.)
         mod = ReorderForMemory()(mod)
     return inline_intermediates(mod)
 
