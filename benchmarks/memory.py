@@ -354,7 +354,8 @@ def markdown(rows: list[dict], networks: list[dict], skipped: list[str], dtype: 
         paper_ms = {"mobilenet_v2": 373, "proxyless_nas": 443, "mcunet_like": 546}
         for r in measured:
             lines.append(
-                f"| {r['label']} | {r['setting']} | {_kb(r['qemu_planned_bytes'])} | {_kb(r['qemu_measured_bytes'])} "
+                f"| {r['label']} | {r['setting']} | {_kb(r['qemu_planned_bytes'])} "
+                f"| {_kb(r['qemu_measured_bytes'])} "
                 f"| {_kb(r['qemu_arena_bytes'])} | {r['qemu_instructions_per_step']:,} "
                 f"| {r['qemu_ms_at_216mhz_1ipc']:,.0f} | {r['paper_kb'] or '-'} "
                 f"| {paper_ms.get(r['network'], '-')} |")

@@ -31,7 +31,8 @@ After (bands of 4 output rows; band 1 needs input rows 7..16 for its 3×3 s2 con
     e0 = R.call_tir_with_grad(qconv, (x0, w1, ...), R.Tensor((1, 48, 8, 64), "int8"), ...)
     d0 = R.call_tir_with_grad(qconv_pad_top, (e0, w2, ...), R.Tensor((1, 48, 4, 32), "int8"), ...)
     y0 = R.call_tir_with_grad(qconv, (d0, w3, ...), R.Tensor((1, 8, 4, 32), "int8"), ...)
-    y = R.call_tir_with_grad(place_rows, (y0,), R.Tensor((1, 8, 32, 32), "int8"), te_grad_name="tinytrain_frozen")
+    y = R.call_tir_with_grad(place_rows, (y0,), R.Tensor((1, 8, 32, 32), "int8"),
+                             te_grad_name="tinytrain_frozen")
     x1 = R.strided_slice(x, axes=[2], begin=[7], end=[16])
     ...
     y = R.call_tir_inplace(write_rows, (y, y1), [0], R.Tensor((1, 8, 32, 32), "int8"))
@@ -249,7 +250,7 @@ class BandFrozenChains:
                 v = int8_ops.emit_qconv(bb, v, w, b, q, [mult, shift])
             if full is None:
                 func, ty = int8_ops.make_kernel(
-                    lambda t: _place_rows_te(t, int(out_ty.shape[2]), r0, chain[-1].q.zy), [v])
+                    lambda t, r0=r0: _place_rows_te(t, int(out_ty.shape[2]), r0, chain[-1].q.zy), [v])
                 gv = bb.add_func(func, "place_rows")
                 full = bb.emit(relax.call_tir_with_grad(gv, [v], ty, "tinytrain_frozen", {}))
             else:

@@ -5,7 +5,8 @@ Relax writes ``x · Wᵀ`` as ``matmul(x, permute_dims(W))``, which lowers to a
 transposed copy of W before the product: 50 KB for MobileNetV2's float32
 classifier (1280 × 10), alive next to the forward's activations. Its SGD update
 ``W − lr · (gᵀ · x)`` materializes the weight gradient, another 50 KB. Both run
-after Gradient, on the training step and ``predict``.
+after Gradient, on the training step (``predict`` keeps its Relax ops, which
+``export_onnx`` reads).
 
 Before::
 
@@ -95,10 +96,7 @@ def DenseWithoutTranspose(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func, out_ty = make_kernel(_dense_te, [x, w])
         return relax.call_tir(bb.add_func(func, "dense"), [x, w], out_ty)
 
-    for name in ("predict", "train_step"):
-        if name in [gv.name_hint for gv in mod.get_global_vars()]:
-            mod = _rewrite(mod, name, replace)
-    return mod
+    return _rewrite(mod, "train_step", replace)  # predict keeps Relax ops (export_onnx reads them)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseLinearUpdate")

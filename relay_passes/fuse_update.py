@@ -16,6 +16,17 @@ Before (QAS on, lr 0.01)::
 After::
 
     w_new = R.call_tir(qconv_weight_update, (x, g_acc, w, R.const(0.01 * qas)))
+
+An inverted bottleneck's expansion gets its gradient in row chunks
+(``int8_grads._chunked_expansion_grad``); each chunk's rows are updated from it
+and the rows joined, written over the weight once nothing reads it::
+
+    g = R.concat((R.call_tir(qconv_weight_grad_rows, (x, mask, m, g_e0)), ...), axis=0)
+    ...                                                 # the same multiplies and update
+    →
+    r0 = R.call_tir(qconv_weight_rows_update, (x, mask, m, g_e0, w, factor))   # rows 0..c
+    ...
+    w_new = R.concat((r0, r1, ...), axis=0)
 """
 
 from __future__ import annotations

@@ -17,8 +17,17 @@ import tvm_ffi
 from tvm import relax, s_tir, te, tirx
 from tvm.relax import op as R
 
-from .int8_ops import (QAddParams, QConvParams, QPoolParams, _kw, _window, emit_tagged_kernel,
-                       fused_accumulator, make_kernel, qconv_params)
+from .int8_ops import (
+    QAddParams,
+    QConvParams,
+    QPoolParams,
+    _kw,
+    _window,
+    emit_tagged_kernel,
+    fused_accumulator,
+    make_kernel,
+    qconv_params,
+)
 
 GRAD_PREFIX = "tvm.relax.te_grad._register."
 
@@ -62,7 +71,8 @@ def _mask_bit(mask, k):
     transposed conv's bounds branch."""
     k = k.astype("int32")
     byte = mask[tirx.floordiv(k, 8)].astype("int32")
-    return tirx.floormod(tirx.floordiv(byte, tirx.shift_left(tirx.const(1, "int32"), tirx.floormod(k, 8))), 2) == 1
+    bit = tirx.shift_left(tirx.const(1, "int32"), tirx.floormod(k, 8))
+    return tirx.floormod(tirx.floordiv(byte, bit), 2) == 1
 
 def _clamp_mask(ctx, y, lo: int, hi: int):
     """The packed clamp mask of a forward output: the backward reads it instead of the
@@ -314,7 +324,8 @@ def _clamped_rows(mask, multiplier, g, c0: int, out_shape):
 
     def f(nn, j, yy, xx):
         k = _flat_index(out_shape, (nn, j + c0, yy, xx))
-        return tirx.Select(_mask_bit(mask, k), g[nn, j, yy, xx] * multiplier[j + c0], tirx.const(0, "float32"))
+        value = g[nn, j, yy, xx] * multiplier[j + c0]
+        return tirx.Select(_mask_bit(mask, k), value, tirx.const(0, "float32"))
     return te.compute((n, step, h, wd), f, name="g_acc")
 
 def rows_weight_grad(q: QConvParams, x, mask, multiplier, g, c0: int, out_shape):
@@ -324,6 +335,39 @@ def rows_weight_grad(q: QConvParams, x, mask, multiplier, g, c0: int, out_shape)
                               [int(g.shape[1]), int(x.shape[1]), 1, 1])
 
 CHUNK_BYTES = 8 * 1024  # the largest slice of a bottleneck's middle gradient made at once
+
+def _expansion_chunk(ctx, q: QConvParams, x, w, mask, multiplier, g_e, c0: int, out_shape, g_x):
+    """One chunk of :func:`_chunked_expansion_grad`: (bias gradient rows, weight gradient
+    rows, the input gradient summed so far) from ``g_e``, channels ``c0 ..`` of the
+    expansion's output gradient."""
+    n, _, h, wd = out_shape
+    step = int(g_e.ty.shape[1])
+    x_shape = [int(d) for d in x.ty.shape]
+
+    def bias(mt, kt, gt):
+        g = _clamped_rows(mt, kt, gt, c0, out_shape)
+        rn, ry, rx = (te.reduce_axis((0, d), f"r{i}") for i, d in enumerate((n, h, wd)))
+        return te.compute((step,), lambda j: te.sum(g[rn, j, ry, rx], axis=[rn, ry, rx]), name="g_b")
+
+    def input_grad(mt, kt, gt, wt, *acc):
+        g = _clamped_rows(mt, kt, gt, c0, out_shape)
+        r = te.reduce_axis((0, step), "rc")
+        part = te.compute(x_shape, lambda nn, i, yy, xx: te.sum(
+            g[nn, r, yy, xx] * wt[r + c0, i, 0, 0].astype("float32"), axis=r), name="part")
+        if not acc:
+            return part
+        return te.compute(x_shape, lambda *i: acc[0][i] + part[i], name="y")
+
+    b = ctx.emit_te(bias, mask, multiplier, g_e, primfunc_name_hint="qconv_bias_grad_chunk")
+    weight = emit_tagged_kernel(
+        ctx, lambda xt, mt, kt, gt: rows_weight_grad(q, xt, mt, kt, gt, c0, out_shape),
+        [x, mask, multiplier, g_e], ROWS_WEIGHT_GRAD, {**q.kwargs(), "c0": c0, "out_shape": list(out_shape)})
+    args = [mask, multiplier, g_e, w, *([g_x] if g_x is not None else [])]
+    func, out_ty = make_kernel(input_grad, args, _accumulate_in_register if g_x is not None else None)
+    if g_x is not None:  # adds into the running sum in place
+        func = func.with_attr("tinytrain.elementwise_in", [4])
+    gv = ctx.add_func(func, "qconv_input_grad_accumulate")
+    return b, weight, ctx.emit(relax.call_tir(gv, args, out_ty))
 
 def _chunked_expansion_grad(ctx, q: QConvParams, call, mask, multiplier, through: list, attrs,
                             out_shape):
@@ -337,52 +381,24 @@ def _chunked_expansion_grad(ctx, q: QConvParams, call, mask, multiplier, through
     from their chunks, the input gradient accumulated over them."""
     x, w, b, mult, shift = call.args[1]
     n, channels, h, wd = out_shape
-    x_shape = [int(d) for d in x.ty.shape]
     q_d = QConvParams.from_kwargs({str(k): v for k, v in attrs["tinytrain.kwargs"].items()})
     d_shape = [int(v) for v in attrs["tinytrain.out_shape"]]
     d_clamped = _ClampedGrad.of_parts(d_shape, "tinytrain.pointwise", through[:4])
     w_d = through[4]
     per_channel = n * h * wd * 4
-    step = next(k for k in range(channels, 0, -1) if channels % k == 0 and k * per_channel <= CHUNK_BYTES) \
-        if per_channel <= CHUNK_BYTES else 1
+    fits = [k for k in range(channels, 0, -1) if channels % k == 0 and k * per_channel <= CHUNK_BYTES]
+    step = fits[0] if fits else 1
     g_x = None
     biases, weights = [], []
     for c0 in range(0, channels, step):
-        g_e = ctx.emit_te(lambda *t: _qconv_input_grad(
+        g_e = ctx.emit_te(lambda *t, c0=c0: _qconv_input_grad(
             q_d, d_clamped.reader(t[:4]), d_clamped.axes, d_shape[2:], t[4], out_shape, (c0, step)),
             *d_clamped.args, w_d, primfunc_name_hint="qconv_input_grad_chunk")
-
-        def clamped(mt, kt, gt):
-            return _clamped_rows(mt, kt, gt, c0, out_shape)
-
-        def bias(mt, kt, gt):
-            g = clamped(mt, kt, gt)
-            rn, ry, rx = (te.reduce_axis((0, d), f"r{i}") for i, d in enumerate((n, h, wd)))
-            return te.compute((step,), lambda j: te.sum(g[rn, j, ry, rx], axis=[rn, ry, rx]), name="g_b")
-
-        def weight(xt, mt, kt, gt):
-            return rows_weight_grad(q, xt, mt, kt, gt, c0, out_shape)
-
-        def input_grad(mt, kt, gt, wt, *acc):
-            g = clamped(mt, kt, gt)
-            r = te.reduce_axis((0, step), "rc")
-            part = te.compute(x_shape, lambda nn, i, yy, xx: te.sum(
-                g[nn, r, yy, xx] * wt[r + c0, i, 0, 0].astype("float32"), axis=r), name="part")
-            if not acc:
-                return part
-            return te.compute(x_shape, lambda *i: acc[0][i] + part[i], name="y")
-
-        biases.append(ctx.emit_te(bias, mask, multiplier, g_e, primfunc_name_hint="qconv_bias_grad_chunk"))
-        weights.append(emit_tagged_kernel(ctx, weight, [x, mask, multiplier, g_e], ROWS_WEIGHT_GRAD,
-                                          {**q.kwargs(), "c0": c0, "out_shape": list(out_shape)}))
-        args = [mask, multiplier, g_e, w, *([g_x] if g_x is not None else [])]
-        func, out_ty = make_kernel(input_grad, args, _accumulate_in_register if g_x is not None else None)
-        if g_x is not None:  # adds into the running sum in place
-            func = func.with_attr("tinytrain.elementwise_in", [4])
-        gv = ctx.add_func(func, "qconv_input_grad_accumulate")
-        g_x = ctx.emit(relax.call_tir(gv, args, out_ty))
+        bias, weight, g_x = _expansion_chunk(ctx, q, x, w, mask, multiplier, g_e, c0, out_shape, g_x)
+        biases.append(bias)
+        weights.append(weight)
     g_b = biases[0] if len(biases) == 1 else ctx.emit(R.concat(biases, axis=0))
-    g_w = weights[0] if len(weights) == 1 else ctx.emit(R.concat(weights, axis=0))
+    g_w = ctx.emit(R.concat(weights, axis=0))  # FuseWeightUpdate fuses each chunk's rows
     return ctx.emit(relax.Tuple([g_x, g_w, g_b, R.grad.no_grad(mult), R.grad.no_grad(shift)]))
 
 def _qlinear_grad(orig_var, call, output_grad, ctx):

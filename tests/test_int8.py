@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 import tvm_tinytrain as tt
-from relay_passes import AppendLoss, BuildGradient
+from relay_passes import AppendLoss, BuildGradient, int8_grads
 from relay_passes.int8_ops import QAddParams, QConvParams, QPoolParams
 from relay_passes.plain_calls import PlainTIRCalls
 from relay_passes.qas import QuantizationAwareScaling
@@ -76,26 +76,38 @@ def test_quantize_input_uses_the_model_input_scale(shared_model):
 
 # ---- gradients: a small int8 network against its float64 twin ---------------------
 class _TinyInt8Net:
-    """x → conv 3×3 → depthwise 3×3 /2 → 1×1 conv → add (residual) → avg pool → linear.
+    """``residual``: x → conv 3×3 → depthwise 3×3 /2 → 1×1 conv → add (residual) → avg pool
+    → linear. ``bottleneck``: x → 1×1 expansion to 8 → depthwise 3×3 → 1×1 projection to 4
+    → 4×4 avg pool /4 → linear (the inverted bottleneck whose middle gradient the backward
+    makes in channel chunks).
 
     Scales are chosen so no activation reaches its clamp: the twin is then smooth
     at the integer point and its gradient is the straight-through one.
     """
 
-    def __init__(self, seed: int = 0):
+    GEOMETRY = {  # (stride, padding, groups) of conv0, dwconv1, conv2
+        "residual": {"conv0": (1, 1, 1), "dwconv1": (2, 1, 4), "conv2": (1, 0, 1)},
+        "bottleneck": {"conv0": (1, 0, 1), "dwconv1": (1, 1, 8), "conv2": (1, 0, 1)},
+    }
+
+    def __init__(self, seed: int = 0, arch: str = "residual"):
         rng = np.random.default_rng(seed)
+        self.arch, self.geometry = arch, self.GEOMETRY[arch]
         self.x = rng.integers(-40, 40, size=(1, 3, 8, 8)).astype(np.int8)
         self.zx, self.sx = 3, 0.05
         self.label = 1
+        mid, k0 = (4, 3) if arch == "residual" else (8, 1)
         self.params = {
-            "conv0.weight": rng.integers(-30, 30, (4, 3, 3, 3)), "conv0.bias": rng.integers(-200, 200, 4),
-            "dwconv1.weight": rng.integers(-30, 30, (4, 1, 3, 3)),
-            "dwconv1.bias": rng.integers(-200, 200, 4),
-            "conv2.weight": rng.integers(-30, 30, (4, 4, 1, 1)), "conv2.bias": rng.integers(-200, 200, 4),
-            "linear3.weight": rng.integers(-30, 30, (3, 4)), "linear3.bias": rng.integers(-200, 200, 3),
+            "conv0.weight": rng.integers(-30, 30, (mid, 3, k0, k0)),
+            "conv0.bias": rng.integers(-200, 200, mid),
+            "dwconv1.weight": rng.integers(-30, 30, (mid, 1, 3, 3)),
+            "dwconv1.bias": rng.integers(-200, 200, mid),
+            "conv2.weight": rng.integers(-30, 30, (4, mid, 1, 1)), "conv2.bias": rng.integers(-200, 200, 4),
+            "linear3.weight": rng.integers(-30, 30, (3, 4 if arch == "residual" else 16)),
+            "linear3.bias": rng.integers(-200, 200, 3),
         }
-        self.sw = {name: tuple(float(s) for s in rng.uniform(0.005, 0.02, 4 if i < 3 else 3))
-                   for i, name in enumerate(["conv0", "dwconv1", "conv2", "linear3"])}
+        self.sw = {name: tuple(float(s) for s in rng.uniform(0.005, 0.02, len(self.params[name + ".bias"])))
+                   for name in ["conv0", "dwconv1", "conv2", "linear3"]}
         self._choose_scales()
 
     def _twin(self, params, stop: str | None = None):
@@ -109,17 +121,20 @@ class _TinyInt8Net:
                 + p[name + ".bias"][None, :, None, None]
             return acc, acc * q[name].real_multiplier[None, :, None, None] if name in q else None
 
-        acc, y0 = conv("conv0", self.x.astype(np.float64) - self.zx, 1, 1, 1)
+        acc, y0 = conv("conv0", self.x.astype(np.float64) - self.zx, *self.geometry["conv0"])
         if stop == "conv0":
             return acc
-        acc, y1 = conv("dwconv1", y0, 2, 1, 4)  # y − zy: the next layer's shifted input
+        acc, y1 = conv("dwconv1", y0, *self.geometry["dwconv1"])  # y − zy: the next layer's input
         if stop == "dwconv1":
             return acc
-        acc, y2 = conv("conv2", y1, 1, 0, 1)
+        acc, y2 = conv("conv2", y1, *self.geometry["conv2"])
         if stop == "conv2":
             return acc
-        s = y1 * (qa.sa / qa.sy) + y2 * (qa.sb / qa.sy)  # (y − zy) of the add's output
-        pooled = s.mean(axis=(2, 3))
+        s = y2 if qa is None else y1 * (qa.sa / qa.sy) + y2 * (qa.sb / qa.sy)  # the add's (y − zy)
+        if self.arch == "residual":
+            pooled = s.mean(axis=(2, 3))
+        else:  # 4×4 windows, stride 4: (1, 4, 2, 2), flattened
+            pooled = s.reshape(1, 4, 2, 4, 2, 4).mean(axis=(3, 5)).reshape(1, 16)
         acc = pooled @ p["linear3.weight"].T + p["linear3.bias"]
         if stop == "linear3":
             return acc
@@ -129,9 +144,9 @@ class _TinyInt8Net:
         """Output scales that keep every activation well inside int8 (|y − zy| ≤ 60)."""
         self.q, zy = {}, {"conv0": -5, "dwconv1": 4, "conv2": -2, "linear3": 6}
         sx, zx = self.sx, self.zx
-        geometry = {"conv0": (1, 1, 1), "dwconv1": (2, 1, 4), "conv2": (1, 0, 1), "linear3": None}
+        geometry = {**self.geometry, "linear3": None}
         for name, geo in geometry.items():
-            if name == "linear3":
+            if name == "linear3" and self.arch == "residual":
                 s1, s2 = self.q["dwconv1"].sy, self.q["conv2"].sy
                 self.qadd = QAddParams(s1, zy["dwconv1"], s2, zy["conv2"], (s1 + s2) * 1.1, 1)
                 sx, zx = self.qadd.sy, 1
@@ -154,24 +169,51 @@ class _TinyInt8Net:
         y0 = em.qconv2d(em.entry, p["conv0.weight"], p["conv0.bias"], self.q["conv0"], "conv0")
         y1 = em.qconv2d(y0, p["dwconv1.weight"], p["dwconv1.bias"], self.q["dwconv1"], "dwconv1")
         y2 = em.qconv2d(y1, p["conv2.weight"], p["conv2.bias"], self.q["conv2"], "conv2")
-        s = em.qadd(y1, y2, self.qadd)
-        pooled = em.reshape(em.qavg_pool(s, QPoolParams((4, 4), (1, 1), (0, 0, 0, 0))), (1, 4))
+        s = em.qadd(y1, y2, self.qadd) if self.arch == "residual" else y2
+        if self.arch == "residual":  # a global pool
+            pooled = em.reshape(em.qavg_pool(s, QPoolParams((4, 4), (1, 1), (0, 0, 0, 0))), (1, 4))
+        else:  # not global: the projection's input gradient is a tensor the depthwise reads through
+            pooled = em.reshape(em.qavg_pool(s, QPoolParams((4, 4), (4, 4), (0, 0, 0, 0))), (1, 16))
         y3 = em.qlinear(pooled, p["linear3.weight"], p["linear3.bias"], self.q["linear3"], "linear3")
         mod, _ = em.finish(em.dequantize(y3, self.slogits, self.zlogits))
         return mod
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    net = _TinyInt8Net()
-    mod = AppendLoss(list(net.params))(net.module())
-    mod = BuildGradient()(mod)
+# the bottleneck's middle gradient (8 channels × 8 × 8 floats) in four chunks of two channels
+SMALL_CHUNKS = 2 * 8 * 8 * 4
+
+
+def _gradients(arch: str):
+    net = _TinyInt8Net(arch=arch)
+    chunk_bytes, int8_grads.CHUNK_BYTES = int8_grads.CHUNK_BYTES, SMALL_CHUNKS
+    try:
+        mod = BuildGradient()(AppendLoss(list(net.params))(net.module()))
+    finally:
+        int8_grads.CHUNK_BYTES = chunk_bytes
     vm = _vm(mod)
     args = [tvm.runtime.tensor(net.x), tvm.runtime.tensor(np.array([net.label], np.int64))]
     args += [tvm.runtime.tensor(np.asarray(net.params[p.name], str(p.ty.dtype)))
              for p in mod["train_loss_adjoint"].params[2:]]
     loss, grads = vm["train_loss_adjoint"](*args)
     return net, mod, float(loss.numpy()), {n: g.numpy() for n, g in zip(net.params, grads)}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _gradients("residual")
+
+
+@pytest.fixture(scope="module")
+def bottleneck():
+    return _gradients("bottleneck")
+
+
+def test_bottleneck_backward_makes_its_middle_gradient_in_chunks(bottleneck):
+    _, mod, _, _ = bottleneck
+    kernels = [gv.name_hint for gv in mod.get_global_vars()]
+    assert len([k for k in kernels if k.startswith("qconv_input_grad_chunk")]) >= 1
+    calls = mod["train_loss_adjoint"].script().count("qconv_input_grad_chunk")
+    assert calls == 4  # one per chunk of two channels
 
 
 def test_int8_network_loss_is_its_twin_up_to_rounding(tiny):
@@ -181,11 +223,13 @@ def test_int8_network_loss_is_its_twin_up_to_rounding(tiny):
 
 # linear3.weight reads the pooled features, a few integer steps wide: rounding them moves
 # its gradient by ~30 %; the single-layer test below checks that weight gradient exactly
+@pytest.mark.parametrize("arch", ["tiny", "bottleneck"])
 @pytest.mark.parametrize("name", ["conv0.weight", "conv0.bias", "dwconv1.weight", "dwconv1.bias",
                                   "conv2.weight", "conv2.bias", "linear3.bias"])
-def test_int8_gradient_matches_float64_twin_by_finite_differences(tiny, name):
-    """Through every quantized op's input gradient: add, avg pool, 1×1, depthwise, conv."""
-    net, _, _, grads = tiny
+def test_int8_gradient_matches_float64_twin_by_finite_differences(request, arch, name):
+    """Through every quantized op's input gradient: add, avg pool, 1×1, depthwise, conv; and
+    through an inverted bottleneck's chunked backward."""
+    net, _, _, grads = request.getfixturevalue(arch)
     params = {k: np.asarray(v, np.float64) for k, v in net.params.items()}
     rng = np.random.default_rng(1)
     eps = 1e-3
@@ -334,15 +378,19 @@ def test_qas_fine_tunes_int8_better_than_without(shared_model):
     assert accuracy[True] > accuracy[False] + 0.1, accuracy
 
 
-def test_fused_weight_update_equals_gradient_then_update(tiny):
+@pytest.mark.parametrize("arch", ["tiny", "bottleneck"])
+def test_fused_weight_update_equals_gradient_then_update(request, monkeypatch, arch):
     """SGD on int8 weights sums each weight's gradient straight into its update
-    (FuseWeightUpdate): the result is the rounded step of the tested gradient."""
-    net, mod, _, grads = tiny
+    (FuseWeightUpdate), by row chunks for a bottleneck's expansion: the result is the
+    rounded step of the tested gradient."""
+    net, mod, _, grads = request.getfixturevalue(arch)
     lr = 0.5
+    monkeypatch.setattr(int8_grads, "CHUNK_BYTES", SMALL_CHUNKS)
     step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=lr), integer_rounding="nearest")(
         net.module())
     kernels = {gv.name_hint for gv in step.get_global_vars()}
     assert any(name.startswith("qconv_weight_update") for name in kernels)
+    assert any(name.startswith("qconv_weight_rows_update") for name in kernels) == (arch == "bottleneck")
     assert not any(name.startswith("qconv_weight_grad") for name in kernels)  # fused away
     trainer = tt.build(step, {k: np.asarray(v) for k, v in net.params.items()})
     trainer.step(net.x, net.label)
@@ -379,3 +427,38 @@ def test_stochastic_rounding_moves_weights_by_the_float_step_on_average(tiny):
     # a sum of independent Bernoulli moves: within 4 standard deviations of the float sum
     assert abs(moved["stochastic"].sum() - expected.sum()) <= 4 * np.sqrt(expected.size) * 0.5
     assert np.all(moved["stochastic"] * expected >= 0)  # never against the gradient
+
+
+def test_frozen_int8_chain_in_row_bands_computes_the_same_bits():
+    """BandFrozenChains: the frozen conv → depthwise → 1×1 chain run a few output rows at a
+    time gives the same logits, loss and update as the chain run whole."""
+    net = _TinyInt8Net(arch="bottleneck")
+    params = {k: np.asarray(v) for k, v in net.params.items()}
+    results = {}
+    for chunk_bytes in (None, 256):
+        step = tt.relay.transform.TinyTrain("last-layer", optimizer=tt.SGD(lr=0.5), chunk_bytes=chunk_bytes,
+                                            integer_rounding="nearest")(net.module())
+        kernels = [gv.name_hint for gv in step.get_global_vars()]
+        assert any(k.startswith("write_rows") for k in kernels) == (chunk_bytes is not None)
+        trainer = tt.build(step, params)
+        logits = trainer.predict(net.x)
+        loss = trainer.step(net.x, net.label)
+        results[chunk_bytes] = (logits, loss, trainer.params()["linear3.weight"])
+    (l0, s0, w0), (l1, s1, w1) = results[None], results[256]
+    np.testing.assert_array_equal(l0, l1)
+    assert s0 == s1
+    np.testing.assert_array_equal(w0, w1)
+
+
+def test_packed_clamp_mask_is_one_bit_per_element_little_endian():
+    from relay_passes.int8_grads import pack_clamp_mask_te
+
+    y = np.random.default_rng(3).integers(-128, 128, (1, 3, 5, 7)).astype(np.int8)
+    y.flat[:4] = [-128, 127, 0, -127]
+    yt = tvm.te.placeholder(y.shape, "int8", "y")
+    func = tvm.te.create_prim_func([yt, pack_clamp_mask_te(yt, -128, 127)])
+    lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    out = tvm.runtime.tensor(np.zeros((y.size + 7) // 8, np.uint8))
+    lib["main"](tvm.runtime.tensor(y), out)
+    expected = np.packbits((y > -128) & (y < 127), bitorder="little")
+    np.testing.assert_array_equal(out.numpy(), expected)
