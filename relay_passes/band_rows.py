@@ -185,6 +185,27 @@ def _chains(func: relax.Function, frozen: set) -> list[list[_Conv]]:
     return chains
 
 
+def _peak_outside(func: relax.Function, skip: set) -> int:
+    """The largest (output + its largest input) of the bindings not in ``skip``: a bound
+    below which banding a chain saves nothing."""
+    peak = 0
+    activations = {func.params[0]} | {b.var for b in func.body.blocks[0].bindings}
+    for b in func.body.blocks[0].bindings:
+        if b.var in skip or not hasattr(b.var.ty, "shape") or b.var.ty.shape is None:
+            continue
+        inputs = [_nbytes(v.ty) for v in relax.analysis.free_vars(b.value) if v in activations]
+        if not inputs:  # work on parameters only (a weight's transpose): not an activation
+            continue
+        try:
+            peak = max(peak, _nbytes(b.var.ty) + max(inputs, default=0))
+        except (TypeError, ValueError):  # a tuple or a shape without static dims
+            continue
+    return peak
+
+
+MAX_RUN = 8  # convs per banded run at most (the halo, recomputed per band, grows with it)
+
+
 @tvm.transform.module_pass(opt_level=0, name="BandFrozenChains")
 class BandFrozenChains:
     def __init__(self, frozen: set[str], target_bytes: int = 16 * 1024, func: str = "main"):
@@ -197,12 +218,45 @@ class BandFrozenChains:
         whole = _whole_peak(chain)
         if whole <= self.target:
             return None
-        for rows in range(out_h - 1, 0, -1):
-            plan = _band_plan(chain, rows)
-            band = max(_band_bytes(chain, per_conv) for per_conv in plan)
-            if band <= self.target or rows == 1:
-                return rows if _nbytes(x) + _nbytes(y) + band < whole else None
-        return None
+        def band(rows: int) -> int:
+            return max(_band_bytes(chain, per_conv) for per_conv in _band_plan(chain, rows))
+
+        lo, hi = 1, out_h - 1  # a band's bytes grow with its rows: the tallest that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if band(mid) <= self.target else (lo, mid - 1)
+        if lo < 1:
+            return None
+        return lo if _nbytes(x) + _nbytes(y) + band(lo) < whole else None
+
+    def _peak(self, chain: list[_Conv]) -> tuple[int, int | None]:
+        """(peak bytes, band rows) of running ``chain`` in bands, or (peak, None) whole."""
+        rows = self._rows(chain)
+        if rows is None:
+            return _whole_peak(chain), None
+        band = max(_band_bytes(chain, per_conv) for per_conv in _band_plan(chain, rows))
+        return _nbytes(chain[0].args[0].ty) + _nbytes(chain[-1].var.ty) + band, rows
+
+    def _runs(self, chain: list[_Conv], floor: int) -> list[tuple[list[_Conv], int | None]]:
+        """``chain`` cut into runs, each banded or whole, so the highest run peak is lowest
+        (then the fewest runs): a long chain's receptive field spans the whole image, so it
+        is banded a few convs at a time."""
+        # per end j: (peak, banded runs, runs, start of the last run, its rows); peaks under
+        # ``floor`` (what the rest of the step needs anyway) do not count: no banding for them
+        best = [(0, 0, 0, 0, None)]
+        for j in range(1, len(chain) + 1):
+            options = []
+            for i in range(max(0, j - MAX_RUN), j):
+                peak, rows = self._peak(chain[i:j])
+                options.append((max(best[i][0], peak, floor), best[i][1] + (rows is not None),
+                                best[i][2] + 1, i, rows))
+            best.append(min(options))
+        runs, j = [], len(chain)
+        while j > 0:
+            *_, i, rows = best[j]
+            runs.append((chain[i:j], rows))
+            j = i
+        return runs[::-1]
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         f = mod[self.func]
@@ -210,10 +264,13 @@ class BandFrozenChains:
             return mod
         frozen = {p for p in f.params if p.name in self.frozen_names}
         banded = {}
-        for chain in _chains(f, frozen):
-            rows = self._rows(chain)
-            if rows is not None:
-                banded[chain[-1].var] = (chain, rows)
+        chains = _chains(f, frozen)
+        in_chains = {c.var for chain in chains for c in chain}
+        floor = _peak_outside(f, in_chains)
+        for chain in chains:
+            for run, rows in self._runs(chain, floor):
+                if rows is not None:
+                    banded[run[-1].var] = (run, rows)
         if not banded:
             return mod
         skip = {c.var for chain, _ in banded.values() for c in chain}
