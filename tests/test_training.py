@@ -64,6 +64,24 @@ def test_sgd_step_equals_hand_computed_update(linear_model):
         np.testing.assert_allclose(params["linear0.bias"], b, rtol=1e-5, atol=1e-6)
 
 
+def test_sgd_on_a_linear_layer_never_copies_or_differentiates_its_weight_whole(linear_model):
+    """The classifier runs as one dense kernel over W (no transposed copy) and SGD sums
+    each weight's gradient into its update (no weight-gradient tensor); the numbers are
+    the hand-computed ones above."""
+    path, w, b = linear_model
+    mod, params = tt.load_model(path)
+    step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=0.1))(mod)
+    calls = step["train_step"].script()
+    assert "linear_sgd_update" in calls and "dense" in calls
+    assert "permute_dims(w" not in calls and "R.matmul" not in calls.split("R.nn.log_softmax")[0]
+    trainer = tt.build(step, params)
+    (x, y), = _samples(1)
+    gw, _ = _hand_gradient(x, y, w, b)
+    trainer.step(x, y)
+    (after,) = [v for v in trainer.params().values() if v.shape == w.shape]
+    np.testing.assert_allclose(after, w - 0.1 * gw, rtol=1e-5, atol=1e-6)
+
+
 def test_momentum_step_equals_hand_computed_update(linear_model):
     path, w, b = linear_model
     trainer = _trainer(path, tt.SGD(lr=0.05, momentum=0.9))
