@@ -336,6 +336,21 @@ def rows_weight_grad(q: QConvParams, x, mask, multiplier, g, c0: int, out_shape)
 
 CHUNK_BYTES = 8 * 1024  # the largest slice of a bottleneck's middle gradient made at once
 
+def _pointwise_grad_rows(mask, multiplier, g, w, c0: int, step: int, shape):
+    """``[lo < y < hi] · M[c] · Σ_o g[n, o, h, w] · w[o, c]`` for channels ``c0 .. c0 + step`` of
+    a layer's output (shape ``shape``) whose gradient comes from a 1×1 conv's input: that
+    conv's narrow clamped gradient ``g`` and int8 weight ``w``."""
+    n, _, h, wd = shape
+    rp = te.reduce_axis((0, int(w.shape[0])), "rp")
+    total = te.compute((n, step, h, wd), lambda nn, j, yy, xx: te.sum(
+        g[nn, rp, yy, xx] * w[rp, j + c0, 0, 0].astype("float32"), axis=rp), name="acc")
+
+    def clamped(nn, j, yy, xx):
+        k = _flat_index(shape, (nn, j + c0, yy, xx))
+        return tirx.Select(_mask_bit(mask, k), total[nn, j, yy, xx] * multiplier[j + c0],
+                           tirx.const(0, "float32"))
+    return te.compute((n, step, h, wd), clamped, name="y")
+
 def _expansion_chunk(ctx, q: QConvParams, x, w, mask, multiplier, g_e, c0: int, out_shape, g_x):
     """One chunk of :func:`_chunked_expansion_grad`: (bias gradient rows, weight gradient
     rows, the input gradient summed so far) from ``g_e``, channels ``c0 ..`` of the
@@ -391,9 +406,14 @@ def _chunked_expansion_grad(ctx, q: QConvParams, call, mask, multiplier, through
     g_x = None
     biases, weights = [], []
     for c0 in range(0, channels, step):
-        g_e = ctx.emit_te(lambda *t, c0=c0: _qconv_input_grad(
-            q_d, d_clamped.reader(t[:4]), d_clamped.axes, d_shape[2:], t[4], out_shape, (c0, step)),
-            *d_clamped.args, w_d, primfunc_name_hint="qconv_input_grad_chunk")
+        # D's clamped output gradient on the chunk's channels (once: the depthwise input
+        # gradient reads each element k² times), then D's input gradient on them
+        func, ty = make_kernel(lambda *t, c0=c0: _pointwise_grad_rows(*t, c0, step, d_shape),
+                               d_clamped.args, fused_accumulator)
+        g_d = ctx.emit(relax.call_tir(ctx.add_func(func, "qgrad_through_rows"), d_clamped.args, ty))
+        g_e = ctx.emit_te(lambda gd, wd, c0=c0: _qconv_input_grad(
+            q_d, lambda nn, oc, oy, ox: gd[nn, oc - c0, oy, ox], [], d_shape[2:], wd, out_shape, (c0, step)),
+            g_d, w_d, primfunc_name_hint="qconv_input_grad_chunk")
         bias, weight, g_x = _expansion_chunk(ctx, q, x, w, mask, multiplier, g_e, c0, out_shape, g_x)
         biases.append(bias)
         weights.append(weight)
