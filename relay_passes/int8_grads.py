@@ -298,8 +298,13 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
     elif clamped.tag == "tinytrain.pointwise" and q.groups == x_shape[1] == w_shape[0]:
         # a depthwise conv between two 1×1 convs: the expansion before reads this in
         # channel chunks (_chunked_expansion_grad); kept whole only where nothing does
-        func, out_ty = make_kernel(lambda *t: _qconv_input_grad(
-            q, clamped.reader(t[:4]), clamped.axes, out_hw, t[4], x_shape), [*clamped.args, w])
+        out_shape = [int(d) for d in orig_var.ty.shape]
+
+        def dw_input_grad(m, k, g, wp, wd):  # the clamped output gradient, one channel at a time
+            gd = _pointwise_grad_rows(m, k, g, wp, 0, out_shape[1], out_shape)
+            return _qconv_input_grad(q, lambda *i: gd[i], [], out_hw, wd, x_shape)
+
+        func, out_ty = make_kernel(dw_input_grad, [*clamped.args, w], _channel_at_a_time)
         func = func.with_attrs({"tinytrain.dw_through": True, "tinytrain.kwargs": q.kwargs(),
                                 "tinytrain.out_shape": [int(d) for d in orig_var.ty.shape]})
         gv = ctx.add_func(func, "qconv_input_grad")
@@ -350,6 +355,19 @@ def _pointwise_grad_rows(mask, multiplier, g, w, c0: int, step: int, shape):
         return tirx.Select(_mask_bit(mask, k), total[nn, j, yy, xx] * multiplier[j + c0],
                            tirx.const(0, "float32"))
     return te.compute((n, step, h, wd), clamped, name="y")
+
+def _channel_at_a_time(func):
+    """A depthwise input gradient whose output gradient is a stage (``y``, from the sum
+    ``acc``): the stage made per channel, its H×W values in scratch, each value once."""
+    sch = s_tir.Schedule(func)
+    sch.compute_at(sch.get_sblock("y"), sch.get_loops(sch.get_sblock("g_x"))[1])
+    acc = sch.get_sblock("acc")
+    y_loops = sch.get_loops(sch.get_sblock("y"))
+    sch.compute_at(acc, y_loops[-1])
+    loops = sch.get_loops(acc)
+    if len(loops) > len(y_loops):
+        sch.decompose_reduction(acc, loops[len(y_loops)])
+    return sch.mod["main"]
 
 def _expansion_chunk(ctx, q: QConvParams, x, w, mask, multiplier, g_e, c0: int, out_shape, g_x):
     """One chunk of :func:`_chunked_expansion_grad`: (bias gradient rows, weight gradient

@@ -79,7 +79,8 @@ class _TinyInt8Net:
     """``residual``: x → conv 3×3 → depthwise 3×3 /2 → 1×1 conv → add (residual) → avg pool
     → linear. ``bottleneck``: x → 1×1 expansion to 8 → depthwise 3×3 → 1×1 projection to 4
     → 4×4 avg pool /4 → linear (the inverted bottleneck whose middle gradient the backward
-    makes in channel chunks).
+    makes in channel chunks). ``conv_dw_project``: the same with a 3×3 conv first (the
+    depthwise input gradient then reads the projection's gradient through, whole).
 
     Scales are chosen so no activation reaches its clamp: the twin is then smooth
     at the integer point and its gradient is the straight-through one.
@@ -88,6 +89,7 @@ class _TinyInt8Net:
     GEOMETRY = {  # (stride, padding, groups) of conv0, dwconv1, conv2
         "residual": {"conv0": (1, 1, 1), "dwconv1": (2, 1, 4), "conv2": (1, 0, 1)},
         "bottleneck": {"conv0": (1, 0, 1), "dwconv1": (1, 1, 8), "conv2": (1, 0, 1)},
+        "conv_dw_project": {"conv0": (1, 1, 1), "dwconv1": (1, 1, 8), "conv2": (1, 0, 1)},
     }
 
     def __init__(self, seed: int = 0, arch: str = "residual"):
@@ -96,7 +98,7 @@ class _TinyInt8Net:
         self.x = rng.integers(-40, 40, size=(1, 3, 8, 8)).astype(np.int8)
         self.zx, self.sx = 3, 0.05
         self.label = 1
-        mid, k0 = (4, 3) if arch == "residual" else (8, 1)
+        mid, k0 = {"residual": (4, 3), "bottleneck": (8, 1), "conv_dw_project": (8, 3)}[arch]
         self.params = {
             "conv0.weight": rng.integers(-30, 30, (mid, 3, k0, k0)),
             "conv0.bias": rng.integers(-200, 200, mid),
@@ -208,6 +210,11 @@ def bottleneck():
     return _gradients("bottleneck")
 
 
+@pytest.fixture(scope="module")
+def conv_dw_project():
+    return _gradients("conv_dw_project")
+
+
 def test_bottleneck_backward_makes_its_middle_gradient_in_chunks(bottleneck):
     _, mod, _, _ = bottleneck
     kernels = [gv.name_hint for gv in mod.get_global_vars()]
@@ -223,7 +230,7 @@ def test_int8_network_loss_is_its_twin_up_to_rounding(tiny):
 
 # linear3.weight reads the pooled features, a few integer steps wide: rounding them moves
 # its gradient by ~30 %; the single-layer test below checks that weight gradient exactly
-@pytest.mark.parametrize("arch", ["tiny", "bottleneck"])
+@pytest.mark.parametrize("arch", ["tiny", "bottleneck", "conv_dw_project"])
 @pytest.mark.parametrize("name", ["conv0.weight", "conv0.bias", "dwconv1.weight", "dwconv1.bias",
                                   "conv2.weight", "conv2.bias", "linear3.bias"])
 def test_int8_gradient_matches_float64_twin_by_finite_differences(request, arch, name):
@@ -462,3 +469,13 @@ def test_packed_clamp_mask_is_one_bit_per_element_little_endian():
     lib["main"](tvm.runtime.tensor(y), out)
     expected = np.packbits((y > -128) & (y < 127), bitorder="little")
     np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_depthwise_reads_the_projection_gradient_through(conv_dw_project):
+    """Between a 3×3 conv and a 1×1 projection, the depthwise input gradient reads the
+    projection's narrow gradient (its wide output gradient is never a tensor)."""
+    _, mod, _, _ = conv_dw_project
+    through = [gv for gv, f in mod.functions.items()
+               if f.attrs is not None and "tinytrain.dw_through" in f.attrs]
+    assert through
+    assert through[0].name_hint in mod["train_loss_adjoint"].script()
