@@ -38,7 +38,12 @@ from tvm.relax import op as R
 
 from .exprs import constant_value, use_counts
 from .int8_arith import integer_step
-from .int8_grads import ROWS_WEIGHT_GRAD, _qconv_weight_grad, _qlinear_weight_grad, rows_weight_grad
+from .int8_grad_kernels import (
+    ROWS_WEIGHT_GRAD,
+    qconv_weight_grad_te,
+    qlinear_weight_grad_te,
+    rows_weight_grad,
+)
 from .int8_ops import WEIGHT_GRADS, QConvParams, fused_accumulator, kernel_tag, make_kernel
 
 _MULTIPLY = tvm.ir.Op.get("relax.multiply")
@@ -51,9 +56,9 @@ def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, h
     scalar per weight: the weight gradient never exists as a tensor (the paper's in-place
     update). ``kind`` is the weight gradient's tag."""
     if kind == "tinytrain_qconv_weight_grad":
-        grad = _qconv_weight_grad(q, x, g, [int(d) for d in w.shape])
+        grad = qconv_weight_grad_te(q, x, g, [int(d) for d in w.shape])
     else:
-        grad = _qlinear_weight_grad(q, x, g)
+        grad = qlinear_weight_grad_te(q, x, g)
 
     def body(*i):
         return integer_step(w[i], factor[i[0]] * grad[i], i, w.shape, lo, hi, rounding)
@@ -64,7 +69,7 @@ def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, h
 def fused_rows_update(q: QConvParams, x, mask, multiplier, g, w, factor, c0: int, out_shape,
                       lo: float, hi: float, rounding: str = "stochastic"):
     """Rows ``c0 .. c0 + len(g)`` of :func:`fused_weight_update` for a weight whose gradient
-    comes in row chunks (``int8_grads.rows_weight_grad``): the new rows only."""
+    comes in row chunks (``int8_grad_kernels.rows_weight_grad``): the new rows only."""
     grad = rows_weight_grad(q, x, mask, multiplier, g, c0, out_shape)
     shape = [int(d) for d in grad.shape]
 

@@ -458,7 +458,7 @@ def test_frozen_int8_chain_in_row_bands_computes_the_same_bits():
 
 
 def test_packed_clamp_mask_is_one_bit_per_element_little_endian():
-    from relay_passes.int8_grads import pack_clamp_mask_te
+    from relay_passes.int8_grad_kernels import pack_clamp_mask_te
 
     y = np.random.default_rng(3).integers(-128, 128, (1, 3, 5, 7)).astype(np.int8)
     y.flat[:4] = [-128, 127, 0, -127]

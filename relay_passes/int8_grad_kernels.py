@@ -1,0 +1,174 @@
+"""The TE kernels of the int8 gradients (``int8_grads`` emits them): packed clamp masks,
+the conv / depthwise / linear weight and input gradients over int8 values, and the
+pieces of a bottleneck's gradient made in channel chunks. Pure TE: no Relax here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import s_tir, te, tirx
+
+from .int8_ops import QConvParams, fused_accumulator
+
+ROWS_WEIGHT_GRAD = "tinytrain_qconv_weight_grad_rows"  # tagged, for FuseWeightUpdate
+
+
+def flat_index(shape, i):
+    """Row-major position of index tuple ``i`` in ``shape``."""
+    flat = i[0]
+    for d, v in zip(shape[1:], i[1:]):
+        flat = flat * int(d) + v
+    return flat
+
+def unravel(shape, flat):
+    out = []
+    for d in reversed(shape):
+        out.append(tirx.floormod(flat, int(d)))
+        flat = tirx.floordiv(flat, int(d))
+    return tuple(reversed(out))
+
+def pack_clamp_mask_te(y, lo: int, hi: int):
+    """One bit per element of ``y``: ``lo < y < hi`` (the output was not clamped), eight
+    elements per byte, element ``k`` in bit ``k % 8`` of byte ``k // 8``."""
+    shape = [int(d) for d in y.shape]
+    count = int(np.prod(shape))
+
+    def byte(j):
+        total = tirx.const(0, "int32")
+        for b in range(8):
+            k = j * 8 + b
+            v = y[unravel(shape, tirx.min(k, count - 1))]
+            inside = tirx.all(k < count, v > tirx.const(lo, y.dtype), v < tirx.const(hi, y.dtype))
+            total = total + tirx.Select(inside, tirx.const(1 << b, "int32"), tirx.const(0, "int32"))
+        return total.astype("uint8")
+
+    return te.compute(((count + 7) // 8,), byte, name="mask")
+
+def mask_bit(mask, k):
+    """Bit ``k`` of a packed mask, as a condition. The arithmetic is int32 on purpose: with
+    int64 indices TVM's simplifier folds ``(byte >> (k % 8)) & 1 == 1`` to false inside a
+    transposed conv's bounds branch."""
+    k = k.astype("int32")
+    byte = mask[tirx.floordiv(k, 8)].astype("int32")
+    bit = tirx.shift_left(tirx.const(1, "int32"), tirx.floormod(k, 8))
+    return tirx.floormod(tirx.floordiv(byte, bit), 2) == 1
+
+def spread_te(g, w, shape):
+    """``g[n, c, 0, 0] · w[c, 0, h, w]``: the input gradient of a pool over the whole
+    image (``w`` the pool's weights, one row for all channels when it has one)."""
+    rows = int(w.shape[0])
+    return te.compute(shape, lambda n, c, yy, xx: g[n, c, 0, 0] * w[
+        c if rows > 1 else 0, 0, yy, xx].astype("float32"), name="g_x")
+
+def is_global_window(in_hw, out_hw, padding) -> bool:
+    return tuple(out_hw) == (1, 1) and not any(padding) and min(in_hw) > 1
+
+def qconv_weight_grad_te(q: QConvParams, x, g, w_shape):
+    n, c, h, wd = (int(d) for d in x.shape)
+    o, i_g, kh, kw = w_shape
+    _, _, oh, ow = (int(d) for d in g.shape)
+    (sh, sw), (pt, pl, _, _) = q.strides, q.padding
+    per_group = o // q.groups
+    rn, ry, rx = te.reduce_axis((0, n), "rn"), te.reduce_axis((0, oh), "ry"), te.reduce_axis((0, ow), "rx")
+
+    def x_minus_zero(nn, cc, hh, ww):
+        inside = tirx.all(hh >= 0, hh < h, ww >= 0, ww < wd)
+        v = x[nn, cc, tirx.max(tirx.min(hh, h - 1), 0), tirx.max(tirx.min(ww, wd - 1), 0)]
+        return tirx.Select(inside, v.astype("float32") - tirx.const(q.zx, "float32"),
+                           tirx.const(0.0, "float32"))
+
+    return te.compute((o, i_g, kh, kw), lambda oo, ii, ky, kx: te.sum(
+        g[rn, oo, ry, rx] * x_minus_zero(rn, (oo // per_group) * i_g + ii, ry * sh + ky - pt,
+                                         rx * sw + kx - pl), axis=[rn, ry, rx]), name="g_w")
+
+def qconv_input_grad_te(q: QConvParams, g_at, axes: list, out_hw, w, x_shape, channels=None):
+    """The transposed conv, reading the int8 weight directly (no float copy of it, no
+    dilated and padded copy of the gradient as conv2d_transpose would make). ``g_at(n,
+    o, y, x)`` reads the output gradient (a term of a sum over ``axes``, joined here).
+    ``channels=(c0, count)``: only input channels ``c0 .. c0 + count``."""
+    n, c, h, wd = x_shape
+    c0, c = channels if channels is not None else (0, c)
+    o, i_g, kh, kw = (int(d) for d in w.shape)
+    oh, ow = out_hw
+    (sh, sw), (pt, pl, _, _) = q.strides, q.padding
+    per_group = o // q.groups
+    ro = te.reduce_axis((0, per_group), "ro")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+
+    def term(nn, cc, yy, xx):
+        cc = cc + c0
+        oc = (cc // i_g) * per_group + ro
+        ty, tx = yy + pt - ry, xx + pl - rx
+        oy, ox = tirx.floordiv(ty, sh), tirx.floordiv(tx, sw)
+        valid = tirx.all(ty >= 0, tx >= 0, tirx.floormod(ty, sh) == 0, tirx.floormod(tx, sw) == 0,
+                         oy < oh, ox < ow)
+        value = g_at(nn, oc, tirx.max(tirx.min(oy, oh - 1), 0), tirx.max(tirx.min(ox, ow - 1), 0)) \
+            * w[oc, tirx.floormod(cc, i_g), ry, rx].astype("float32")
+        # a branch, not a select: the simplifier drops the index clamps inside it, so the
+        # mask's bit shift is only in range where valid (a select would evaluate it
+        # everywhere, and LLVM may fold a negative shift's poison into the whole sum)
+        return tirx.if_then_else(valid, value, tirx.const(0.0, "float32"))
+
+    return te.compute((n, c, h, wd), lambda nn, cc, yy, xx: te.sum(
+        term(nn, cc, yy, xx), axis=[ro, ry, rx, *axes]), name="g_x")
+
+def is_pointwise(q: QConvParams, w_shape) -> bool:
+    return w_shape[2:] == [1, 1] and q.groups == 1 and q.strides == (1, 1) and not any(q.padding)
+
+def qlinear_weight_grad_te(q: QConvParams, x, g):
+    r = te.reduce_axis((0, int(x.shape[0])), "r")
+    return te.compute((int(g.shape[1]), int(x.shape[1])), lambda o, k: te.sum(
+        g[r, o] * (x[r, k].astype("float32") - tirx.const(q.zx, "float32")), axis=r), name="g_w")
+
+def accumulate_in_register(func):
+    """``y = acc + Σ …``: the clamp inlined, the sum one scalar per output (no scratch)."""
+    sch = s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("g_acc"))
+    return fused_accumulator(sch.mod["main"])
+
+
+
+def clamped_rows_te(mask, multiplier, g, c0: int, out_shape):
+    """The clamp of a layer's output gradient on a chunk ``g`` of its channels from ``c0``."""
+    n, _, h, wd = out_shape
+    step = int(g.shape[1])
+
+    def f(nn, j, yy, xx):
+        k = flat_index(out_shape, (nn, j + c0, yy, xx))
+        value = g[nn, j, yy, xx] * multiplier[j + c0]
+        return tirx.Select(mask_bit(mask, k), value, tirx.const(0, "float32"))
+    return te.compute((n, step, h, wd), f, name="g_acc")
+
+def rows_weight_grad(q: QConvParams, x, mask, multiplier, g, c0: int, out_shape):
+    """The weight gradient of output channels ``c0 .. c0 + len(g)`` of a 1×1 conv, from its
+    input and a chunk ``g`` of its output gradient (before the clamp)."""
+    return qconv_weight_grad_te(q, x, clamped_rows_te(mask, multiplier, g, c0, out_shape),
+                              [int(g.shape[1]), int(x.shape[1]), 1, 1])
+
+def pointwise_grad_rows_te(mask, multiplier, g, w, c0: int, step: int, shape):
+    """``[lo < y < hi] · M[c] · Σ_o g[n, o, h, w] · w[o, c]`` for channels ``c0 .. c0 + step`` of
+    a layer's output (shape ``shape``) whose gradient comes from a 1×1 conv's input: that
+    conv's narrow clamped gradient ``g`` and int8 weight ``w``."""
+    n, _, h, wd = shape
+    rp = te.reduce_axis((0, int(w.shape[0])), "rp")
+    total = te.compute((n, step, h, wd), lambda nn, j, yy, xx: te.sum(
+        g[nn, rp, yy, xx] * w[rp, j + c0, 0, 0].astype("float32"), axis=rp), name="acc")
+
+    def clamped(nn, j, yy, xx):
+        k = flat_index(shape, (nn, j + c0, yy, xx))
+        return tirx.Select(mask_bit(mask, k), total[nn, j, yy, xx] * multiplier[j + c0],
+                           tirx.const(0, "float32"))
+    return te.compute((n, step, h, wd), clamped, name="y")
+
+def channel_at_a_time(func):
+    """A depthwise input gradient whose output gradient is a stage (``y``, from the sum
+    ``acc``): the stage made per channel, its H×W values in scratch, each value once."""
+    sch = s_tir.Schedule(func)
+    sch.compute_at(sch.get_sblock("y"), sch.get_loops(sch.get_sblock("g_x"))[1])
+    acc = sch.get_sblock("acc")
+    y_loops = sch.get_loops(sch.get_sblock("y"))
+    sch.compute_at(acc, y_loops[-1])
+    loops = sch.get_loops(acc)
+    if len(loops) > len(y_loops):
+        sch.decompose_reduction(acc, loops[len(y_loops)])
+    return sch.mod["main"]
