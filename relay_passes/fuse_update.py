@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, s_tir, te
+from tvm import relax, te
 from tvm.relax import op as R
 
 from .exprs import constant_value, use_counts
 from .int8_arith import integer_step
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
+    accumulate_in_register,
     qconv_weight_grad_te,
     qlinear_weight_grad_te,
     rows_weight_grad,
@@ -78,13 +79,6 @@ def fused_rows_update(q: QConvParams, x, mask, multiplier, g, w, factor, c0: int
         return integer_step(w[full], factor[j + c0] * grad[(j, *i)], full, w.shape, lo, hi, rounding)
 
     return te.compute(shape, body, name="y")
-
-
-def _inline_then_accumulate(func):
-    """Inline the clamp stage into the gradient sum, then :func:`fused_accumulator`."""
-    sch = s_tir.Schedule(func)
-    sch.compute_inline(sch.get_sblock("g_acc"))
-    return fused_accumulator(sch.mod["main"])
 
 
 def _constant_and_other(call):
@@ -187,7 +181,7 @@ class FuseWeightUpdate:
             args = [x, mask, multiplier, g, w, factor]
             kernel, out_ty = make_kernel(
                 lambda *t, q=q, c0=c0, shape=out_shape: fused_rows_update(q, *t, c0, shape, lo, hi, rounding),
-                args, _inline_then_accumulate)
+                args, accumulate_in_register)
             gv = bb.add_func(kernel, "qconv_weight_rows_update")
             row_var = relax.DataflowVar(f"{var.name}_rows{len(rows)}", out_ty)
             out.append(relax.VarBinding(row_var, relax.call_tir(gv, args, out_ty)))

@@ -53,6 +53,11 @@ def mask_bit(mask, k):
     bit = tirx.shift_left(tirx.const(1, "int32"), tirx.floormod(k, 8))
     return tirx.floormod(tirx.floordiv(byte, bit), 2) == 1
 
+def masked(mask, shape, index, value):
+    """``value`` where bit ``flat_index(shape, index)`` of the packed mask is set (the
+    output at ``index`` did not clamp), else 0."""
+    return tirx.Select(mask_bit(mask, flat_index(shape, index)), value, tirx.const(0, "float32"))
+
 def spread_te(g, w, shape):
     """``g[n, c, 0, 0] · w[c, 0, h, w]``: the input gradient of a pool over the whole
     image (``w`` the pool's weights, one row for all channels when it has one)."""
@@ -126,18 +131,13 @@ def accumulate_in_register(func):
     sch.compute_inline(sch.get_sblock("g_acc"))
     return fused_accumulator(sch.mod["main"])
 
-
-
 def clamped_rows_te(mask, multiplier, g, c0: int, out_shape):
     """The clamp of a layer's output gradient on a chunk ``g`` of its channels from ``c0``."""
     n, _, h, wd = out_shape
     step = int(g.shape[1])
 
-    def f(nn, j, yy, xx):
-        k = flat_index(out_shape, (nn, j + c0, yy, xx))
-        value = g[nn, j, yy, xx] * multiplier[j + c0]
-        return tirx.Select(mask_bit(mask, k), value, tirx.const(0, "float32"))
-    return te.compute((n, step, h, wd), f, name="g_acc")
+    return te.compute((n, step, h, wd), lambda nn, j, yy, xx: masked(
+        mask, out_shape, (nn, j + c0, yy, xx), g[nn, j, yy, xx] * multiplier[j + c0]), name="g_acc")
 
 def rows_weight_grad(q: QConvParams, x, mask, multiplier, g, c0: int, out_shape):
     """The weight gradient of output channels ``c0 .. c0 + len(g)`` of a 1×1 conv, from its
@@ -154,11 +154,8 @@ def pointwise_grad_rows_te(mask, multiplier, g, w, c0: int, step: int, shape):
     total = te.compute((n, step, h, wd), lambda nn, j, yy, xx: te.sum(
         g[nn, rp, yy, xx] * w[rp, j + c0, 0, 0].astype("float32"), axis=rp), name="acc")
 
-    def clamped(nn, j, yy, xx):
-        k = flat_index(shape, (nn, j + c0, yy, xx))
-        return tirx.Select(mask_bit(mask, k), total[nn, j, yy, xx] * multiplier[j + c0],
-                           tirx.const(0, "float32"))
-    return te.compute((n, step, h, wd), clamped, name="y")
+    return te.compute((n, step, h, wd), lambda nn, j, yy, xx: masked(
+        mask, shape, (nn, j + c0, yy, xx), total[nn, j, yy, xx] * multiplier[j + c0]), name="y")
 
 def channel_at_a_time(func):
     """A depthwise input gradient whose output gradient is a stage (``y``, from the sum

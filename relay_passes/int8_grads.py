@@ -28,10 +28,9 @@ from .int8_grad_kernels import (
     accumulate_in_register,
     channel_at_a_time,
     clamped_rows_te,
-    flat_index,
     is_global_window,
     is_pointwise,
-    mask_bit,
+    masked,
     pack_clamp_mask_te,
     pointwise_grad_rows_te,
     qconv_input_grad_te,
@@ -70,10 +69,8 @@ def _grad_through_clamp(ctx, mask, g, multiplier: relax.Constant, channel_axis: 
     shape = [int(d) for d in g.ty.shape]
 
     def body(mt, gt, kt):
-        def f(*i):
-            k = flat_index(shape, i)
-            return tirx.Select(mask_bit(mt, k), gt[i] * kt[i[channel_axis]], tirx.const(0, "float32"))
-        return te.compute(gt.shape, f, name="g_acc")
+        return te.compute(gt.shape, lambda *i: masked(mt, shape, i, gt[i] * kt[i[channel_axis]]),
+                          name="g_acc")
 
     func, out_ty = make_kernel(body, [mask, g, multiplier])
     gv = ctx.add_func(func.with_attr("tinytrain.elementwise_in", [1]), "qgrad_clamp")
@@ -164,8 +161,7 @@ class _ClampedGrad:
             return src[0][n, c, h, w]
 
         def at(n, c, h, w):
-            k = flat_index(shape, (n, c, h, w))
-            return tirx.Select(mask_bit(mt, k), source(n, c, h, w) * kt[c], tirx.const(0, "float32"))
+            return masked(mt, shape, (n, c, h, w), source(n, c, h, w) * kt[c])
         return at
 
     def emit(self, ctx, te_func, extra: list, name: str):
@@ -182,7 +178,8 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
     multiplier = _f32(q.real_multiplier)
     w_shape = [int(d) for d in w.ty.shape]
     x_shape = [int(d) for d in x.ty.shape]
-    out_hw = [int(d) for d in orig_var.ty.shape][2:]
+    out_shape = [int(d) for d in orig_var.ty.shape]
+    out_hw = out_shape[2:]
     if q.groups == x_shape[1] == w_shape[0] and is_global_window(x_shape[2:], out_hw, q.padding) \
             and isinstance(w, tvm.ir.expr.Constant):  # a global pool written as a conv
         g_acc = _grad_through_clamp(ctx, mask, output_grad, multiplier, 1)
@@ -192,7 +189,7 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
     through, through_args, through_attrs = _tagged_producer(ctx, output_grad, ("tinytrain.dw_through",))
     if through and is_pointwise(q, w_shape):
         return _chunked_expansion_grad(ctx, q, call, mask, multiplier, through_args, through_attrs,
-                                       [int(d) for d in orig_var.ty.shape])
+                                       out_shape)
     # the weight gradient reads a tensor (FuseWeightUpdate rewrites it); unused, it dies
     g_acc = _grad_through_clamp(ctx, mask, output_grad, multiplier, 1)
     g_w = emit_tagged_kernel(ctx, lambda xt, gt: qconv_weight_grad_te(q, xt, gt, w_shape), [x, g_acc],
@@ -214,15 +211,13 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
     elif clamped.tag == "tinytrain.pointwise" and q.groups == x_shape[1] == w_shape[0]:
         # a depthwise conv between two 1×1 convs: the expansion before reads this in
         # channel chunks (_chunked_expansion_grad); kept whole only where nothing does
-        out_shape = [int(d) for d in orig_var.ty.shape]
-
         def dw_input_grad(m, k, g, wp, wd):  # the clamped output gradient, one channel at a time
             gd = pointwise_grad_rows_te(m, k, g, wp, 0, out_shape[1], out_shape)
             return qconv_input_grad_te(q, lambda *i: gd[i], [], out_hw, wd, x_shape)
 
         func, out_ty = make_kernel(dw_input_grad, [*clamped.args, w], channel_at_a_time)
         func = func.with_attrs({"tinytrain.dw_through": True, "tinytrain.kwargs": q.kwargs(),
-                                "tinytrain.out_shape": [int(d) for d in orig_var.ty.shape]})
+                                "tinytrain.out_shape": out_shape})
         gv = ctx.add_func(func, "qconv_input_grad")
         g_x = ctx.emit(relax.call_tir(gv, [*clamped.args, w], out_ty))
     else:
