@@ -46,7 +46,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
@@ -54,12 +53,8 @@ from tvm.relax import op as R
 from tvm.script import tirx as T  # noqa: F401  (the namespace the TVMScript below uses)
 
 from . import int8_ops
-from .exprs import use_counts
+from .exprs import learning_reach, tensor_bytes, use_counts
 from .int8_grads import GRAD_PREFIX
-
-
-def _nbytes(ty) -> int:
-    return int(np.prod([int(d) for d in ty.shape])) * np.dtype(str(ty.dtype)).itemsize
 
 
 @dataclass(frozen=True)
@@ -106,14 +101,14 @@ def _band_bytes(chain: list[_Conv], per_conv) -> int:
     worst = 0
     for conv, (a, e, _, _, made) in zip(chain, per_conv):
         in_ty, out_ty = conv.args[0].ty, conv.var.ty
-        row_in = _nbytes(in_ty) // int(in_ty.shape[2])
-        row_out = _nbytes(out_ty) // int(out_ty.shape[2])
+        row_in = tensor_bytes(in_ty) // int(in_ty.shape[2])
+        row_out = tensor_bytes(out_ty) // int(out_ty.shape[2])
         worst = max(worst, (e - a) * row_in + made * row_out)
     return worst
 
 
 def _whole_peak(chain: list[_Conv]) -> int:
-    return max(_nbytes(c.args[0].ty) + _nbytes(c.var.ty) for c in chain)
+    return max(tensor_bytes(c.args[0].ty) + tensor_bytes(c.var.ty) for c in chain)
 
 
 _WRITE_ROWS = """
@@ -162,10 +157,7 @@ def _chains(func: relax.Function, frozen: set) -> list[list[_Conv]]:
     """Maximal runs of frozen quantized convs, each intermediate read only by the next."""
     bindings = list(func.body.blocks[0].bindings)
     uses = use_counts(func)
-    learning = {p for p in func.params[1:] if p not in frozen}
-    for b in bindings:  # what the learning parameters reach: gradients flow there
-        if any(v in learning for v in relax.analysis.free_vars(b.value)):
-            learning.add(b.var)
+    learning = learning_reach(func, frozen)
     open_chain: dict[relax.Var, list[_Conv]] = {}  # last output → its chain
     chains = []
     for b in bindings:
@@ -191,15 +183,10 @@ def _peak_outside(func: relax.Function, skip: set) -> int:
     peak = 0
     activations = {func.params[0]} | {b.var for b in func.body.blocks[0].bindings}
     for b in func.body.blocks[0].bindings:
-        if b.var in skip or not hasattr(b.var.ty, "shape") or b.var.ty.shape is None:
+        inputs = [tensor_bytes(v.ty) for v in relax.analysis.free_vars(b.value) if v in activations]
+        if b.var in skip or not inputs:  # parameters only (a weight's transpose): no activation
             continue
-        inputs = [_nbytes(v.ty) for v in relax.analysis.free_vars(b.value) if v in activations]
-        if not inputs:  # work on parameters only (a weight's transpose): not an activation
-            continue
-        try:
-            peak = max(peak, _nbytes(b.var.ty) + max(inputs, default=0))
-        except (TypeError, ValueError):  # a tuple or a shape without static dims
-            continue
+        peak = max(peak, tensor_bytes(b.var.ty) + max(inputs))
     return peak
 
 
@@ -211,31 +198,22 @@ class BandFrozenChains:
     def __init__(self, frozen: set[str], target_bytes: int = 16 * 1024, func: str = "main"):
         self.frozen_names, self.target, self.func = set(frozen), target_bytes, func
 
-    def _rows(self, chain: list[_Conv]) -> int | None:
-        """The tallest band whose tensors fit ``target``, if banding lowers the chain's peak."""
-        out_h = int(chain[-1].var.ty.shape[2])
-        x, y = chain[0].args[0].ty, chain[-1].var.ty
+    def _peak(self, chain: list[_Conv]) -> tuple[int, int | None]:
+        """(peak bytes, band rows) of running ``chain`` in the tallest bands whose tensors
+        fit ``target``; (peak, None) run whole, where banding would not lower it."""
         whole = _whole_peak(chain)
         if whole <= self.target:
-            return None
+            return whole, None
+
         def band(rows: int) -> int:
             return max(_band_bytes(chain, per_conv) for per_conv in _band_plan(chain, rows))
 
-        lo, hi = 1, out_h - 1  # a band's bytes grow with its rows: the tallest that fits
+        lo, hi = 1, int(chain[-1].var.ty.shape[2]) - 1  # a band's bytes grow with its rows
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if band(mid) <= self.target else (lo, mid - 1)
-        if lo < 1:
-            return None
-        return lo if _nbytes(x) + _nbytes(y) + band(lo) < whole else None
-
-    def _peak(self, chain: list[_Conv]) -> tuple[int, int | None]:
-        """(peak bytes, band rows) of running ``chain`` in bands, or (peak, None) whole."""
-        rows = self._rows(chain)
-        if rows is None:
-            return _whole_peak(chain), None
-        band = max(_band_bytes(chain, per_conv) for per_conv in _band_plan(chain, rows))
-        return _nbytes(chain[0].args[0].ty) + _nbytes(chain[-1].var.ty) + band, rows
+        banded = tensor_bytes(chain[0].args[0].ty) + tensor_bytes(chain[-1].var.ty) + band(lo)
+        return (banded, lo) if banded < whole else (whole, None)
 
     def _runs(self, chain: list[_Conv], floor: int) -> list[tuple[list[_Conv], int | None]]:
         """``chain`` cut into runs, each banded or whole, so the highest run peak is lowest

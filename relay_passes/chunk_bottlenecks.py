@@ -31,14 +31,13 @@ parameter), as the in-place accumulation has no registered gradient.
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.op import register_gradient
 from tvm.script import tirx as T  # noqa: F401  (the namespace the TVMScript below uses)
 
-from .exprs import use_counts
+from .exprs import learning_reach, tensor_bytes, use_counts
 
 CONV = "relax.nn.conv2d"
 ACTS = ("relax.nn.relu", "relax.clip")
@@ -46,10 +45,6 @@ ACTS = ("relax.nn.relu", "relax.clip")
 
 def _op(value) -> str:
     return getattr(getattr(value, "op", None), "name", "") if isinstance(value, relax.Call) else ""
-
-
-def _nbytes(var) -> int:
-    return int(np.prod([int(d) for d in var.ty.shape])) * np.dtype(str(var.ty.dtype)).itemsize
 
 
 def _chunks(channels: int, nbytes: int, target: int) -> int:
@@ -143,8 +138,8 @@ def _conv(original: relax.Call, x, w, groups: int):
 def _worth_it(chain: _Chain, target: int) -> bool:
     """A wide middle tensor and small weights: each chunk copies a slice of the
     weights, which only pays where activations dwarf them (the early layers)."""
-    weights = sum(_nbytes(w) for w in (chain.c1.args[1], chain.dw.args[1], chain.project.args[1]))
-    return _nbytes(chain.e) > max(target, 8 * weights)
+    weights = sum(tensor_bytes(w.ty) for w in (chain.c1.args[1], chain.dw.args[1], chain.project.args[1]))
+    return tensor_bytes(chain.e.ty) > max(target, 8 * weights)
 
 
 FROZEN_INPLACE = ("conv1x1_accumulate", "write_rows")  # this pass's and BandFrozenChains' kernels
@@ -174,10 +169,7 @@ class ChunkBottlenecks:
         frozen = {p for p in f.params if p.name in self.frozen_names}
         defs = {b.var: b.value for b in bindings}
         uses = use_counts(f)
-        learning = {p for p in f.params[1:] if p not in frozen}
-        for b in bindings:  # what the learning parameters reach: gradients flow there
-            if any(v in learning for v in relax.analysis.free_vars(b.value)):
-                learning.add(b.var)
+        learning = learning_reach(f, frozen)
         chains, taken = {}, set()
         for b in bindings:
             chain = _Chain(defs, uses, frozen, b)
@@ -213,7 +205,7 @@ class ChunkBottlenecks:
 
     def _emit_chunks(self, bb, chain: _Chain, out_var) -> None:
         channels = int(chain.e.ty.shape[1])
-        groups = _chunks(channels, _nbytes(chain.e), self.target)
+        groups = _chunks(channels, tensor_bytes(chain.e.ty), self.target)
         step = channels // groups
         w1, w2, w3 = chain.c1.args[1], chain.dw.args[1], chain.project.args[1]
         acc = None

@@ -30,12 +30,11 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from .exprs import constant_value, use_counts
+from .exprs import constant_and_other, use_counts, with_bindings
 from .int8_ops import fused_accumulator, make_kernel
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
-_MULTIPLY = tvm.ir.Op.get("relax.multiply")
 _SUBTRACT = tvm.ir.Op.get("relax.subtract")
 
 
@@ -76,10 +75,7 @@ def _rewrite(mod: tvm.IRModule, name: str, replace) -> tvm.IRModule:
     for b in bindings:
         value = replace(bb, b, defs, uses)
         new.append(b if value is None else relax.VarBinding(b.var, value))
-    out = bb.get()
-    body = relax.SeqExpr([relax.DataflowBlock(new)], func.body.body)
-    out[name] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
-    return relax.transform.DeadCodeElimination(["train_step", "predict"])(relax.transform.Normalize()(out))
+    return with_bindings(bb.get(), func, name, new)
 
 
 @tvm.transform.module_pass(opt_level=0, name="DenseWithoutTranspose")
@@ -105,13 +101,10 @@ def FuseLinearUpdate(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         if not _call(b.value, _SUBTRACT):
             return None
         w, step = b.value.args
-        if step not in defs or uses.get(step) != 1 or not _call(defs[step], _MULTIPLY):
+        split = constant_and_other(defs[step]) if step in defs and uses.get(step) == 1 else None
+        if split is None or split[0].size != 1:
             return None
-        lr, grad = defs[step].args
-        if not isinstance(lr, tvm.ir.expr.Constant):
-            lr, grad = grad, lr
-        if not isinstance(lr, tvm.ir.expr.Constant) or np.asarray(constant_value(lr)).size != 1:
-            return None
+        lr, grad = split
         if grad not in defs or uses.get(grad) != 1 or not _call(defs[grad], _MATMUL):
             return None
         gt, x = defs[grad].args
@@ -120,7 +113,7 @@ def FuseLinearUpdate(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         g = defs[gt].args[0]
         if len(x.ty.shape) != 2 or str(w.ty.dtype) != "float32":
             return None
-        lr = relax.const(np.float32(np.asarray(constant_value(lr)).reshape(())), "float32")
+        lr = relax.const(np.float32(lr.reshape(())), "float32")
         func, out_ty = make_kernel(_sgd_update_te, [w, g, x, lr], fused_accumulator)
         # element i of the new weight reads element i of the old one only: written over it
         func = func.with_attr("tinytrain.elementwise_in", [0])

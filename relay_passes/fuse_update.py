@@ -36,7 +36,7 @@ import tvm
 from tvm import relax, te
 from tvm.relax import op as R
 
-from .exprs import constant_value, use_counts
+from .exprs import constant_and_other, use_counts, with_bindings
 from .int8_arith import integer_step
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
@@ -47,7 +47,6 @@ from .int8_grad_kernels import (
 )
 from .int8_ops import WEIGHT_GRADS, QConvParams, fused_accumulator, kernel_tag, make_kernel
 
-_MULTIPLY = tvm.ir.Op.get("relax.multiply")
 _CONCAT = tvm.ir.Op.get("relax.concat")
 
 
@@ -81,15 +80,10 @@ def fused_rows_update(q: QConvParams, x, mask, multiplier, g, w, factor, c0: int
     return te.compute(shape, body, name="y")
 
 
-def _constant_and_other(call):
-    """(constant array, the other operand) of ``multiply(const, v)`` or ``multiply(v, const)``."""
-    if not (isinstance(call, relax.Call) and call.op == _MULTIPLY):
-        return None
-    a, b = call.args
-    for const, other in ((a, b), (b, a)):
-        if isinstance(const, tvm.ir.expr.Constant):
-            return np.asarray(constant_value(const), np.float64), other
-    return None
+def _update_constants(w, factor, kw) -> tuple:
+    """(per-output-channel step factor as a constant, lo, hi, rounding) of an integer update."""
+    factor = relax.const(np.broadcast_to(np.asarray(factor, np.float32), (int(w.ty.shape[0]),)).copy())
+    return factor, float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseWeightUpdate")
@@ -113,7 +107,7 @@ class FuseWeightUpdate:
             w, step = b.value.args[1]
             factor, chain = np.ones(()), step
             while chain in value and uses.get(chain, 0) == 1 and tag(value[chain]) not in WEIGHT_GRADS:
-                split = _constant_and_other(value[chain])
+                split = constant_and_other(value[chain])
                 if split is None:
                     break
                 factor, chain = factor * split[0], split[1]
@@ -122,38 +116,38 @@ class FuseWeightUpdate:
             factor = factor.reshape(-1) if factor.ndim else factor
             kw = kernel_tag(mod, b.value)[1]
             if tag(value[chain]) in WEIGHT_GRADS:
-                fused[b.var] = (value[chain], w, factor, kw, kernel_tag(mod, value[chain]))
-            elif self._row_chunks(mod, value[chain], value, uses) is not None:
-                fused[b.var] = (self._row_chunks(mod, value[chain], value, uses), w, factor, kw, None)
+                fused[b.var] = (self._fuse_whole, value[chain], w, factor, kw)
+            else:
+                chunks = self._row_chunks(mod, value[chain], value, uses)
+                if chunks is not None:
+                    fused[b.var] = (self._fuse_rows, chunks, w, factor, kw)
         if not fused:
             return mod
         bb = relax.BlockBuilder(mod)
         new_bindings = []
         for b in bindings:
-            if b.var in fused and fused[b.var][4] is None:
-                new_bindings += self._fuse_rows(bb, b.var, *fused[b.var][:4])
-                continue
             if b.var in fused:
-                grad, w, factor, kw, (kind, grad_kw) = fused[b.var]
-                x, g = grad.args[1]
-                q = QConvParams.from_kwargs(grad_kw)
-                factor = relax.const(np.broadcast_to(np.asarray(factor, np.float32),
-                                                     (int(w.ty.shape[0]),)).copy())
-                lo, hi, rounding = float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
-                kernel, out_ty = make_kernel(
-                    lambda *t, kind=kind, q=q, lo=lo, hi=hi, r=rounding:
-                        fused_weight_update(kind, q, *t, lo, hi, r),
-                    [x, g, w, factor], fused_accumulator)
-                # element i of the new weight reads element i of the old one only: it may be
-                # written over the parameter (the C path's in-place update checks this attribute)
-                kernel = kernel.with_attr("tinytrain.elementwise_in", [2])
-                gv = bb.add_func(kernel, kind.replace("tinytrain_", "").replace("_grad", "_update"))
-                b = relax.VarBinding(b.var, relax.call_tir(gv, [x, g, w, factor], out_ty))
-            new_bindings.append(b)
-        out = bb.get()
-        body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], func.body.body)
-        out[self.func] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
-        return relax.transform.DeadCodeElimination([self.func, "predict"])(relax.transform.Normalize()(out))
+                emit, grad, *rest = fused[b.var]
+                new_bindings += emit(bb, b.var, grad, *rest)
+            else:
+                new_bindings.append(b)
+        return with_bindings(bb.get(), func, self.func, new_bindings)
+
+    @staticmethod
+    def _fuse_whole(bb, var, grad, w, factor, kw) -> list:
+        """The update from the gradient's inputs, the gradient summed per weight."""
+        kind, grad_kw = kernel_tag(bb.get(), grad)
+        x, g = grad.args[1]
+        q = QConvParams.from_kwargs(grad_kw)
+        factor, lo, hi, rounding = _update_constants(w, factor, kw)
+        kernel, out_ty = make_kernel(
+            lambda *t: fused_weight_update(kind, q, *t, lo, hi, rounding), [x, g, w, factor],
+            fused_accumulator)
+        # element i of the new weight reads element i of the old one only: it may be
+        # written over the parameter (the C path's in-place update checks this attribute)
+        kernel = kernel.with_attr("tinytrain.elementwise_in", [2])
+        gv = bb.add_func(kernel, kind.replace("tinytrain_", "").replace("_grad", "_update"))
+        return [relax.VarBinding(var, relax.call_tir(gv, [x, g, w, factor], out_ty))]
 
     @staticmethod
     def _row_chunks(mod, value, defs, uses):
@@ -170,8 +164,7 @@ class FuseWeightUpdate:
     def _fuse_rows(bb, var, chunks, w, factor, kw) -> list:
         """Each chunk's new rows straight from its gradient, then the rows joined as the
         new weight (written over the old one once nothing reads it)."""
-        factor = relax.const(np.broadcast_to(np.asarray(factor, np.float32), (int(w.ty.shape[0]),)).copy())
-        lo, hi, rounding = float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
+        factor, lo, hi, rounding = _update_constants(w, factor, kw)
         out, rows = [], []
         for call in chunks:
             _, grad_kw = kernel_tag(bb.get(), call)

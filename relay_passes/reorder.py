@@ -38,28 +38,19 @@ import tvm
 from tvm import relax
 
 from .attrs import attr_names
+from .exprs import tensor_bytes
 
 
 def _used_vars(expr) -> set:
     return set(relax.analysis.free_vars(expr))
 
 
-def _nbytes(ty) -> int:
-    shape = getattr(ty, "shape", None)
-    if shape is None or not hasattr(ty, "dtype"):
-        return 0
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * max(tvm.DataType(str(ty.dtype)).bits // 8, 1)
-
-
 def _shrinks(binding, bindings, deps) -> bool:
     """Its output is a bool mask, or smaller than an input it reads."""
     if str(getattr(binding.var.ty, "dtype", "")) == "bool":
         return True
-    out = _nbytes(binding.var.ty)
-    return any(_nbytes(bindings[j].var.ty) > out for j in deps)
+    out = tensor_bytes(binding.var.ty)
+    return any(tensor_bytes(bindings[j].var.ty) > out for j in deps)
 
 
 def schedule(bindings: list, outputs: dict, params: set, loss) -> list[int]:
