@@ -169,10 +169,9 @@ def paper_style_scheme(layers: list) -> dict:
     }
 
 
-def load_network(net: Network, resolution: int, tmp: Path, dtype: str = "float32",
-                 float_classifier: bool = True):
-    """``(mod, params, layers, resolution)``, or None when a shared model file is missing.
-    ``float_classifier=False`` keeps an int8 model's last layer int8."""
+def load_network(net: Network, resolution: int, tmp: Path, dtype: str = "float32"):
+    """``(mod, params, layers, resolution, path)``, or None when a shared model file is
+    missing; ``path`` is the model file (built and quantized once for a zoo network)."""
     import tvm_tinytrain
     from tvm_tinytrain.layers import backbone
 
@@ -195,9 +194,9 @@ def load_network(net: Network, resolution: int, tmp: Path, dtype: str = "float32
         path = SHARED_MODELS / (net.source.replace("_float", "_int8") if dtype == "int8" else net.source)
         if not path.is_file():
             return None
-    mod, params = tvm_tinytrain.load_model(str(path), float_classifier=float_classifier)
+    mod, params = tvm_tinytrain.load_model(str(path))
     shape = [int(d) for d in backbone(mod).params[0].ty.shape]  # NCHW or NHWC, batch 1
-    return mod, params, tvm_tinytrain.layer_table(mod), max(shape[1:])
+    return mod, params, tvm_tinytrain.layer_table(mod), max(shape[1:]), path
 
 
 def training_step(mod, scheme, reorder: bool):
@@ -261,11 +260,13 @@ def measure_on_qemu(mod, params, scheme, tmp: Path) -> dict:
 def run_network(net: Network, resolution: int, tmp: Path, dtype: str = "int8",
                 qemu: bool = False) -> tuple[dict | None, list[dict]]:
     """The network's summary (None when skipped) and one row per setting."""
+    import tvm_tinytrain
+
     start = time.perf_counter()
     loaded = load_network(net, resolution, tmp, dtype)
     if loaded is None:
         return None, []
-    mod, params, layers, input_hw = loaded
+    mod, params, layers, input_hw, path = loaded
     sparse = paper_style_scheme(layers)
     _progress(f"{net.label}: {len(layers)} layers, sparse scheme {json.dumps(sparse)}")
     schemes = {"full": "full", "sparse": sparse, "bias-only": "bias-only"}
@@ -273,7 +274,7 @@ def run_network(net: Network, resolution: int, tmp: Path, dtype: str = "int8",
     models = {s: (mod, params) for s in settings}
     if dtype == "int8":  # the classifier int8 too, as the file has it (float32 is the default)
         settings.insert(3, INT8_CLASSIFIER)
-        models[INT8_CLASSIFIER] = load_network(net, resolution, tmp, dtype, float_classifier=False)[:2]
+        models[INT8_CLASSIFIER] = tvm_tinytrain.load_model(str(path), float_classifier=False)
     rows = []
     for setting in settings:
         base, _, reorder = setting.partition("+")
