@@ -45,13 +45,18 @@ def pack_clamp_mask_te(y, lo: int, hi: int):
     return te.compute(((count + 7) // 8,), byte, name="mask")
 
 def mask_bit(mask, k):
-    """Bit ``k`` of a packed mask, as a condition. The arithmetic is int32 on purpose: with
-    int64 indices TVM's simplifier folds ``(byte >> (k % 8)) & 1 == 1`` to false inside a
-    transposed conv's bounds branch."""
+    """Bit ``k`` of a packed mask, as a condition: ``byte[k // 8] & (1 << k % 8) != 0``.
+
+    The index is split with floordiv / floormod, which TVM's simplifier folds through the
+    flat index (``(16·c + 4·y + x) % 8`` → ``(y & 1)·4 + x``, invariant in c); the bit is
+    tested with an and (not ``floordiv(byte, 1 << bit)``, which TVM lowers to an int64
+    division: a library call per element on a 32-bit core; not ``(byte >> bit) & 1 == 1``,
+    which TVM 0.27's simplifier folded to false inside a transposed conv's bounds branch
+    with int64 indices)."""
     k = k.astype("int32")
     byte = mask[tirx.floordiv(k, 8)].astype("int32")
     bit = tirx.shift_left(tirx.const(1, "int32"), tirx.floormod(k, 8))
-    return tirx.floormod(tirx.floordiv(byte, bit), 2) == 1
+    return tirx.bitwise_and(byte, bit) != tirx.const(0, "int32")
 
 def masked(mask, shape, index, value):
     """``value`` where bit ``flat_index(shape, index)`` of the packed mask is set (the

@@ -232,7 +232,7 @@ def qadd_te(q: QAddParams, a, b):
 
     def scaled(v, zero, mult, shift, name):  # its own stage: nested requantizations
         return te.compute(v.shape, lambda *i: multiply_by_quantized_multiplier(  # stay small
-            (v[i].astype("int64") - zero) * (1 << 20), mult, shift).astype("int32"), name=name)
+            (v[i].astype("int32") - zero) * (1 << 20), mult, shift), name=name)
 
     a_scaled, b_scaled = scaled(a, q.za, ma, sa, "acc_a"), scaled(b, q.zb, mb, sb, "acc_b")
     return te.compute(a.shape, lambda *i: _clamp_int8(
