@@ -40,7 +40,8 @@ def _run(project):
     xs, ys = _samples()
     with project.session() as dev:
         losses = np.array([dev.train_step(x, y) for x, y in zip(xs, ys)], np.float32)
-        return losses, dev.params(), dev.predict(xs[0]), dev.last_cost, dev.stack()
+        step_cost = dev.last_cost  # of the last training step
+        return losses, dev.params(), dev.predict(xs[0]), step_cost, dev.stack()
 
 
 @pytest.fixture(scope="module")
@@ -87,4 +88,7 @@ def test_vww_sparse_update_fits_256kb_on_qemu_bit_identical_to_host(vww, host_ru
         np.testing.assert_array_equal(value, host_run[1][name], err_msg=name)
     np.testing.assert_array_equal(logits, host_run[2])
     assert ram["data"] + ram["bss"] + high_water <= 256 * 1024
-    assert instructions > 1e6
+    # deterministic under -icount: 60.2 M and 60.8 M instructions (the two roundings) with the
+    # template's -O2 -funroll-loops and arm-none-eabi-gcc 12.2; 93 M at plain -O2. The bound
+    # leaves 10 % for another compiler and catches a slower kernel or lost compiler flag.
+    assert 1e6 < instructions < 67e6, f"{instructions:,.0f} instructions per training step"
