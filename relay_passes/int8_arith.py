@@ -69,7 +69,8 @@ def _clamp_int8(v, zy: int, lo: int, hi: int) -> tirx.PrimExpr:
 
 ROUNDINGS = ("stochastic", "nearest")
 
-def _flat_index(shape, index) -> tirx.PrimExpr:
+def flat_index(shape, index) -> tirx.PrimExpr:
+    """Row-major position of the index tuple ``index`` in ``shape``."""
     flat = index[0]
     for size, i in zip(shape[1:], index[1:]):
         flat = flat * int(size) + i
@@ -91,7 +92,7 @@ def integer_step(w, delta, index, shape, lo: float, hi: float, rounding: str) ->
         def u32(v):
             return tirx.const(v, "uint32")
 
-        h = tirx.reinterpret("uint32", delta) ^ (_flat_index(shape, index).astype("uint32") * u32(0x9E3779B9))
+        h = tirx.reinterpret("uint32", delta) ^ (flat_index(shape, index).astype("uint32") * u32(0x9E3779B9))
         h = h ^ (h >> u32(16))
         h = h * u32(0x7FEB352D)
         h = h ^ (h >> u32(15))

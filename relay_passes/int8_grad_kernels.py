@@ -8,17 +8,11 @@ from __future__ import annotations
 import numpy as np
 from tvm import s_tir, te, tirx
 
+from .int8_arith import flat_index
 from .int8_ops import QConvParams, fused_accumulator
 
 ROWS_WEIGHT_GRAD = "tinytrain_qconv_weight_grad_rows"  # tagged, for FuseWeightUpdate
 
-
-def flat_index(shape, i):
-    """Row-major position of index tuple ``i`` in ``shape``."""
-    flat = i[0]
-    for d, v in zip(shape[1:], i[1:]):
-        flat = flat * int(d) + v
-    return flat
 
 def unravel(shape, flat):
     out = []
