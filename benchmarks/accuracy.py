@@ -353,6 +353,17 @@ def model_inputs(key: str, test_limit: int | None, validation: bool = False):
     return paths, inputs, y_tr, y_te
 
 
+def file_kind(variant: str) -> str:
+    """Which model file a variant trains: ``"float"`` (the twin) or ``"int8"``."""
+    return "float" if variant == "float32" else "int8"
+
+
+def row_setting(key: str, mode: str, args) -> tuple:
+    """(scheme, steps) of a (model, mode) row: ``--steps`` overrides the STEPS table."""
+    scheme = SPARSE[key] if mode == "sparse" else mode
+    return scheme, args.steps if args.steps is not None else STEPS[key][mode]
+
+
 def compile_variant(path: Path, scheme, variant: str, lr: float):
     """The (train module, trainer) of one variant; a fresh module per build: TinyTrain with a
     partial-channel scheme changes the float module it is given."""
@@ -372,14 +383,12 @@ def run_model(key: str, args) -> list[dict]:
     paths, inputs, y_tr, y_te = model_inputs(key, args.test_limit)
     rows = []
     befores = {}
-    ceilings = {}
     for mode in args.modes:
-        scheme = SPARSE[key] if mode == "sparse" else mode
+        scheme, steps = row_setting(key, mode, args)
         lr = args.lr if args.lr is not None else LR[key][mode]
-        steps = args.steps if args.steps is not None else STEPS[key][mode]
         memory = {}
         for variant in args.variants:
-            kind = "float" if variant == "float32" else "int8"
+            kind = file_kind(variant)
             label = f"{key}/{mode}/{variant}"
             t0 = time.perf_counter()
             train_mod, trainer = compile_variant(paths[kind], scheme, variant, lr)
@@ -418,18 +427,19 @@ def run_model(key: str, args) -> list[dict]:
                 "trainable": list(trainer.trainable),
             })
             del trainer
+        ceilings = {}  # what the frozen features allow: bounds the last-layer rows only
+        if mode == "last-layer":
+            for kind in dict.fromkeys(file_kind(v) for v in args.variants):
+                t0 = time.perf_counter()
+                xs_tr, xs_te = inputs[kind]
+                ceilings[kind] = frozen_feature_ceiling(paths[kind], xs_tr, y_tr, xs_te, y_te)
+                log(f"{key}/{kind}: frozen-feature ceiling {ceilings[kind]} "
+                    f"({time.perf_counter() - t0:.1f} s)")
         for row in rows:
             if row["mode"] == mode:
-                kind = "float" if row["variant"] == "float32" else "int8"
-                row["memory"] = memory.get(kind)
-                if mode == "last-layer":
-                    if kind not in ceilings:
-                        t0 = time.perf_counter()
-                        ceilings[kind] = frozen_feature_ceiling(paths[kind], inputs[kind][0], y_tr,
-                                                                inputs[kind][1], y_te)
-                        log(f"{key}/{kind}: frozen-feature ceiling {ceilings[kind]} "
-                            f"({time.perf_counter() - t0:.1f} s)")
-                    row["frozen_feature_ceiling"] = ceilings[kind]
+                row["memory"] = memory.get(file_kind(row["variant"]))
+                if ceilings:
+                    row["frozen_feature_ceiling"] = ceilings[file_kind(row["variant"])]
     return rows
 
 
@@ -441,8 +451,7 @@ def tune_model(key: str, args) -> list[dict]:
     xs_tr, xs_va = inputs["float"]
     rows = []
     for mode in args.modes:
-        scheme = SPARSE[key] if mode == "sparse" else mode
-        steps = args.steps if args.steps is not None else STEPS[key][mode]
+        scheme, steps = row_setting(key, mode, args)
         for lr in LR_GRID[key][mode]:
             label = f"{key}/{mode}/float32/lr {lr:g}"
             _, trainer = compile_variant(paths["float"], scheme, "float32", lr)
