@@ -15,13 +15,13 @@ Before::
     ...
     gt = R.permute_dims(g, axes=[1, 0])
     gw = R.matmul(gt, x)                              # (O, K) weight gradient
-    w_new = R.subtract(w, R.multiply(R.const(0.01), gw))
+    w_new = R.subtract(w, R.multiply(learning_rate, gw))
 
 After::
 
     y = R.call_tir(dense, (x, w))                     # Σ_k x[n, k] · w[o, k]
     ...
-    w_new = R.call_tir(linear_sgd_update, (w, g, x, R.const(0.01)))   # in place over w
+    w_new = R.call_tir(linear_sgd_update, (w, g, x, learning_rate))   # in place over w
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from .exprs import constant_and_other, use_counts, with_bindings
+from .attrs import learning_rate_var
+from .exprs import constant_and_other, scalar_and_other, use_counts, with_bindings
 from .int8_ops import fused_accumulator, make_kernel
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -97,12 +98,16 @@ def DenseWithoutTranspose(mod: tvm.IRModule, ctx) -> tvm.IRModule:
 
 @tvm.transform.module_pass(opt_level=0, name="FuseLinearUpdate")
 def FuseLinearUpdate(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+    lr_var = learning_rate_var(mod["train_step"])
+
     def replace(bb, b, defs, uses):
         if not _call(b.value, _SUBTRACT):
             return None
         w, step = b.value.args
-        split = constant_and_other(defs[step]) if step in defs and uses.get(step) == 1 else None
-        if split is None or split[0].size != 1:
+        if step not in defs or uses.get(step) != 1:
+            return None
+        split = constant_and_other(defs[step]) or scalar_and_other(defs[step], lr_var)
+        if split is None or (isinstance(split[0], np.ndarray) and split[0].size != 1):
             return None
         lr, grad = split
         if grad not in defs or uses.get(grad) != 1 or not _call(defs[grad], _MATMUL):
@@ -113,7 +118,8 @@ def FuseLinearUpdate(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         g = defs[gt].args[0]
         if len(x.ty.shape) != 2 or str(w.ty.dtype) != "float32":
             return None
-        lr = relax.const(np.float32(lr.reshape(())), "float32")
+        if isinstance(lr, np.ndarray):
+            lr = relax.const(np.float32(lr.reshape(())), "float32")
         func, out_ty = make_kernel(_sgd_update_te, [w, g, x, lr], fused_accumulator)
         # element i of the new weight reads element i of the old one only: written over it
         func = func.with_attr("tinytrain.elementwise_in", [0])

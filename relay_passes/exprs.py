@@ -59,6 +59,18 @@ def constant_and_other(call):
     return None
 
 
+def scalar_and_other(call, scalar: relax.Var | None):
+    """(``scalar``, the other operand) of ``multiply(scalar, v)`` or ``multiply(v, scalar)``,
+    else None: a multiply by a runtime scalar such as the learning rate."""
+    if scalar is None or not (isinstance(call, relax.Call) and call.op == _MULTIPLY):
+        return None
+    a, b = call.args
+    for s, other in ((a, b), (b, a)):
+        if s.same_as(scalar):
+            return s, other
+    return None
+
+
 def with_bindings(mod: tvm.IRModule, func: relax.Function, name: str, bindings: list) -> tvm.IRModule:
     """``mod`` with function ``name`` = ``func`` over new ``bindings`` (one dataflow block),
     normalized, the dead code of the training module removed."""

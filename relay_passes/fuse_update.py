@@ -6,16 +6,17 @@ the float32 weight gradient (4× the weight, the largest tensor of a sparse
 int8 step) never exists. Momentum and Adam keep state from the gradient, so
 their updates are left as they are.
 
-Before (QAS on, lr 0.01)::
+Before (QAS on)::
 
     g = R.call_tir(qconv_weight_grad, (x, g_acc))      # kernel tagged tinytrain_qconv_weight_grad
     gq = R.multiply(g, qas)                             # (O, 1, 1, 1) per-channel factor
-    d = R.multiply(R.const(0.01), gq)
+    d = R.multiply(learning_rate, gq)                   # the runtime learning-rate scalar
     w_new = R.call_tir(integer_update, (w, d))         # kernel tagged tinytrain_integer_update
 
 After::
 
-    w_new = R.call_tir(qconv_weight_update, (x, g_acc, w, R.const(0.01 * qas)))
+    factor = R.multiply(learning_rate, R.const(qas))   # (O,): O multiplies a step
+    w_new = R.call_tir(qconv_weight_update, (x, g_acc, w, factor))
 
 An inverted bottleneck's expansion gets its gradient in row chunks
 (``int8_grads._chunked_expansion_grad``); each chunk's rows are updated from it
@@ -36,7 +37,8 @@ import tvm
 from tvm import relax, te
 from tvm.relax import op as R
 
-from .exprs import constant_and_other, use_counts, with_bindings
+from .attrs import learning_rate_var
+from .exprs import constant_and_other, scalar_and_other, use_counts, with_bindings
 from .int8_arith import integer_step
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
@@ -80,10 +82,20 @@ def fused_rows_update(q: QConvParams, x, mask, multiplier, g, w, factor, c0: int
     return te.compute(shape, body, name="y")
 
 
-def _update_constants(w, factor, kw) -> tuple:
-    """(per-output-channel step factor as a constant, lo, hi, rounding) of an integer update."""
-    factor = relax.const(np.broadcast_to(np.asarray(factor, np.float32), (int(w.ty.shape[0]),)).copy())
-    return factor, float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
+def _update_factor(var, w, factor, lr) -> tuple[list, relax.Expr]:
+    """(bindings, the per-output-channel step factor) of an integer update: the constant
+    factor, times the runtime learning rate ``lr`` when the step has one."""
+    channels = int(w.ty.shape[0])
+    const = relax.const(np.broadcast_to(np.asarray(factor, np.float32), (channels,)).copy())
+    if lr is None:
+        return [], const
+    out = relax.DataflowVar(f"{var.name}_factor", relax.TensorType((channels,), "float32"))
+    return [relax.VarBinding(out, R.multiply(lr, const))], out
+
+
+def _update_kwargs(kw) -> tuple:
+    """(lo, hi, rounding) of an integer update's kernel tag."""
+    return float(kw["lo"]), float(kw["hi"]), str(kw["rounding"])
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseWeightUpdate")
@@ -100,27 +112,32 @@ class FuseWeightUpdate:
         def tag(v):
             return kernel_tag(mod, v)[0]
 
+        lr_var = learning_rate_var(func)
         fused = {}
         for b in bindings:
             if tag(b.value) != "tinytrain_integer_update":
                 continue
             w, step = b.value.args[1]
-            factor, chain = np.ones(()), step
+            factor, lr, chain = np.ones(()), None, step
             while chain in value and uses.get(chain, 0) == 1 and tag(value[chain]) not in WEIGHT_GRADS:
                 split = constant_and_other(value[chain])
+                if split is not None:
+                    factor, chain = factor * split[0], split[1]
+                    continue
+                split = scalar_and_other(value[chain], lr_var) if lr is None else None
                 if split is None:
                     break
-                factor, chain = factor * split[0], split[1]
+                lr, chain = split
             if chain not in value or uses.get(chain, 0) != 1:
                 continue
             factor = factor.reshape(-1) if factor.ndim else factor
             kw = kernel_tag(mod, b.value)[1]
             if tag(value[chain]) in WEIGHT_GRADS:
-                fused[b.var] = (self._fuse_whole, value[chain], w, factor, kw)
+                fused[b.var] = (self._fuse_whole, value[chain], w, factor, lr, kw)
             else:
                 chunks = self._row_chunks(mod, value[chain], value, uses)
                 if chunks is not None:
-                    fused[b.var] = (self._fuse_rows, chunks, w, factor, kw)
+                    fused[b.var] = (self._fuse_rows, chunks, w, factor, lr, kw)
         if not fused:
             return mod
         bb = relax.BlockBuilder(mod)
@@ -134,12 +151,13 @@ class FuseWeightUpdate:
         return with_bindings(bb.get(), func, self.func, new_bindings)
 
     @staticmethod
-    def _fuse_whole(bb, var, grad, w, factor, kw) -> list:
+    def _fuse_whole(bb, var, grad, w, factor, lr, kw) -> list:
         """The update from the gradient's inputs, the gradient summed per weight."""
         kind, grad_kw = kernel_tag(bb.get(), grad)
         x, g = grad.args[1]
         q = QConvParams.from_kwargs(grad_kw)
-        factor, lo, hi, rounding = _update_constants(w, factor, kw)
+        out, factor = _update_factor(var, w, factor, lr)
+        lo, hi, rounding = _update_kwargs(kw)
         kernel, out_ty = make_kernel(
             lambda *t: fused_weight_update(kind, q, *t, lo, hi, rounding), [x, g, w, factor],
             fused_accumulator)
@@ -147,7 +165,7 @@ class FuseWeightUpdate:
         # written over the parameter (the C path's in-place update checks this attribute)
         kernel = kernel.with_attr("tinytrain.elementwise_in", [2])
         gv = bb.add_func(kernel, kind.replace("tinytrain_", "").replace("_grad", "_update"))
-        return [relax.VarBinding(var, relax.call_tir(gv, [x, g, w, factor], out_ty))]
+        return [*out, relax.VarBinding(var, relax.call_tir(gv, [x, g, w, factor], out_ty))]
 
     @staticmethod
     def _row_chunks(mod, value, defs, uses):
@@ -161,11 +179,12 @@ class FuseWeightUpdate:
         return [defs[f] for f in fields]
 
     @staticmethod
-    def _fuse_rows(bb, var, chunks, w, factor, kw) -> list:
+    def _fuse_rows(bb, var, chunks, w, factor, lr, kw) -> list:
         """Each chunk's new rows straight from its gradient, then the rows joined as the
         new weight (written over the old one once nothing reads it)."""
-        factor, lo, hi, rounding = _update_constants(w, factor, kw)
-        out, rows = [], []
+        out, factor = _update_factor(var, w, factor, lr)
+        lo, hi, rounding = _update_kwargs(kw)
+        rows = []
         for call in chunks:
             _, grad_kw = kernel_tag(bb.get(), call)
             q = QConvParams.from_kwargs(grad_kw)

@@ -12,14 +12,23 @@ Before (what ``relax.transform.Gradient("train_loss")`` returns)::
 After, with ``SGD(lr=0.1, momentum=0.9)``::
 
     @R.function
-    def train_step(x, label, w, b, w.momentum, b.momentum, *frozen):
+    def train_step(x, label, w, b, w.momentum, b.momentum, learning_rate, *frozen):
         with R.dataflow():
             ...                                   # the adjoint's bindings
             w.momentum_new = 0.9 * w.momentum + w_adjoint_out
-            w_new = w - 0.1 * w.momentum_new
+            w_new = w - learning_rate * w.momentum_new    # learning_rate starts at 0.1
             ...
             R.output(loss, w_new, b_new, w.momentum_new, b.momentum_new)
         return (loss, w_new, b_new, w.momentum_new, b.momentum_new)
+
+The learning rate is not a constant of the graph but its last state,
+``learning_rate`` (a float32 scalar, filled with ``lr``), read and never
+written: ``train_step`` returns no new value for it, and the trainer or the
+device sets it between steps for a schedule (the paper uses cosine decay)::
+
+    def train_step(x, label, w, b, w.momentum, b.momentum, learning_rate, *frozen):
+        ...
+            w_new = w - learning_rate * w.momentum_new
 
 The function records its state tensors and their initial fill values in the
 attributes ``tinytrain.state`` and ``tinytrain.state_init``.
@@ -28,7 +37,7 @@ An integer parameter (a quantized layer's int8 weight or int32 bias) is updated
 in float32 and rounded back, so it stays an integer tensor; its optimizer state
 is float32::
 
-    w_new = R.call_tir(integer_update, (w, 0.1 * g))   # int8(clip(round(w - 0.1 g), -127, 127))
+    w_new = R.call_tir(integer_update, (w, learning_rate * g))   # int8(clip(round(w - lr·g), -127, 127))
 
 rounded stochastically by default (``integer_rounding="nearest"`` to compare; see
 ``int8_arith.integer_step``).
@@ -42,7 +51,7 @@ import tvm
 from tvm import relax, te
 from tvm.relax import op as R
 
-from .attrs import attr_names
+from .attrs import LEARNING_RATE, attr_names
 from .int8_arith import ROUNDINGS, integer_step
 from .int8_ops import emit_tagged_kernel
 
@@ -63,9 +72,9 @@ class SGD:
     def state(self, param: str) -> dict[str, float]:
         return {f"{param}.momentum": 0.0} if self.momentum else {}
 
-    def step(self, bb, g, state: list) -> tuple:
-        """The amount to subtract from the parameter, and the new state."""
-        lr = relax.const(self.lr, g.ty.dtype)
+    def step(self, bb, g, state: list, lr: relax.Expr) -> tuple:
+        """The amount to subtract from the parameter, and the new state; ``lr`` is the
+        learning-rate scalar."""
         if not self.momentum:
             return bb.emit(R.multiply(lr, g)), []
         v = bb.emit(R.add(R.multiply(relax.const(self.momentum, g.ty.dtype), state[0]), g))
@@ -91,7 +100,7 @@ class Adam:
         return {f"{param}.adam_m": 0.0, f"{param}.adam_v": 0.0,
                 f"{param}.adam_b1pow": 1.0, f"{param}.adam_b2pow": 1.0}
 
-    def step(self, bb, g, state: list) -> tuple:
+    def step(self, bb, g, state: list, lr: relax.Expr) -> tuple:
         def c(v):
             return relax.const(v, g.ty.dtype)
 
@@ -103,7 +112,7 @@ class Adam:
         b2pow = bb.emit(R.multiply(b2pow, c(self.beta2)))
         m_hat = R.divide(m, R.subtract(c(1.0), b1pow))
         v_hat = R.divide(v, R.subtract(c(1.0), b2pow))
-        step = R.divide(R.multiply(c(self.lr), m_hat), R.add(R.sqrt(v_hat), c(self.eps)))
+        step = R.divide(R.multiply(lr, m_hat), R.add(R.sqrt(v_hat), c(self.eps)))
         return bb.emit(step), [m, v, b1pow, b2pow]
 
 
@@ -127,9 +136,11 @@ def _integer_update(w, delta, lo: float, hi: float, rounding: str):
                       name="w_new")
 
 
-def _update(optimizer, bb, w, g, state, rounding: str = "stochastic"):
+def _update(optimizer, bb, w, g, state, lr, rounding: str = "stochastic"):
     """``w − optimizer.step(...)``; an integer parameter is rounded back to its type."""
-    delta, s_new = optimizer.step(bb, g, state)
+    if str(g.ty.dtype) != "float32":
+        lr = bb.emit(R.astype(lr, g.ty.dtype))
+    delta, s_new = optimizer.step(bb, g, state, lr)
     dtype = str(w.ty.dtype)
     if dtype not in INTEGER_RANGE:
         return bb.emit(R.subtract(w, delta)), s_new
@@ -160,15 +171,21 @@ class ApplyOptimizer:
             names = self.optimizer.state(param.name)
             init.update(names)
             state_vars.append([relax.Var(n, _state_type(n, param)) for n in names])
+        names = {p.name for p in adj.params}
+        if LEARNING_RATE in names or LEARNING_RATE in init:
+            raise ValueError(f"a parameter of the model is named {LEARNING_RATE!r}, the name of the "
+                             "optimizer's learning-rate state: rename it in the model")
+        lr = relax.Var(LEARNING_RATE, relax.TensorType((), "float32"))
+        init[LEARNING_RATE] = float(self.optimizer.lr)
         flat_state = [v for group in state_vars for v in group]
         bb = relax.BlockBuilder(mod)
-        with bb.function(self.name, [x, label, *trainable, *flat_state, *frozen]):
+        with bb.function(self.name, [x, label, *trainable, *flat_state, lr, *frozen]):
             with bb.dataflow():
                 for binding in adj.body.blocks[0].bindings:
                     bb.emit_normalized(binding)
                 new_params, new_state = [], []
                 for w, g, state in zip(trainable, grads, state_vars):
-                    w_new, s_new = _update(self.optimizer, bb, w, g, state, self.rounding)
+                    w_new, s_new = _update(self.optimizer, bb, w, g, state, lr, self.rounding)
                     new_params.append(w_new)
                     new_state.extend(s_new)
                 out = bb.emit_output(relax.Tuple([loss, *new_params, *new_state]))

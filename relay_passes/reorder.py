@@ -37,7 +37,7 @@ import heapq
 import tvm
 from tvm import relax
 
-from .attrs import attr_names
+from .attrs import attr_names, updated_state
 from .exprs import tensor_bytes
 
 
@@ -144,7 +144,7 @@ class ReorderForMemory:
         result = bindings[-1]
         fields = list(result.value.fields)
         trainable = attr_names(func, "tinytrain.trainable")
-        state = attr_names(func, "tinytrain.state")
+        state = updated_state(func)
         params = set(func.params[2:2 + len(trainable)])
         groups = {v: k for k, v in enumerate(fields[1:1 + len(trainable)])}
         for name, var in zip(state, fields[1 + len(trainable):]):

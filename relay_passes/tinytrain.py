@@ -7,7 +7,7 @@ Before: ``main(x, *params) -> logits`` (``num_input = 1``).
 After::
 
     predict(x, *params) -> logits
-    train_step(x, label, *trainable, *optimizer_state, *frozen)
+    train_step(x, label, *trainable, *optimizer_state, learning_rate, *frozen)
         -> (loss, *trainable_updated, *optimizer_state_updated)
 """
 

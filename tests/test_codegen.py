@@ -118,6 +118,35 @@ def test_host_c_matches_the_tvm_host_path(case):
     assert dev.returncode == 0
 
 
+def test_host_c_learning_rate_schedule_matches_the_tvm_host_path(case):
+    """A cosine schedule set between steps (``tinytrain_set_learning_rate`` through the
+    protocol's 'L') trains as the TVM host trainer does with the same rates."""
+    require_tools("gcc", "make")
+    artifact, _, _, root = case
+    ref = tt.build(_current["train_mod"], _current["params"])
+    base = ref.learning_rate
+    rates = [0.5 * base * (1 + np.cos(np.pi * t / STEPS)) for t in range(STEPS)]
+    xs, ys = _samples(seed=1)
+    ref_losses = []
+    for lr, x, y in zip(rates, xs, ys):
+        ref.learning_rate = lr
+        ref_losses.append(ref.step(x, y))
+    project = micro.create_project(artifact, "host", root / "host-lr")
+    project.build()
+    with project.session() as dev:
+        assert dev.learning_rate == pytest.approx(base)
+        losses = []
+        for lr, x, y in zip(rates, xs, ys):
+            dev.learning_rate = lr
+            losses.append(dev.train_step(x, y))
+        assert dev.learning_rate == pytest.approx(rates[-1])
+        params = dev.params()
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    expected = _ref_params(ref, params)
+    for name, value in params.items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_qemu_equals_host_c_bit_for_bit(case):
     require_tools("gcc", "make", "arm-none-eabi-gcc", "qemu-system-arm")
     artifact, _, _, root = case

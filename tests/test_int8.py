@@ -385,21 +385,24 @@ def test_qas_fine_tunes_int8_better_than_without(shared_model):
     assert accuracy[True] > accuracy[False] + 0.1, accuracy
 
 
-@pytest.mark.parametrize("arch", ["tiny", "bottleneck"])
-def test_fused_weight_update_equals_gradient_then_update(request, monkeypatch, arch):
+@pytest.mark.parametrize("arch, built_lr", [("tiny", 0.5), ("bottleneck", 0.5), ("tiny", 3.0)])
+def test_fused_weight_update_equals_gradient_then_update(request, monkeypatch, arch, built_lr):
     """SGD on int8 weights sums each weight's gradient straight into its update
     (FuseWeightUpdate), by row chunks for a bottleneck's expansion: the result is the
-    rounded step of the tested gradient."""
+    rounded step of the tested gradient. The learning rate is a runtime scalar: built with
+    another one and set before the step, the step is the same."""
     net, mod, _, grads = request.getfixturevalue(arch)
     lr = 0.5
     monkeypatch.setattr(int8_grads, "CHUNK_BYTES", SMALL_CHUNKS)
-    step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=lr), integer_rounding="nearest")(
+    step = tt.relay.transform.TinyTrain("full", optimizer=tt.SGD(lr=built_lr), integer_rounding="nearest")(
         net.module())
     kernels = {gv.name_hint for gv in step.get_global_vars()}
     assert any(name.startswith("qconv_weight_update") for name in kernels)
     assert any(name.startswith("qconv_weight_rows_update") for name in kernels) == (arch == "bottleneck")
     assert not any(name.startswith("qconv_weight_grad") for name in kernels)  # fused away
     trainer = tt.build(step, {k: np.asarray(v) for k, v in net.params.items()})
+    assert trainer.learning_rate == built_lr
+    trainer.learning_rate = lr
     trainer.step(net.x, net.label)
     after = trainer.params()
     qas = {k: np.asarray(list(v)) for k, v in mod["predict"].attrs["tinytrain.qas"].items()}

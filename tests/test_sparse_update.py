@@ -166,9 +166,11 @@ def test_memory_cli_json(small, tmp_path):
                           "last-k:2", "--json", "--plot", str(png)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    for key in ("arena_bytes", "trainable_bytes", "flash_bytes", "total_sram_bytes"):
+    for key in ("arena_bytes", "trainable_bytes", "optimizer_state_bytes", "flash_bytes", "total_sram_bytes"):
         assert isinstance(data[key], int) and data[key] >= 0
-    assert data["total_sram_bytes"] == data["arena_bytes"] + data["trainable_bytes"]
+    # plain SGD's only state is its learning rate, one float32
+    assert data["optimizer_state_bytes"] == 4
+    assert data["total_sram_bytes"] == data["arena_bytes"] + data["trainable_bytes"] + 4
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

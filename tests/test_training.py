@@ -95,6 +95,43 @@ def test_momentum_step_equals_hand_computed_update(linear_model):
     np.testing.assert_allclose(trainer.params()["linear0.bias"], b, rtol=1e-5, atol=1e-6)
 
 
+def test_learning_rate_set_between_steps_is_the_rate_of_the_next_step(linear_model):
+    """The learning rate is a runtime scalar, not a constant of the graph: a schedule sets it
+    between steps (here with momentum, and the cosine decay of ``fit``), no recompile."""
+    path, w, b = linear_model
+    trainer = _trainer(path, tt.SGD(lr=0.05, momentum=0.9))
+    assert trainer.learning_rate == pytest.approx(0.05)
+    samples = _samples(4)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for lr, (x, y) in zip((0.2, 0.0, 0.01, 0.07), samples):
+        gw, gb = _hand_gradient(x, y, w, b)
+        vw, vb = 0.9 * vw + gw, 0.9 * vb + gb
+        w, b = w - np.float32(lr) * vw, b - np.float32(lr) * vb
+        trainer.learning_rate = lr
+        trainer.step(x, y)
+    np.testing.assert_allclose(trainer.params()["linear0.weight"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(trainer.params()["linear0.bias"], b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(tt.InputError, match="learning rate"):
+        trainer.learning_rate = float("nan")
+
+    # fit's cosine schedule: lr_t = ½·lr·(1 + cos(π t / T)) from the current rate, restored after
+    trainer.reset()
+    xs, ys = np.stack([x for x, _ in samples]), np.array([y for _, y in samples])
+    order = np.random.default_rng(3).permutation(len(ys))
+    _, w, b = linear_model
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for t, i in enumerate(order):
+        lr = np.float32(0.5 * 0.05 * (1 + np.cos(np.pi * t / len(ys))))
+        gw, gb = _hand_gradient(xs[i], ys[i], w, b)
+        vw, vb = 0.9 * vw + gw, 0.9 * vb + gb
+        w, b = w - lr * vw, b - lr * vb
+    trainer.fit(xs, ys, seed=3, lr_schedule="cosine")
+    np.testing.assert_allclose(trainer.params()["linear0.weight"], w, rtol=1e-5, atol=1e-6)
+    assert trainer.learning_rate == pytest.approx(0.05)
+    with pytest.raises(tt.InputError, match="lr_schedule"):
+        trainer.fit(xs, ys, lr_schedule="step")
+
+
 def test_adam_step_equals_hand_computed_update(linear_model):
     path, w, b = linear_model
     lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
-from relay_passes.attrs import attr_names
+from relay_passes.attrs import attr_names, updated_state
 
 from .lower import Kernel, Tensor, kernels, lower
 from .memory import Buffer, MemoryPlan, plan_memory
@@ -169,7 +169,7 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
     producer = {out: k for k in ks for out in k.outputs}
     loss_kernel = producer[outputs[0]].index if outputs and outputs[0] in producer else end
     in_place = {}  # kernel output → the persistent tensor it overwrites
-    for new, old in zip(outputs[1:], [*trainable, *state]):
+    for new, old in zip(outputs[1:], [*trainable, *updated_state(step)], strict=True):
         if new in producer and last_use.get(old, -1) <= producer[new].index:
             in_place[new] = old
     buffers = _buffers(lowered, ks, tensors, outputs, params[:2], in_place, loss_kernel)

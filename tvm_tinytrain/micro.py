@@ -30,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from relay_passes.attrs import LEARNING_RATE
+
 from .codegen.artifact import Artifact
 from .errors import InputError, TinyTrainError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "microtvm_projects"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ToolMissingError(TinyTrainError):
@@ -282,6 +284,18 @@ class Session:
 
     def reset(self) -> None:
         self._call(b"R")
+
+    @property
+    def learning_rate(self) -> float:
+        """The device's learning rate for the next steps (``HostTrainer.learning_rate``'s twin)."""
+        return float(self.optimizer_state()[LEARNING_RATE])
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        lr = float(lr)
+        if not (np.isfinite(lr) and lr >= 0):
+            raise InputError(f"learning rate must be a finite number >= 0, got {lr}")
+        self._call(b"L", struct.pack("<f", lr))
 
     def stack(self) -> tuple[int, int]:
         """(stack bytes used so far, stack bytes reserved); (0, 0) where the port cannot tell."""

@@ -6,6 +6,7 @@ the C path. Samples come in the model file's own layout and dtype, batch 1.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from relay_passes.attrs import attr_names
+from relay_passes.attrs import LEARNING_RATE, attr_names, updated_state
 from relay_passes.sparse_update import frozen_slice_name, trainable_slice_name
 
 from .errors import InputError, TinyTrainError
@@ -28,6 +29,15 @@ def split_params(params: dict[str, np.ndarray], splits: dict[str, int]) -> dict[
         out[trainable_slice_name(name, k)] = params[name][:k]
         out[frozen_slice_name(name, k)] = params[name][k:]
     return out
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def cosine_learning_rate(base: float, step: int, total: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total`` under cosine decay from
+    ``base`` towards 0: ``base · ½(1 + cos(π · step / total))``."""
+    return 0.5 * base * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
 class HostTrainer:
@@ -45,6 +55,7 @@ class HostTrainer:
         self.predict_function = predict
         self.trainable = attr_names(step, "tinytrain.trainable")
         self.state_names = attr_names(step, "tinytrain.state")
+        self.updated_state = updated_state(step)  # all but the learning rate
         self.loss_kind = str(step.attrs["tinytrain.loss"])
         self.param_names = [p.name for p in predict.params[1:]]
         self.splits = {str(k): int(v) for k, v in predict.attrs["tinytrain.split"].items()} \
@@ -111,12 +122,25 @@ class HostTrainer:
         return tvm.runtime.tensor(y_arr.reshape(self.label_shape), self.device)
 
     # ---- training ----------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate of the next steps: the optimizer's ``lr`` until set (a schedule
+        sets it between steps; no recompile)."""
+        return float(self._values[LEARNING_RATE].numpy())
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        lr = float(lr)
+        if not (np.isfinite(lr) and lr >= 0):
+            raise InputError(f"learning rate must be a finite number >= 0, got {lr}")
+        self._values[LEARNING_RATE] = tvm.runtime.tensor(np.array(lr, np.float32), self.device)
+
     def step(self, x, y) -> float:
         """One training step on one sample; returns the loss before the update."""
         args = [self._sample(x), self._label(y)]
         args += [self._values[n] for n in (*self.trainable, *self.state_names, *self.frozen)]
         out = self.vm["train_step"](*args)
-        for name, value in zip((*self.trainable, *self.state_names), list(out)[1:]):
+        for name, value in zip((*self.trainable, *self.updated_state), list(out)[1:], strict=True):
             self._values[name] = value
         return float(out[0].numpy())
 
@@ -144,15 +168,25 @@ class HostTrainer:
         return hits / len(ys)
 
     def fit(self, xs, ys, epochs: int = 1, seed: int = 0,
-            progress: Callable[[int, int, float], None] | None = None) -> list[float]:
-        """Plain SGD loop over the samples, shuffled each epoch; returns the losses."""
+            progress: Callable[[int, int, float], None] | None = None,
+            lr_schedule: str = "constant") -> list[float]:
+        """Loop over the samples, shuffled each epoch; returns the losses.
+
+        ``lr_schedule``: ``"constant"`` (the learning rate as it is) or ``"cosine"`` (from the
+        current learning rate down to 0 over the run, as the paper trains; set back after)."""
+        if lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
         rng = np.random.default_rng(seed)
         losses, total = [], epochs * len(ys)
+        base = self.learning_rate
         for _ in range(epochs):
             for i in rng.permutation(len(ys)):
+                if lr_schedule == "cosine":
+                    self.learning_rate = cosine_learning_rate(base, len(losses), total)
                 losses.append(self.step(xs[i], ys[i]))
                 if progress:
                     progress(len(losses), total, losses[-1])
+        self.learning_rate = base
         return losses
 
     def params(self) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@
 
 #include "tinytrain_model.h"
 
-#define TINYTRAIN_PROTOCOL_VERSION 1u
+#define TINYTRAIN_PROTOCOL_VERSION 2u
 
 static uint32_t tinytrain_crc32(uint32_t crc, const uint8_t* p, size_t n) {
   crc = ~crc;
@@ -69,6 +69,7 @@ int tinytrain_serve(void) {
     uint8_t* input = (uint8_t*)tinytrain_input_buffer();
     uint8_t* ram = (uint8_t*)tinytrain_params_buffer();
     uint32_t ram_bytes = TINYTRAIN_PARAMS_BYTES + TINYTRAIN_STATE_BYTES;
+    uint8_t rate[4];
     /* where the payload goes */
     uint32_t expect = 0;
     uint8_t *dst1 = NULL, *dst2 = NULL;
@@ -76,6 +77,7 @@ int tinytrain_serve(void) {
     if (cmd == 'T') { expect = TINYTRAIN_INPUT_BYTES + TINYTRAIN_LABEL_BYTES; dst1 = input; n1 = TINYTRAIN_INPUT_BYTES; dst2 = tinytrain_label; }
     else if (cmd == 'P') { expect = TINYTRAIN_INPUT_BYTES; dst1 = input; n1 = expect; }
     else if (cmd == 'S') { expect = ram_bytes; dst1 = ram; n1 = expect; }
+    else if (cmd == 'L') { expect = 4; dst1 = rate; n1 = expect; }
     int bad_length = len != expect;
     if (bad_length) {
       if (tinytrain_receive(NULL, len, &crc)) return 1;
@@ -87,7 +89,7 @@ int tinytrain_serve(void) {
     if (tinytrain_port_read(tail, 4)) return 1;
     if (tinytrain_get_u32(tail) != crc) { tinytrain_respond(1, NULL, 0, NULL, 0); continue; }
     if (cmd != 'T' && cmd != 'P' && cmd != 'S' && cmd != 'I' && cmd != 'G' && cmd != 'R' && cmd != 'M' &&
-        cmd != 'Q') { tinytrain_respond(3, NULL, 0, NULL, 0); continue; }
+        cmd != 'L' && cmd != 'Q') { tinytrain_respond(3, NULL, 0, NULL, 0); continue; }
     if (bad_length) { tinytrain_respond(2, NULL, 0, NULL, 0); continue; }
     switch (cmd) {
       case 'I': {
@@ -117,6 +119,13 @@ int tinytrain_serve(void) {
       case 'G': tinytrain_respond(0, ram, ram_bytes, NULL, 0); break;
       case 'S': tinytrain_respond(0, NULL, 0, NULL, 0); break;
       case 'R': tinytrain_init(); tinytrain_respond(0, NULL, 0, NULL, 0); break;
+      case 'L': {
+        float lr;
+        memcpy(&lr, rate, sizeof lr);
+        tinytrain_set_learning_rate(lr);
+        tinytrain_respond(0, NULL, 0, NULL, 0);
+        break;
+      }
       case 'M': {
         uint32_t used = 0, reserved = 0;
         uint8_t out[8];

@@ -10,6 +10,7 @@
  *     'G' get      -> trainable parameters then optimizer state (the RAM block)
  *     'S' set      trainable parameters then optimizer state -> (nothing)
  *     'R' reset    -> (nothing): parameters back to their initial values
+ *     'L' rate     f32 learning rate -> (nothing): the learning rate of the next steps
  *     'M' memory   -> u32 stack bytes used (high-water mark), u32 stack bytes reserved
  *     'Q' quit     -> (nothing), then the program ends
  * status 0 ok, 1 bad checksum, 2 bad length, 3 unknown command, 4 kernel failure.

@@ -9,7 +9,7 @@ import numpy as np
 import tvm
 from tvm import tirx
 
-from relay_passes.attrs import attr_names
+from relay_passes.attrs import LEARNING_RATE, attr_names, updated_state
 
 from ..errors import TinyTrainError
 from ..memory_report import LoweredFunction, memory_report, plan_predict
@@ -55,6 +55,10 @@ void {PREFIX}_get_params(void* out);  /* {PREFIX.upper()}_PARAMS_BYTES bytes */
 void {PREFIX}_set_params(const void* in);
 void {PREFIX}_get_state(void* out);   /* {PREFIX.upper()}_STATE_BYTES bytes: optimizer state */
 void {PREFIX}_set_state(const void* in);
+/* The learning rate of the next steps (part of the state; {PREFIX}_init sets the compiled-in
+ * one): set it between steps for a schedule, e.g. cosine decay. */
+void {PREFIX}_set_learning_rate(float lr);
+float {PREFIX}_learning_rate(void);
 
 #endif
 '''
@@ -249,7 +253,7 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
     model_c.append(f"  memmove(A(uint8_t, {step.plan.offsets[label]}), label, {label_t.nbytes}u);")
     model_c.append(f"  {PREFIX}_kernel_failed = 0;")
     model_c += function_body(step, step_storage, kernel_symbols, workspace)
-    for new, old in zip(step.outputs[1:], (*trainable, *state)):
+    for new, old in zip(step.outputs[1:], (*trainable, *updated_state(step_func)), strict=True):
         if new not in step.in_place and new != old:  # an update the planner could not do in place
             model_c.append(f"  memcpy({persistent[old]}, {step_storage.address(new, step)}, "
                            f"{tensors[old].nbytes}u);")
@@ -273,6 +277,10 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
                        f"memcpy(out, {PREFIX}_ram + {offset}u, {size}u); }}")
         model_c.append(f"void {PREFIX}_set_{what}(const void* in) {{ memcpy({PREFIX}_ram + {offset}u, in, "
                        f"{size}u); }}")
+    lr = persistent[LEARNING_RATE]
+    model_c.append(f"void {PREFIX}_set_learning_rate(float lr) {{ memcpy({lr}, &lr, sizeof lr); }}")
+    model_c.append(f"float {PREFIX}_learning_rate(void) {{ float lr; memcpy(&lr, {lr}, sizeof lr); "
+                   "return lr; }")
     model_c.append("")
 
     from .. import __version__

@@ -24,7 +24,7 @@ def TinyTrain(
 ) -> tvm.transform.Pass:
     """Backbone (``main(x, *params) -> logits``) → ``predict`` + ``train_step``.
 
-    ``train_step(x, label, *trainable, *optimizer_state, *frozen) ->
+    ``train_step(x, label, *trainable, *optimizer_state, learning_rate, *frozen) ->
     (loss, *trainable_updated, *optimizer_state_updated)``. ``scheme`` names which
     parameters learn (a preset: full, last-layer, bias-only, last-k:N; a dict; a .json
     path — see ``tvm_tinytrain.scheme``); ``reorder=False`` skips the memory-saving
