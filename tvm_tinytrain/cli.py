@@ -166,7 +166,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .tar")
     c.add_argument("--budget", help="SRAM budget, like 256KB; the build fails when the plan needs more")
     c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
-    c.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
+    c.add_argument("--lr", type=float, default=0.01,
+                   help="SGD learning rate the device starts with (default 0.01); a schedule changes it "
+                        "between steps with tinytrain_set_learning_rate()")
     c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
     c.set_defaults(run=_cmd_compile)
     cp = sub.add_parser("create-project", help="make a buildable project from an artifact and a template",
