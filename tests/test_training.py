@@ -116,6 +116,7 @@ def test_learning_rate_set_between_steps_is_the_rate_of_the_next_step(linear_mod
 
     # fit's cosine schedule: lr_t = ½·lr·(1 + cos(π t / T)) from the current rate, restored after
     trainer.reset()
+    assert trainer.learning_rate == pytest.approx(0.05)  # reset: back to the rate it was built with
     xs, ys = np.stack([x for x, _ in samples]), np.array([y for _, y in samples])
     order = np.random.default_rng(3).permutation(len(ys))
     _, w, b = linear_model
