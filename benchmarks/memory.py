@@ -15,7 +15,7 @@ MobileNetV2 also gets ``bias-only`` and ``bias-only+reorder``: without
 reordering every gradient buffer stays alive until the updates at the end.
 
 Total SRAM = the planned arena (activations, gradients, scratch) + the
-trainable parameters (SRAM copies; SGD keeps no optimizer state). Flash = the
+trainable parameters (SRAM copies) + SGD's one state, its 4-byte learning rate. Flash = the
 frozen parameters and constants. The TVM column is TVM's own
 ``StaticPlanBlockMemory`` figure for the same lowered step. Every plan is
 checked with ``check_no_overlap``. ``--dtype int8`` (the default) plans the int8
@@ -308,7 +308,8 @@ def markdown(rows: list[dict], networks: list[dict], skipped: list[str], dtype: 
     lines = [
         f"# Training-step memory ({dtype}): full vs sparse update vs sparse update + reordering",
         "",
-        f"Batch 1, cross-entropy, SGD (no optimizer state). **Ours: {dtype}, planned** by "
+        f"Batch 1, cross-entropy, SGD (its only state: the 4-byte learning rate, counted with the "
+        f"trainable column). **Ours: {dtype}, planned** by "
         "`tvm_tinytrain.memory_report` (int8: int8 activations and weights, int32 biases, float32 "
         "classifier and gradients). **Paper: int8, measured** on the board (TinyTraining, Fig. 10a).",
         "",
