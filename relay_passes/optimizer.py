@@ -171,8 +171,7 @@ class ApplyOptimizer:
             names = self.optimizer.state(param.name)
             init.update(names)
             state_vars.append([relax.Var(n, _state_type(n, param)) for n in names])
-        names = {p.name for p in adj.params}
-        if LEARNING_RATE in names or LEARNING_RATE in init:
+        if any(p.name == LEARNING_RATE for p in adj.params):  # state names all hold a "."
             raise ValueError(f"a parameter of the model is named {LEARNING_RATE!r}, the name of the "
                              "optimizer's learning-rate state: rename it in the model")
         lr = relax.Var(LEARNING_RATE, relax.TensorType((), "float32"))
