@@ -34,6 +34,7 @@ from relay_passes.attrs import LEARNING_RATE
 
 from .codegen.artifact import Artifact
 from .errors import InputError, TinyTrainError
+from .trainer import checked_learning_rate
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "microtvm_projects"
 PROTOCOL_VERSION = 2
@@ -292,10 +293,7 @@ class Session:
 
     @learning_rate.setter
     def learning_rate(self, lr: float) -> None:
-        lr = float(lr)
-        if not (np.isfinite(lr) and lr >= 0):
-            raise InputError(f"learning rate must be a finite number >= 0, got {lr}")
-        self._call(b"L", struct.pack("<f", lr))
+        self._call(b"L", struct.pack("<f", checked_learning_rate(lr)))
 
     def stack(self) -> tuple[int, int]:
         """(stack bytes used so far, stack bytes reserved); (0, 0) where the port cannot tell."""

@@ -40,6 +40,14 @@ def cosine_learning_rate(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
+def checked_learning_rate(lr) -> float:
+    """``lr`` as a float, or an InputError when it is not a finite number >= 0."""
+    lr = float(lr)
+    if not (np.isfinite(lr) and lr >= 0):
+        raise InputError(f"learning rate must be a finite number >= 0, got {lr}")
+    return lr
+
+
 class HostTrainer:
     """``step(x, y) -> loss``, ``predict(x)``, ``evaluate(xs, ys)``, ``params()``."""
 
@@ -130,9 +138,7 @@ class HostTrainer:
 
     @learning_rate.setter
     def learning_rate(self, lr: float) -> None:
-        lr = float(lr)
-        if not (np.isfinite(lr) and lr >= 0):
-            raise InputError(f"learning rate must be a finite number >= 0, got {lr}")
+        lr = checked_learning_rate(lr)
         self._values[LEARNING_RATE] = tvm.runtime.tensor(np.array(lr, np.float32), self.device)
 
     def step(self, x, y) -> float:
