@@ -251,24 +251,23 @@ def changed_fraction(before: dict, after: dict, trainable: list[str]) -> float |
 
 
 def train_run(trainer, x_tr, y_tr, x_te, y_te, steps: int, seed: int, label: str, cosine: bool) -> dict:
+    """``steps`` samples of ``HostTrainer.fit`` (a new permutation of the training set per
+    epoch, from ``seed``), then the test accuracy."""
     import numpy as np
 
-    from tvm_tinytrain.trainer import cosine_learning_rate
+    quarter = max(1, steps // 4)
+    seen = []
 
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(y_tr)) for _ in range(-(-steps // len(y_tr)))])[:steps]
-    base = trainer.learning_rate
+    def progress(i: int, total: int, loss: float) -> None:
+        seen.append(loss)
+        if i % quarter == 0 or i == total:
+            log(f"  {label} seed {seed}: step {i}/{total}, mean loss of the last "
+                f"{min(i, quarter)} {np.mean(seen[-quarter:]):.3f}")
+
     t0 = time.perf_counter()
-    losses = []
-    for i, j in enumerate(order, 1):
-        if cosine:
-            trainer.learning_rate = cosine_learning_rate(base, i - 1, steps)
-        losses.append(trainer.step(x_tr[j], y_tr[j]))
-        if i % max(1, steps // 4) == 0 or i == steps:
-            log(f"  {label} seed {seed}: step {i}/{steps}, mean loss of the last "
-                f"{min(len(losses), steps // 4 or 1)} {np.mean(losses[-(steps // 4 or 1):]):.3f}")
+    losses = trainer.fit(x_tr, y_tr, seed=seed, progress=progress, steps=steps,
+                         lr_schedule="cosine" if cosine else "constant")
     train_s = time.perf_counter() - t0
-    trainer.learning_rate = base
     t0 = time.perf_counter()
     acc = trainer.evaluate(x_te, y_te)
     finite = bool(np.all(np.isfinite(losses)))

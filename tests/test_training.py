@@ -132,6 +132,17 @@ def test_learning_rate_set_between_steps_is_the_rate_of_the_next_step(linear_mod
     with pytest.raises(tt.InputError, match="lr_schedule"):
         trainer.fit(xs, ys, lr_schedule="step")
 
+    # steps: that many samples, a new permutation per epoch, the last epoch cut short
+    trainer.reset()
+    assert len(trainer.fit(xs, ys, seed=5, steps=6)) == 6
+    after_fit = trainer.params()
+    trainer.reset()
+    rng = np.random.default_rng(5)
+    for i in [*rng.permutation(len(ys)), *rng.permutation(len(ys))[:2]]:
+        trainer.step(xs[i], ys[i])
+    for name, value in trainer.params().items():
+        np.testing.assert_array_equal(after_fit[name], value, err_msg=name)
+
 
 def test_adam_step_equals_hand_computed_update(linear_model):
     path, w, b = linear_model

@@ -175,18 +175,20 @@ class HostTrainer:
 
     def fit(self, xs, ys, epochs: int = 1, seed: int = 0,
             progress: Callable[[int, int, float], None] | None = None,
-            lr_schedule: str = "constant") -> list[float]:
+            lr_schedule: str = "constant", steps: int | None = None) -> list[float]:
         """Loop over the samples, shuffled each epoch; returns the losses.
 
         ``lr_schedule``: ``"constant"`` (the learning rate as it is) or ``"cosine"`` (from the
-        current learning rate down to 0 over the run, as the paper trains; set back after)."""
+        current learning rate down to 0 over the run, as the paper trains; set back after).
+        ``steps``: train on this many samples instead of ``epochs × len(ys)``, the last
+        epoch cut short."""
         if lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
         rng = np.random.default_rng(seed)
-        losses, total = [], epochs * len(ys)
+        losses, total = [], epochs * len(ys) if steps is None else steps
         base = self.learning_rate
-        for _ in range(epochs):
-            for i in rng.permutation(len(ys)):
+        while len(losses) < total:
+            for i in rng.permutation(len(ys))[:total - len(losses)]:
                 if lr_schedule == "cosine":
                     self.learning_rate = cosine_learning_rate(base, len(losses), total)
                 losses.append(self.step(xs[i], ys[i]))
