@@ -21,9 +21,10 @@ def unravel(shape, flat):
         flat = tirx.floordiv(flat, int(d))
     return tuple(reversed(out))
 
-def pack_clamp_mask_te(y, lo: int, hi: int):
-    """One bit per element of ``y``: ``lo < y < hi`` (the output was not clamped), eight
-    elements per byte, element ``k`` in bit ``k % 8`` of byte ``k // 8``."""
+def pack_clamp_mask_te(y, lo: int | None, hi: int | None):
+    """One bit per element of ``y``: ``lo < y < hi`` (the output was not clamped; a bound
+    of None is one the op cannot reach), eight elements per byte, element ``k`` in bit
+    ``k % 8`` of byte ``k // 8``."""
     shape = [int(d) for d in y.shape]
     count = int(np.prod(shape))
 
@@ -32,7 +33,9 @@ def pack_clamp_mask_te(y, lo: int, hi: int):
         for b in range(8):
             k = j * 8 + b
             v = y[unravel(shape, tirx.min(k, count - 1))]
-            inside = tirx.all(k < count, v > tirx.const(lo, y.dtype), v < tirx.const(hi, y.dtype))
+            inside = tirx.all(k < count,
+                              *([v > tirx.const(lo, y.dtype)] if lo is not None else []),
+                              *([v < tirx.const(hi, y.dtype)] if hi is not None else []))
             total = total + tirx.Select(inside, tirx.const(1 << b, "int32"), tirx.const(0, "int32"))
         return total.astype("uint8")
 

@@ -56,7 +56,7 @@ GRAD_PREFIX = "tvm.relax.te_grad._register."
 def _f32(values) -> relax.Constant:
     return relax.const(np.asarray(values, np.float32))
 
-def _clamp_mask(ctx, y, lo: int, hi: int):
+def _clamp_mask(ctx, y, lo: int | None, hi: int | None):
     """The packed clamp mask of a forward output: the backward reads it instead of the
     int8 output, 8× smaller, so the output dies after its forward consumers (the
     reorder runs this right after the output is made)."""
@@ -326,8 +326,14 @@ def _qadd_grad(orig_var, call, output_grad, ctx):
 def _qavgpool_grad(orig_var, call, output_grad, ctx):
     q = QPoolParams.from_kwargs(_kw(call))
     (x,) = call.args[1]
-    ones = np.ones(int(orig_var.ty.shape[1]))
-    g = _grad_through_clamp(ctx, _clamp_mask(ctx, orig_var, q.lo, q.hi), output_grad, _f32(ones), 1)
+    # the mean of int8 values is inside the int8 range: only a bound narrower than that
+    # (a fused activation) can clamp. A mean at −128 that nothing clamped (after a ReLU,
+    # every window whose mean rounds to real 0) passes its gradient, as in float.
+    lo, hi = (q.lo if q.lo > -128 else None), (q.hi if q.hi < 127 else None)
+    g = output_grad
+    if lo is not None or hi is not None:
+        ones = np.ones(int(orig_var.ty.shape[1]))
+        g = _grad_through_clamp(ctx, _clamp_mask(ctx, orig_var, lo, hi), output_grad, _f32(ones), 1)
     n, c, h, w = (int(d) for d in x.ty.shape)
     _, _, oh, ow = (int(d) for d in orig_var.ty.shape)
     kh, kw = q.pool

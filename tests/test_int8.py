@@ -317,6 +317,42 @@ def test_quantized_layer_gradient_matches_its_float64_twin(kind):
         np.testing.assert_allclose(grads[name], numeric, rtol=2e-3, atol=2e-3 * np.abs(numeric).max())
 
 
+def test_pool_passes_the_gradient_of_a_mean_that_rounded_to_its_lowest_value():
+    """ReLU conv → global average pool: a channel with one positive output in sixteen
+    pools to real 5/16 of a step, stored as −128 (real 0), which no clamp made (a mean of
+    int8 values cannot leave int8). Its positive output still moves the loss, as in the
+    float64 twin, so its bias and weight get that gradient; the clamped outputs none."""
+    x = np.full((1, 1, 4, 4), -10, np.int8)
+    x[0, 0, 1, 2] = 5
+    w, b = np.array([1, 2], np.int8).reshape(2, 1, 1, 1), np.zeros(2, np.int32)
+    sx, sw, sy = 0.1, (0.1, 0.1), 0.01  # requant multiplier 1: y = clamp(acc − 128)
+    q = QConvParams(sx, 0, sw, sy, -128, lo=-128, hi=127)
+    em = RelaxEmitter("x", x.shape, "int8", "NCHW", "float32", "test")
+    y = em.qconv2d(em.entry, w, b, q, "conv0")
+    pooled = em.qavg_pool(y, QPoolParams((4, 4), (1, 1), (0, 0, 0, 0)))
+    forward, params = em.finish(em.reshape(em.dequantize(pooled, sy, -128), (1, 2)))
+    mod = BuildGradient()(AppendLoss(["conv0.weight", "conv0.bias"], "mse")(forward))
+    target = np.array([[1.0, 1.0]], np.float32)
+
+    def loss(wf, bf):
+        acc = x.astype(np.float64).reshape(1, 16) * wf.reshape(2, 1) + bf.reshape(2, 1)
+        real = np.maximum(acc, 0).mean(axis=1) * sy  # M = 1: acc steps are output steps
+        return float(np.mean((real - target[0]) ** 2))
+
+    tensors = [tvm.runtime.tensor(params[n]) for n in ("conv0.weight", "conv0.bias")]
+    stored = np.round(_vm(forward)["main"](tvm.runtime.tensor(x), *tensors).numpy()[0] / sy) - 128
+    assert stored.tolist() == [-128, -127]  # channel 0's mean −127.69 rounds to −128
+    _, grads = _vm(mod)["train_loss_adjoint"](tvm.runtime.tensor(x), tvm.runtime.tensor(target), *tensors)
+    gw, gb = (g.numpy() for g in grads)
+    eps = 1e-4
+    wf, bf = w.astype(np.float64).reshape(2), b.astype(np.float64)
+    numeric_b = [(loss(wf, bf + eps * e) - loss(wf, bf - eps * e)) / (2 * eps) for e in np.eye(2)]
+    numeric_w = [(loss(wf + eps * e, bf) - loss(wf - eps * e, bf)) / (2 * eps) for e in np.eye(2)]
+    assert gb[0] != 0 and gw[0, 0, 0, 0] != 0  # channel 0 pools to −128 and still learns
+    np.testing.assert_allclose(gb, numeric_b, rtol=0.02)
+    np.testing.assert_allclose(gw.reshape(2), numeric_w, rtol=0.02)
+
+
 def test_qas_scales_per_output_channel_as_reference_md_states():
     """Hand-made scales: weight gradient × s_W⁻², bias gradient × s_W⁻²·s_x⁻², per channel."""
     em = RelaxEmitter("x", (1, 2, 4, 4), "int8", "NCHW", "float32", "test")
