@@ -23,6 +23,7 @@ import tvm_ffi
 from tvm import relax, te, tirx
 from tvm.relax import op as R
 
+from .exprs import constant_value
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
     accumulate_in_register,
@@ -61,6 +62,23 @@ def _clamp_mask(ctx, y, lo: int | None, hi: int | None):
     int8 output, 8× smaller, so the output dies after its forward consumers (the
     reorder runs this right after the output is made)."""
     return ctx.emit_te(lambda yt: pack_clamp_mask_te(yt, lo, hi), y, primfunc_name_hint="pack_clamp_mask")
+
+def _reachable_bounds(q: QConvParams, w, b) -> tuple[int | None, int | None]:
+    """The output bounds a conv with constant ``w`` and ``b`` (a pool written as a conv) can
+    clamp at, None for a bound no int8 input reaches: an output at that bound was not
+    clamped and passes its gradient. Trainable weights move, so their bounds all stay."""
+    if not (isinstance(w, tvm.ir.expr.Constant) and isinstance(b, tvm.ir.expr.Constant)):
+        return q.lo, q.hi
+    wv = constant_value(w).astype(np.float64).reshape(int(w.ty.shape[0]), -1)
+    low, high = -128.0 - q.zx, 127.0 - q.zx  # x − zx; padding adds 0, inside [low, high]
+    pos, neg = np.clip(wv, 0, None).sum(axis=1), np.clip(wv, None, 0).sum(axis=1)
+    bias = constant_value(b).astype(np.float64)
+    acc_min, acc_max = pos * low + neg * high + bias, pos * high + neg * low + bias
+    m = q.real_multiplier
+    margin = 0.5 - 1e-6  # rounds to the bound or inside it, with room for the fixed-point multiplier
+    lo = None if np.all(m * acc_min + q.zy >= q.lo - margin) else q.lo
+    hi = None if np.all(m * acc_max + q.zy <= q.hi + margin) else q.hi
+    return lo, hi
 
 def _grad_through_clamp(ctx, mask, g, multiplier: relax.Constant, channel_axis: int):
     """``[lo < y < hi] · M[c] · g``: the output's clamp (a packed mask) and the requant
@@ -174,7 +192,7 @@ class _ClampedGrad:
 def _qconv_grad(orig_var, call, output_grad, ctx):
     q = qconv_params(call)
     x, w, b, mult, shift = call.args[1]
-    mask = _clamp_mask(ctx, orig_var, q.lo, q.hi)
+    mask = _clamp_mask(ctx, orig_var, *_reachable_bounds(q, w, b))
     multiplier = _f32(q.real_multiplier)
     w_shape = [int(d) for d in w.ty.shape]
     x_shape = [int(d) for d in x.ty.shape]

@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 import tvm_tinytrain as tt
-from relay_passes import AppendLoss, BuildGradient, int8_grads
+from relay_passes import AppendLoss, BuildGradient, int8_grads, int8_ops
 from relay_passes.int8_ops import QAddParams, QConvParams, QPoolParams
 from relay_passes.plain_calls import PlainTIRCalls
 from relay_passes.qas import QuantizationAwareScaling
@@ -317,20 +317,28 @@ def test_quantized_layer_gradient_matches_its_float64_twin(kind):
         np.testing.assert_allclose(grads[name], numeric, rtol=2e-3, atol=2e-3 * np.abs(numeric).max())
 
 
-def test_pool_passes_the_gradient_of_a_mean_that_rounded_to_its_lowest_value():
-    """ReLU conv → global average pool: a channel with one positive output in sixteen
-    pools to real 5/16 of a step, stored as −128 (real 0), which no clamp made (a mean of
-    int8 values cannot leave int8). Its positive output still moves the loss, as in the
-    float64 twin, so its bias and weight get that gradient; the clamped outputs none."""
+@pytest.mark.parametrize("pool", ["avg_pool", "requantized"])
+def test_pool_passes_the_gradient_of_a_mean_that_rounded_to_its_lowest_value(pool):
+    """ReLU conv → global average pool (TFLite's, or ONNX's requantizing one, a depthwise
+    conv of constant ones): a channel with one positive output in sixteen pools to a real
+    fraction of a step, stored as −128 (real 0), which no clamp made (the mean of ReLU
+    outputs is never negative). Its positive output still moves the loss, as in the float64
+    twin, so its bias and weight get that gradient; the clamped outputs none."""
     x = np.full((1, 1, 4, 4), -10, np.int8)
     x[0, 0, 1, 2] = 5
-    w, b = np.array([1, 2], np.int8).reshape(2, 1, 1, 1), np.zeros(2, np.int32)
+    w, b = np.array([1, 4], np.int8).reshape(2, 1, 1, 1), np.zeros(2, np.int32)
     sx, sw, sy = 0.1, (0.1, 0.1), 0.01  # requant multiplier 1: y = clamp(acc − 128)
     q = QConvParams(sx, 0, sw, sy, -128, lo=-128, hi=127)
     em = RelaxEmitter("x", x.shape, "int8", "NCHW", "float32", "test")
     y = em.qconv2d(em.entry, w, b, q, "conv0")
-    pooled = em.qavg_pool(y, QPoolParams((4, 4), (1, 1), (0, 0, 0, 0)))
-    forward, params = em.finish(em.reshape(em.dequantize(pooled, sy, -128), (1, 2)))
+    if pool == "avg_pool":
+        s_pool, pooled = sy, em.qavg_pool(y, QPoolParams((4, 4), (1, 1), (0, 0, 0, 0)))
+    else:  # the mean at twice the step, as the ONNX QDQ frontend writes it
+        s_pool = 2 * sy
+        mean = QConvParams(sy, -128, (1 / 16, 1 / 16), s_pool, -128, groups=2)
+        pooled = int8_ops.emit_qconv(em.bb, y, relax.const(np.ones((2, 1, 4, 4), np.int8)),
+                                     relax.const(np.zeros(2, np.int32)), mean)
+    forward, params = em.finish(em.reshape(em.dequantize(pooled, s_pool, -128), (1, 2)))
     mod = BuildGradient()(AppendLoss(["conv0.weight", "conv0.bias"], "mse")(forward))
     target = np.array([[1.0, 1.0]], np.float32)
 
@@ -340,8 +348,8 @@ def test_pool_passes_the_gradient_of_a_mean_that_rounded_to_its_lowest_value():
         return float(np.mean((real - target[0]) ** 2))
 
     tensors = [tvm.runtime.tensor(params[n]) for n in ("conv0.weight", "conv0.bias")]
-    stored = np.round(_vm(forward)["main"](tvm.runtime.tensor(x), *tensors).numpy()[0] / sy) - 128
-    assert stored.tolist() == [-128, -127]  # channel 0's mean −127.69 rounds to −128
+    out = _vm(forward)["main"](tvm.runtime.tensor(x), *tensors).numpy()[0]
+    assert (np.round(out / s_pool) - 128).tolist() == [-128, -127]  # channel 0's mean rounds to 0
     _, grads = _vm(mod)["train_loss_adjoint"](tvm.runtime.tensor(x), tvm.runtime.tensor(target), *tensors)
     gw, gb = (g.numpy() for g in grads)
     eps = 1e-4
