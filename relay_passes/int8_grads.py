@@ -63,10 +63,18 @@ def _clamp_mask(ctx, y, lo: int | None, hi: int | None):
     reorder runs this right after the output is made)."""
     return ctx.emit_te(lambda yt: pack_clamp_mask_te(yt, lo, hi), y, primfunc_name_hint="pack_clamp_mask")
 
+def _clampable_bounds(lo: int, hi: int, least, greatest) -> tuple[int | None, int | None]:
+    """(lo, hi) with None for a bound the output cannot pass: ``least`` / ``greatest`` are
+    the extremes (numbers, or arrays per channel) of its value before rounding and clamp.
+    An output at such a bound was not clamped and passes its gradient."""
+    margin = 0.5 - 1e-6  # rounds to the bound or inside it, with room for the fixed-point multiplier
+    return (None if np.all(np.asarray(least) >= lo - margin) else lo,
+            None if np.all(np.asarray(greatest) <= hi + margin) else hi)
+
 def _reachable_bounds(q: QConvParams, w, b) -> tuple[int | None, int | None]:
     """The output bounds a conv with constant ``w`` and ``b`` (a pool written as a conv) can
-    clamp at, None for a bound no int8 input reaches: an output at that bound was not
-    clamped and passes its gradient. Trainable weights move, so their bounds all stay."""
+    clamp at, over every int8 input (:func:`_clampable_bounds`). Trainable weights move, so
+    their bounds all stay."""
     if not (isinstance(w, tvm.ir.expr.Constant) and isinstance(b, tvm.ir.expr.Constant)):
         return q.lo, q.hi
     wv = constant_value(w).astype(np.float64).reshape(int(w.ty.shape[0]), -1)
@@ -75,10 +83,7 @@ def _reachable_bounds(q: QConvParams, w, b) -> tuple[int | None, int | None]:
     bias = constant_value(b).astype(np.float64)
     acc_min, acc_max = pos * low + neg * high + bias, pos * high + neg * low + bias
     m = q.real_multiplier
-    margin = 0.5 - 1e-6  # rounds to the bound or inside it, with room for the fixed-point multiplier
-    lo = None if np.all(m * acc_min + q.zy >= q.lo - margin) else q.lo
-    hi = None if np.all(m * acc_max + q.zy <= q.hi + margin) else q.hi
-    return lo, hi
+    return _clampable_bounds(q.lo, q.hi, m * acc_min + q.zy, m * acc_max + q.zy)
 
 def _grad_through_clamp(ctx, mask, g, multiplier: relax.Constant, channel_axis: int):
     """``[lo < y < hi] · M[c] · g``: the output's clamp (a packed mask) and the requant
@@ -347,7 +352,7 @@ def _qavgpool_grad(orig_var, call, output_grad, ctx):
     # the mean of int8 values is inside the int8 range: only a bound narrower than that
     # (a fused activation) can clamp. A mean at −128 that nothing clamped (after a ReLU,
     # every window whose mean rounds to real 0) passes its gradient, as in float.
-    lo, hi = (q.lo if q.lo > -128 else None), (q.hi if q.hi < 127 else None)
+    lo, hi = _clampable_bounds(q.lo, q.hi, -128, 127)
     g = output_grad
     if lo is not None or hi is not None:
         ones = np.ones(int(orig_var.ty.shape[1]))
