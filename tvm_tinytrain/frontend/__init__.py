@@ -14,6 +14,7 @@ from .tflite_reader import read_tflite
 
 def load_model(
     path: str | Path, dtype: str = "float32", float_classifier: bool = True,
+    dequantize: bool = False,
 ) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
     """Read a ``.tflite`` (float32 or int8) or ``.onnx`` (float, or int8 QDQ) model.
 
@@ -26,6 +27,9 @@ def load_model(
     int8 input (``quantize_input`` converts float data) and returns float logits.
     ``float_classifier`` (default, the paper's choice) makes its last fully
     connected layer float32; ``False`` keeps the file's int8 classifier exactly.
+    ``dequantize=True`` reads an int8 TFLite file as its float twin instead: the
+    same graph in float, weights and biases dequantized, float input, no rounding
+    (``frontend.tflite_dequantized``); it is what int8 training approximates.
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, not {dtype}")
@@ -34,14 +38,14 @@ def load_model(
         raise ModelFormatError(f"{path}: no such file")
     data = path.read_bytes()
     if len(data) >= 8 and data[4:8] == b"TFL3":
-        return read_tflite(data, str(path), dtype, float_classifier)
+        return read_tflite(data, str(path), dtype, float_classifier, dequantize)
     if path.suffix.lower() == ".tflite":
         raise ModelFormatError(
             f"{path}: not a TFLite model (no TFL3 identifier); the file may be truncated or "
             "of another format"
         )
     if path.suffix.lower() == ".onnx" or data[:1] == b"\x08":
-        return read_onnx(data, str(path), dtype, float_classifier)
+        return read_onnx(data, str(path), dtype, float_classifier, dequantize)
     raise ModelFormatError(
         f"{path}: unknown model format; tinytrain reads .tflite and .onnx files"
     )

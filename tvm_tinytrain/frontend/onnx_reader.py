@@ -23,7 +23,7 @@ SUPPORTED = [
 
 
 def read_onnx(data: bytes, path: str, float_dtype: str = "float32",
-              float_classifier: bool = True) -> tuple:
+              float_classifier: bool = True, dequantize: bool = False) -> tuple:
     """A float model, or an int8 one in QDQ form (``onnx_qdq``, which ``float_classifier`` is for)."""
     try:
         model = onnx.load_model_from_string(data)
@@ -36,6 +36,11 @@ def read_onnx(data: bytes, path: str, float_dtype: str = "float32",
         raise ModelFormatError(f"{path}: the ONNX file holds no graph (truncated or empty)")
     from .onnx_qdq import is_quantized, read_onnx_qdq
 
+    if is_quantized(model) and dequantize:
+        raise ModelStructureError(
+            f"{path}: dequantize=True reads int8 TFLite files as their float twin; for an ONNX "
+            "QDQ model, load the float ONNX model it was quantized from"
+        )
     if is_quantized(model):
         return read_onnx_qdq(model, path, float_dtype, float_classifier)
     return _OnnxReader(model, path, float_dtype).run()

@@ -120,17 +120,6 @@ class Int8TfliteReader(_TfliteReader):
         return self._qconv(op, weight, scales, bias, groups,
                            _options(op, tflite.DepthwiseConv2DOptions))
 
-    def _feeds_output(self, op) -> bool:
-        """The FC whose result is the output, directly or through the trailing softmax."""
-        out = op.Outputs(0)
-        if out == self.output:
-            return True
-        for position in range(self.graph.OperatorsLength()):
-            nxt = self.graph.Operators(position)
-            if any(nxt.Inputs(i) == out for i in range(nxt.InputsLength())):
-                return nxt.Outputs(0) == self.output and self._op_name(nxt) == "SOFTMAX"
-        return False
-
     def _op_FULLY_CONNECTED(self, op):
         opts = _options(op, tflite.FullyConnectedOptions)
         weight, scales, bias = self._int8_weight(op)

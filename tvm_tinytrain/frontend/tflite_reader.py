@@ -29,7 +29,7 @@ SUPPORTED = [
 
 
 def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
-                float_classifier: bool = True) -> tuple:
+                float_classifier: bool = True, dequantize: bool = False) -> tuple:
     try:
         model = tflite.Model.GetRootAsModel(data, 0)
         if model.SubgraphsLength() < 1:
@@ -47,6 +47,10 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
     graph = model.Subgraphs(0)
     quantized = graph.InputsLength() == 1 and graph.Tensors(graph.Inputs(0)).Type() == TensorType.INT8
     try:
+        if quantized and dequantize:
+            from .tflite_dequantized import DequantizedTfliteReader
+
+            return DequantizedTfliteReader(model, path, float_dtype).run()
         if quantized:
             from .tflite_int8 import Int8TfliteReader
 
@@ -152,7 +156,7 @@ class _TfliteReader:
         self.values[index] = self.em.entry
         self.output = self.graph.Outputs(0)
         for position in range(self.graph.OperatorsLength()):
-            op = self.graph.Operators(position)
+            self.op = op = self.graph.Operators(position)
             self.op_name = self._op_name(op)
             out_tensor = self._tensor(op.Outputs(0))
             self.label = f"{position} ({out_tensor.Name().decode()})"
@@ -174,6 +178,17 @@ class _TfliteReader:
 
     def _result(self, value: Value) -> Value:
         return value
+
+    def _feeds_output(self, op) -> bool:
+        """The FC whose result is the output, directly or through the trailing softmax."""
+        out = op.Outputs(0)
+        if out == self.output:
+            return True
+        for position in range(self.graph.OperatorsLength()):
+            nxt = self.graph.Operators(position)
+            if any(nxt.Inputs(i) == out for i in range(nxt.InputsLength())):
+                return nxt.Outputs(0) == self.output and self._op_name(nxt) == "SOFTMAX"
+        return False
 
     def _unsupported(self, detail: str):
         raise UnsupportedOperatorError("TFLite", self.op_name, self.label, SUPPORTED, detail)
