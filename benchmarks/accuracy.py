@@ -27,7 +27,12 @@ with the same optimizer, learning rate and number of steps within a row:
 - ``int8+QAS``: the int8 ``.tflite`` as a true integer graph (``load_model``'s
   default float32 classifier), Quantization-Aware Scaling on (``qas=True``);
 - ``int8 no-QAS``: the same graph, ``qas=False``;
-- ``float32``: the float twin ``.tflite`` (the reference), float input.
+- ``float32``: the float twin ``.tflite`` (the reference), float input;
+- ``dequantized``: the int8 ``.tflite`` read as float (``load_model(dequantize=True)``:
+  its weights dequantized, its int8 range clips kept, no rounding), float input. It
+  starts from the int8 variants' own weights, so it splits an int8 row's gap to
+  ``float32`` into what the int8 file's weights cost (``float32`` − ``dequantized``)
+  and what integer training costs (``dequantized`` − ``int8+QAS``).
 
 Update modes: ``last-layer`` (the classifier), ``bias-only`` (every bias and the
 classifier), ``sparse`` (a paper-style sparse scheme, see ``SPARSE``; its extra
@@ -76,7 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 KB = 1024
 MOMENTUM = 0.9
-VARIANTS = ("int8+QAS", "int8 no-QAS", "float32")
+VARIANTS = ("int8+QAS", "int8 no-QAS", "float32", "dequantized")
 MODES = ("last-layer", "bias-only", "sparse", "full")
 
 MODELS = {
@@ -124,7 +129,7 @@ SPARSE_CANDIDATES = {
 }
 SPARSE = {"vww": SPARSE_CANDIDATES["vww"][1], "resnet8": SPARSE_CANDIDATES["resnet8"][4]}
 
-# Learning rate per (model, mode), the same for all three variants of a row, picked on held-out
+# Learning rate per (model, mode), the same for every variant of a row, picked on held-out
 # data by ``--tune``: the float32 twin (the reference) trained for STEPS steps on 75 % of the
 # training split, seeds 0 and 1, scored on the other 25 % (stratified, random_state=1; the test
 # split is never looked at); the smallest lr of LR_GRID whose mean validation accuracy is within
@@ -395,6 +400,11 @@ def file_kind(variant: str) -> str:
     return "float" if variant == "float32" else "int8"
 
 
+def input_kind(variant: str) -> str:
+    """Which inputs a variant takes: ``"int8"`` for the integer graphs, else ``"float"``."""
+    return "int8" if variant.startswith("int8") else "float"
+
+
 def row_setting(key: str, mode: str, args) -> tuple:
     """(scheme, steps) of a (model, mode) row: ``--steps`` overrides the STEPS table."""
     scheme = SPARSE[key] if mode == "sparse" else mode
@@ -407,7 +417,7 @@ def compile_variant(path: Path, scheme, variant: str, lr: float):
     import tvm_tinytrain as tt
     from tvm_tinytrain.relay.transform import TinyTrain
 
-    mod, params = tt.load_model(str(path))
+    mod, params = tt.load_model(str(path), dequantize=(variant == "dequantized"))
     train_mod = TinyTrain(scheme, optimizer=tt.SGD(lr=lr, momentum=MOMENTUM),
                           qas=(variant != "int8 no-QAS"))(mod)
     return train_mod, tt.build(train_mod, params)
@@ -439,7 +449,7 @@ def run_model(key: str, args) -> list[dict]:
                     f"inference {m['extra_over_inference_bytes'] / KB:.1f} KB "
                     f"({time.perf_counter() - t0:.1f} s)")
             snap = trainable_values(trainer)
-            xs_tr, xs_te = inputs[kind]
+            xs_tr, xs_te = inputs[input_kind(variant)]
             if variant not in befores:
                 t0 = time.perf_counter()
                 befores[variant] = trainer.evaluate(xs_te, y_te)
@@ -467,14 +477,14 @@ def run_model(key: str, args) -> list[dict]:
             del trainer
         ceilings = {}  # what the frozen features allow: bounds the last-layer rows only
         if mode == "last-layer":
-            for kind in dict.fromkeys(file_kind(v) for v in args.variants):
+            for kind in dict.fromkeys(file_kind(v) for v in args.variants if v != "dequantized"):
                 t0 = time.perf_counter()
                 xs_tr, xs_te = inputs[kind]
                 ceilings[kind] = frozen_feature_ceiling(paths[kind], xs_tr, y_tr, xs_te, y_te)
                 log(f"{key}/{kind}: frozen-feature ceiling {ceilings[kind]} "
                     f"({time.perf_counter() - t0:.1f} s)")
         for row in rows:
-            if row["mode"] == mode:
+            if row["mode"] == mode and row["variant"] != "dequantized":  # planned: int8 and float32
                 row["memory"] = memory.get(file_kind(row["variant"]))
                 if ceilings:
                     row["frozen_feature_ceiling"] = ceilings[file_kind(row["variant"])]
@@ -561,7 +571,8 @@ def _kb(row: dict, field: str) -> str:
 def markdown(result: dict, args, wall: float) -> str:
     rows = result["rows"]
     lines = [
-        "# Transfer accuracy on sklearn digits: int8 + QAS vs int8 without QAS vs float32",
+        "# Transfer accuracy on sklearn digits: int8 + QAS vs int8 without QAS vs float32 vs the "
+        "int8 file in float",
         "",
         "Data: `sklearn.datasets.load_digits` (8x8, 0..16 → ÷16 to [0, 1]), resized **bilinearly** "
         "to the model's input and tiled to 3 channels, then stretched to the model's trained input range "
@@ -575,9 +586,11 @@ def markdown(result: dict, args, wall: float) -> str:
         f"Training: batch 1, cross-entropy, SGD momentum {MOMENTUM}, "
         + ("a constant lr" if args.constant_lr else "lr decayed from the lr column to 0 (cosine)")
         + ", the same lr and steps for the "
-        f"three variants of a (model, mode); the seed shuffles the training order. Accuracy: top-1 on "
+        f"variants of a (model, mode); the seed shuffles the training order. Accuracy: top-1 on "
         f"the test split, % mean ± std over {args.seeds} seed(s). int8 variants: the int8 .tflite as an "
-        "integer graph with a float32 classifier (`load_model` default); float32: the float twin.",
+        "integer graph with a float32 classifier (`load_model` default); float32: the float twin; "
+        "dequantized: the int8 .tflite in float (`load_model(dequantize=True)`: the int8 variants' "
+        "weights, int8 range clips, no rounding).",
         "",
         "SRAM columns (planned by `tvm_tinytrain.memory_report`, int8 figures for int8 rows, float32 for "
         "float rows): *train SRAM* = arena + trainable copies + momentum; *params+state* = trainable "
@@ -585,18 +598,24 @@ def markdown(result: dict, args, wall: float) -> str:
         "bound **extra (int8) < 100 KB**.",
         "",
         "| model | mode | variant | lr | steps | before % | after % (mean ± std) | Δ vs float32 "
-        "| int8 weights changed | train SRAM KB | params+state KB | extra over inference KB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| Δ vs dequantized | int8 weights changed | train SRAM KB | params+state KB "
+        "| extra over inference KB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    ref = {(r["model"], r["mode"]): r["mean"] for r in rows if r["variant"] == "float32"}
+
+    def delta(r: dict, reference: str) -> str:
+        ref = [g["mean"] for g in rows if (g["model"], g["mode"], g["variant"]) ==
+               (r["model"], r["mode"], reference)]
+        if r["variant"] == reference or not ref or (reference == "dequantized" and r["variant"] == "float32"):
+            return "-"
+        return f"{100 * (r['mean'] - ref[0]):+.1f}"
+
     for r in rows:
-        delta = "-"
-        if r["variant"] != "float32" and (r["model"], r["mode"]) in ref:
-            delta = f"{100 * (r['mean'] - ref[(r['model'], r['mode'])]):+.1f}"
         changed = "-" if r["int8_weights_changed"] is None else f"{100 * r['int8_weights_changed']:.2f}%"
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['variant']} | {r['lr']:g} | {r['steps']} | "
-            f"{_pct(r['before'])} | {_pct(r['mean'])} ± {_pct(r['std'])} | {delta} | {changed} | "
+            f"{_pct(r['before'])} | {_pct(r['mean'])} ± {_pct(r['std'])} | {delta(r, 'float32')} | "
+            f"{delta(r, 'dequantized')} | {changed} | "
             f"{_kb(r, 'train_sram_bytes')} | "
             + ("-" if not r.get("memory") else
                f"{(r['memory']['trainable_bytes'] + r['memory']['optimizer_state_bytes']) / KB:,.1f}")
@@ -633,7 +652,7 @@ def plot(result: dict, args, path: Path) -> None:
     rows = result["rows"]
     models = [m for m in args.models if any(r["model"] == m for r in rows)]
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), dpi=100, squeeze=False)
-    colors = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
+    colors = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     width = 0.8 / len(args.variants)
     for ax, key in zip(axes[0], models):
         for i, variant in enumerate(args.variants):
