@@ -143,3 +143,17 @@ def test_compile_over_budget_is_one_line_and_writes_nothing(small_onnx, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("tinytrain: error: the training step needs") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_memory_of_an_int8_file_and_of_its_dequantized_twin(capsys, shared_model):
+    """``--dequantize`` trains the int8 file as float: float activations, 4x the int8 arena."""
+    model = str(shared_model("resnet8_cifar10_int8.tflite"))
+    arenas = {}
+    for flags in ((), ("--dequantize",)):
+        code, out, _ = run_main(capsys, "memory", model, "--scheme", "last-layer", "--no-tvm",
+                                "--json", *flags)
+        assert code == 0
+        arenas[flags] = json.loads(out)["arena_bytes"]
+    assert arenas[("--dequantize",)] > 3 * arenas[()], arenas
+    code, _, err = run_main(capsys, "memory", model, "--dequantize", "--no-qas")
+    assert code == 2 and "--dequantize builds a float model" in err

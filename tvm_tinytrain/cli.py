@@ -30,13 +30,17 @@ def _step_options(parser) -> None:
                         help="int8 models: train without Quantization-Aware Scaling (to compare)")
     parser.add_argument("--int8-classifier", action="store_true",
                         help="int8 models: keep the last layer int8 (default: float32, as the paper)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="int8 TFLite models: train the file's float twin instead (its weights "
+                        "dequantized, float arithmetic, float input): the reference int8 training "
+                        "approximates")
 
 
 def _load(args):
     """The model of ``args`` and its parameters, as the step options ask."""
     from .frontend import load_model
 
-    return load_model(args.model, float_classifier=not args.int8_classifier)
+    return load_model(args.model, float_classifier=not args.int8_classifier, dequantize=args.dequantize)
 
 
 def _cmd_summary(args) -> int:
@@ -198,7 +202,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command = parser()
+    args = command.parse_args(argv)
+    if getattr(args, "dequantize", False) and (args.no_qas or args.int8_classifier):
+        command.error("--dequantize builds a float model: --no-qas and --int8-classifier are for "
+                      "int8 training; drop one side")
     try:
         return args.run(args)
     except TinyTrainError as err:
