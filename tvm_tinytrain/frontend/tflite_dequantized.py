@@ -23,9 +23,8 @@ import numpy as np
 from tflite.TensorType import TensorType
 
 from .emitter import Value
+from .tflite_int8 import ACTIVATIONS
 from .tflite_reader import _TfliteReader
-
-ACTIVATION_BOUNDS = {0: (-np.inf, np.inf), 1: (0.0, np.inf), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
 
 
 class DequantizedTfliteReader(_TfliteReader):
@@ -53,8 +52,9 @@ class DequantizedTfliteReader(_TfliteReader):
     def _activation(self, x: Value, fused: int) -> Value:
         out = self.op.Outputs(0)
         quant = self._quantization(out)
-        if fused not in ACTIVATION_BOUNDS or quant is None or self._feeds_output(self.op):
+        if fused not in ACTIVATIONS or quant is None or self._feeds_output(self.op):
             return super()._activation(x, fused)
         scale, zero = float(quant[0][0]), float(quant[1][0])
-        lo, hi = ACTIVATION_BOUNDS[fused]
+        lo, hi = ACTIVATIONS[fused] or (-np.inf, None)
+        hi = np.inf if hi is None else hi
         return self.em.clip(x, max(lo, scale * (-128 - zero)), min(hi, scale * (127 - zero)))
