@@ -124,6 +124,35 @@ def test_dequantized_twin_is_the_int8_file_without_rounding(shared_model, name):
     assert np.mean(errors) < 20, np.mean(errors)
 
 
+
+def test_weight_headroom_requantizes_a_layer_with_room_to_grow(shared_model):
+    """``weight_headroom={8: 1}``: layer 8's weights and bias halved (rounded), its scales and QAS
+    factors follow, the other layers are the file's, and the network computes nearly the same
+    logits; a layer that is not an int8 conv or linear is an error naming the layer."""
+    path = shared_model("resnet8_cifar10_int8.tflite")
+    mod, params = tt.load_model(path)
+    roomy_mod, roomy = tt.load_model(path, weight_headroom={8: 1})
+    assert np.array_equal(roomy["conv8.weight"], np.round(params["conv8.weight"] / 2).astype(np.int8))
+    assert np.array_equal(roomy["conv8.bias"], np.round(params["conv8.bias"] / 2).astype(np.int32))
+    assert np.abs(roomy["conv8.weight"]).max() <= 64
+    for name in params:
+        if not name.startswith("conv8."):
+            assert np.array_equal(roomy[name], params[name]), name
+    qas, roomy_qas = (dict(m["main"].attrs["tinytrain.qas"]) for m in (mod, roomy_mod))
+    np.testing.assert_allclose([float(v) for v in roomy_qas["conv8.weight"]],
+                               [float(v) / 4 for v in qas["conv8.weight"]], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    xs = rng.integers(-128, 128, size=(10, 32, 32, 3), dtype=np.int8)
+    logits = []
+    for m, p in ((mod, params), (roomy_mod, roomy)):
+        vm, weights = _vm(m), [tvm.runtime.tensor(p[v.name]) for v in m["main"].params[1:]]
+        logits.append([vm["main"](tvm.runtime.tensor(x[None]), *weights).numpy() for x in xs])
+    spread = np.abs(np.array(logits[0])).mean()
+    assert np.abs(np.array(logits[0]) - np.array(logits[1])).mean() < 0.05 * spread
+    with pytest.raises(tt.ModelStructureError, match=r"layer\(s\) \[9\]"):
+        tt.load_model(path, weight_headroom={9: 1})  # the float32 classifier
+
+
 # ---- gradients: a small int8 network against its float64 twin ---------------------
 class _TinyInt8Net:
     """``residual``: x → conv 3×3 → depthwise 3×3 /2 → 1×1 conv → add (residual) → avg pool

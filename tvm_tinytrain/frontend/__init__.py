@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from .tflite_reader import read_tflite
 
 def load_model(
     path: str | Path, dtype: str = "float32", float_classifier: bool = True,
-    dequantize: bool = False,
+    dequantize: bool = False, weight_headroom: Mapping[int, int] | None = None,
 ) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
     """Read a ``.tflite`` (float32 or int8) or ``.onnx`` (float, or int8 QDQ) model.
 
@@ -30,7 +31,15 @@ def load_model(
     ``dequantize=True`` reads an int8 TFLite file as its float twin instead: the
     same graph in float, weights and biases dequantized, float input, no rounding
     (``frontend.tflite_dequantized``); it is what int8 training approximates.
+    ``weight_headroom={layer: bits}`` gives int8 layers (numbered as ``layer_table``
+    numbers them) room to grow: their weights and biases are divided by 2^bits and
+    their weight scales multiplied by it, so training can take a weight 2^bits past
+    the file's range instead of clipping it at ±127 (the forward then differs from
+    the file's by that rounding).
     """
+    headroom = {int(k): int(v) for k, v in (weight_headroom or {}).items()}
+    if any(k < 0 or not 0 <= v <= 6 for k, v in headroom.items()):
+        raise ValueError(f"weight_headroom maps layer indices to 0..6 bits, not {weight_headroom}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, not {dtype}")
     path = Path(path)
@@ -38,14 +47,14 @@ def load_model(
         raise ModelFormatError(f"{path}: no such file")
     data = path.read_bytes()
     if len(data) >= 8 and data[4:8] == b"TFL3":
-        return read_tflite(data, str(path), dtype, float_classifier, dequantize)
+        return read_tflite(data, str(path), dtype, float_classifier, dequantize, headroom)
     if path.suffix.lower() == ".tflite":
         raise ModelFormatError(
             f"{path}: not a TFLite model (no TFL3 identifier); the file may be truncated or "
             "of another format"
         )
     if path.suffix.lower() == ".onnx" or data[:1] == b"\x08":
-        return read_onnx(data, str(path), dtype, float_classifier, dequantize)
+        return read_onnx(data, str(path), dtype, float_classifier, dequantize, headroom)
     raise ModelFormatError(
         f"{path}: unknown model format; tinytrain reads .tflite and .onnx files"
     )

@@ -14,6 +14,8 @@ tensor a parameter, and every other constant (clip bounds, pads) a constant.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -49,6 +51,8 @@ class RelaxEmitter:
         self._df.__enter__()
         self.qas: dict[str, list[float]] = {}  # int8 parameter → QAS factor per output channel
         self.input_quant: tuple[float, int] | None = None
+        self.weight_headroom: dict[int, int] = {}  # int8 layer index → bits of room to grow
+        self.headroom_given: set[int] = set()
         x = self.input
         if dtype != float_dtype and dtype != "int8":
             x = self.bb.emit(R.astype(x, float_dtype))
@@ -125,10 +129,27 @@ class RelaxEmitter:
         self.qas[b.name] = [float(v) for v in (sw * q.sx) ** -2]
         return w, b
 
+    def _with_headroom(self, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams):
+        """The next layer's int8 weights with ``weight_headroom`` bits of room to grow: weights and
+        bias divided by 2^bits (rounded), weight scales times 2^bits. The layer computes nearly the
+        same function with fewer levels, and training can take a weight 2^bits past the file's range.
+
+            w int8 [-127, 127], s_w   →   round(w / 2) in [-64, 64], 2·s_w   (1 bit)
+        """
+        bits = self.weight_headroom.get(self.num_layers, 0)
+        if not bits:
+            return weight, bias, q
+        self.headroom_given.add(self.num_layers)
+        k = 2 ** bits
+        weight = np.round(weight.astype(np.float64) / k).astype(np.int8)
+        bias = None if bias is None else np.round(np.asarray(bias, np.float64) / k).astype(np.int64)
+        return weight, bias, replace(q, sw=tuple(s * k for s in q.sw), mult=(), shift=())
+
     def qconv2d(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams,
                 source: str) -> Value:
         """int8 conv: ``weight`` OIHW int8 (per-channel scales ``q.sw``), ``bias`` int32."""
         depthwise = q.groups > 1 and q.groups == self.shape(x)[1] and weight.shape[1] == 1
+        weight, bias, q = self._with_headroom(weight, bias, q)
         prefix = self._new_layer("dwconv" if depthwise else "conv", source)
         w, b = self._qparams(prefix, weight, bias, q)
         return int8_ops.emit_qconv(self.bb, x, w, b, q)
@@ -136,6 +157,7 @@ class RelaxEmitter:
     def qlinear(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams,
                 source: str) -> Value:
         """int8 fully connected layer: ``weight`` (out, in) int8, ``bias`` int32."""
+        weight, bias, q = self._with_headroom(weight, bias, q)
         prefix = self._new_layer("linear", source)
         w, b = self._qparams(prefix, weight, bias, q)
         return int8_ops.emit_qlinear(self.bb, x, w, b, q)
@@ -200,6 +222,14 @@ class RelaxEmitter:
             )
         if self.num_layers == 0:
             raise ModelStructureError("the model has no conv or linear layer: nothing to train")
+        missing = sorted(i for i, bits in self.weight_headroom.items()
+                         if bits and i not in self.headroom_given)
+        if missing:
+            raise ModelStructureError(
+                f"weight_headroom names layer(s) {missing}, which are not int8 conv or linear layers "
+                f"(the model has layers 0-{self.num_layers - 1}; a float32 classifier has no int8 "
+                "weights); `tinytrain summary` lists them"
+            )
         out = self.bb.emit_output(output)
         self._df.__exit__(None, None, None)
         self.bb.emit_func_output(out, params=[self.input, *self.param_vars])

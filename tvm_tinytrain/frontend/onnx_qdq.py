@@ -75,8 +75,8 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 
 
 def read_onnx_qdq(model: onnx.ModelProto, path: str, float_dtype: str = "float32",
-                  float_classifier: bool = True) -> tuple:
-    return QdqOnnxReader(model, path, float_dtype, float_classifier).run()
+                  float_classifier: bool = True, weight_headroom: dict[int, int] | None = None) -> tuple:
+    return QdqOnnxReader(model, path, float_dtype, float_classifier, weight_headroom).run()
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,11 @@ def _same(a: tuple[float, int], b: tuple[float, int]) -> bool:
 
 
 class QdqOnnxReader(_OnnxReader):
-    def __init__(self, model: onnx.ModelProto, path: str, float_dtype: str, float_classifier: bool):
+    def __init__(self, model: onnx.ModelProto, path: str, float_dtype: str, float_classifier: bool,
+                 weight_headroom: dict[int, int] | None = None):
         super().__init__(model, path, float_dtype)
         self.float_classifier = float_classifier
+        self.weight_headroom = weight_headroom or {}
         self.readers: dict[str, list[int]] = {}
         for index, node in enumerate(self.graph.node):
             for name in node.input:
@@ -159,6 +161,7 @@ class QdqOnnxReader(_OnnxReader):
             )
         self.input_name = name
         self.em = RelaxEmitter(name, shape, "int8", "NCHW", self.float_dtype, "ONNX")
+        self.em.weight_headroom = self.weight_headroom
         for index, node in enumerate(self.graph.node):
             if index in self.folded:
                 continue

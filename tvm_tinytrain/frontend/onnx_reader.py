@@ -23,7 +23,8 @@ SUPPORTED = [
 
 
 def read_onnx(data: bytes, path: str, float_dtype: str = "float32",
-              float_classifier: bool = True, dequantize: bool = False) -> tuple:
+              float_classifier: bool = True, dequantize: bool = False,
+              weight_headroom: dict[int, int] | None = None) -> tuple:
     """A float model, or an int8 one in QDQ form (``onnx_qdq``, which ``float_classifier`` is for)."""
     try:
         model = onnx.load_model_from_string(data)
@@ -41,8 +42,10 @@ def read_onnx(data: bytes, path: str, float_dtype: str = "float32",
             f"{path}: dequantize=True reads int8 TFLite files as their float twin; for an ONNX "
             "QDQ model, load the float ONNX model it was quantized from"
         )
+    if weight_headroom and not is_quantized(model):
+        raise ModelStructureError(f"{path}: weight_headroom re-quantizes int8 weights; this model is float")
     if is_quantized(model):
-        return read_onnx_qdq(model, path, float_dtype, float_classifier)
+        return read_onnx_qdq(model, path, float_dtype, float_classifier, weight_headroom)
     return _OnnxReader(model, path, float_dtype).run()
 
 

@@ -27,14 +27,17 @@ ACTIVATIONS = {0: None, 1: (0.0, None), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
 class Int8TfliteReader(_TfliteReader):
     VALUE_TYPE = TensorType.INT8
 
-    def __init__(self, model, path: str, float_dtype: str, float_classifier: bool):
+    def __init__(self, model, path: str, float_dtype: str, float_classifier: bool,
+                 weight_headroom: dict[int, int] | None = None):
         super().__init__(model, path, float_dtype)
         self.float_classifier = float_classifier
+        self.weight_headroom = weight_headroom or {}
         self.quant: dict[int, tuple[float, int]] = {}  # activation → (scale, zero point)
         self.float_values: set[int] = set()  # activations already dequantized
 
     def _emitter(self, name, shape) -> RelaxEmitter:
         em = RelaxEmitter(name, shape, "int8", "NHWC", self.float_dtype, "TFLite")
+        em.weight_headroom = self.weight_headroom
         em.input_quant = self._qparams(self.graph.Inputs(0))
         self.quant[self.graph.Inputs(0)] = em.input_quant
         return em

@@ -29,7 +29,8 @@ SUPPORTED = [
 
 
 def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
-                float_classifier: bool = True, dequantize: bool = False) -> tuple:
+                float_classifier: bool = True, dequantize: bool = False,
+                weight_headroom: dict[int, int] | None = None) -> tuple:
     try:
         model = tflite.Model.GetRootAsModel(data, 0)
         if model.SubgraphsLength() < 1:
@@ -46,6 +47,11 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
         )
     graph = model.Subgraphs(0)
     quantized = graph.InputsLength() == 1 and graph.Tensors(graph.Inputs(0)).Type() == TensorType.INT8
+    if weight_headroom and (dequantize or not quantized):
+        raise ModelStructureError(
+            f"{path}: weight_headroom re-quantizes int8 weights; this model is read as float"
+            + (" (dequantize=True)" if quantized else "")
+        )
     try:
         if quantized and dequantize:
             from .tflite_dequantized import DequantizedTfliteReader
@@ -54,7 +60,7 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
         if quantized:
             from .tflite_int8 import Int8TfliteReader
 
-            return Int8TfliteReader(model, path, float_dtype, float_classifier).run()
+            return Int8TfliteReader(model, path, float_dtype, float_classifier, weight_headroom).run()
         return _TfliteReader(model, path, float_dtype).run()
     except struct.error as err:  # a flatbuffer read past the end of a cut-off file
         raise ModelFormatError(
