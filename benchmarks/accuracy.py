@@ -671,6 +671,13 @@ def markdown(result: dict, args, wall: float) -> str:
     lines += ["", "Sparse schemes (layer numbers: `tt.layer_table`):", ""]
     for key in args.models:
         lines.append(f"- {key}: `{json.dumps(SPARSE[key])}`")
+    roomy = [(key, mode, rooms) for key in args.models for mode, rooms in HEADROOM.get(key, {}).items()
+             if mode in args.modes]
+    if roomy:
+        lines += ["", "int8 weight headroom (`load_model(weight_headroom=...)`, int8 variants only; "
+                  "picked by `--tune` on int8 + QAS validation accuracy): layers re-quantized with "
+                  "2^bits room to grow past the file's int8 range, `{layer: bits}`:", ""]
+        lines += [f"- {key} {mode}: `{json.dumps(rooms)}`" for key, mode, rooms in roomy]
     lines += [
         "",
         "*int8 weights changed*: share of the trainable int8 weight values (classifier excluded: it is "
@@ -740,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"argv": sys.argv[1:], "wall_seconds": wall, "threads": args.threads, "momentum": MOMENTUM,
             "lr_schedule": "constant" if args.constant_lr else "cosine",
             "seeds": args.seeds, "test_limit": args.test_limit, "sparse_schemes": SPARSE,
+            "int8_weight_headroom": HEADROOM,
             "resize": "bilinear, half-pixel centres", "vww_label": "digit >= 5"}
     (args.out / "accuracy.json").write_text(json.dumps({**meta, **result}, indent=2, default=str) + "\n")
     plot(result, args, args.out / "accuracy.png")
