@@ -62,7 +62,7 @@ QAS adds only per-channel constant multiplies: its plan has the same bytes as
 ``qas=False`` (checked on VWW), so the int8 figure stands for both int8 variants.
 
     python benchmarks/accuracy.py [--quick] [--jobs 2] [--out benchmarks/results]
-    python benchmarks/accuracy.py --tune [--jobs 2]   # how the LR and SPARSE tables were picked
+    python benchmarks/accuracy.py --tune [--jobs 2]   # how the LR, SPARSE, HEADROOM tables were picked
 
 writes ``accuracy.md``, ``accuracy.json`` and ``accuracy.png`` into ``--out``.
 ``--quick`` is a smoke run (1 seed, few steps, a test subset, no memory plans).
@@ -203,8 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune", action="store_true",
                         help="instead of the benchmark: train the float32 twin with every lr of LR_GRID "
                         "(and, for sparse, every candidate scheme within the SRAM budget) on 75%% of the "
-                        "training split, score it on the other 25%%, and write accuracy_tune.md / .json "
-                        "(the LR and SPARSE tables were picked this way)")
+                        "training split, score it on the other 25%%; then int8 + QAS of the SPARSE scheme "
+                        "with each HEADROOM_BITS for the layers it trains whole; write accuracy_tune.md / "
+                        ".json (the LR, SPARSE and HEADROOM tables were picked this way)")
     args = parser.parse_args(argv)
 
     def subset(text: str, allowed, what: str) -> list[str]:
@@ -506,10 +507,7 @@ def run_model(key: str, args) -> list[dict]:
 def tune_model(key: str, args) -> list[dict]:
     """Validation accuracy of the float32 twin for every lr of LR_GRID, per mode; for ``sparse``,
     for every candidate of SPARSE_CANDIDATES whose int8 step fits SPARSE_BUDGET_KB."""
-    import numpy as np
-
     paths, inputs, y_tr, y_va = model_inputs(key, args.test_limit, validation=True)
-    xs_tr, xs_va = inputs["float"]
     rows = []
     for mode in args.modes:
         fixed, steps = row_setting(key, mode, args)
@@ -525,15 +523,9 @@ def tune_model(key: str, args) -> list[dict]:
             for lr in LR_GRID[key][mode]:
                 label = f"{key}/{mode}/float32/lr {lr:g}"
                 _, trainer = compile_variant(paths["float"], scheme, "float32", lr)
-                accs = []
-                for seed in range(TUNE_SEEDS):
-                    trainer.reset()
-                    accs.append(train_run(trainer, xs_tr, y_tr, xs_va, y_va, steps, seed, label,
-                                          not args.constant_lr)["accuracy"])
-                log(f"{label}: validation accuracy {np.mean(accs):.4f} ± {np.std(accs):.4f}")
                 rows.append({"model": key, "mode": mode, "scheme": scheme, "int8_extra_bytes": extra,
                              "lr": lr, "steps": steps,
-                             "mean": float(np.mean(accs)), "std": float(np.std(accs))})
+                             **validation_accuracy(trainer, inputs["float"], y_tr, y_va, steps, label, args)})
         if mode == "sparse":
             rows += tune_headroom(key, paths, inputs["int8"], y_tr, y_va, steps, args)
     return rows
@@ -542,8 +534,6 @@ def tune_model(key: str, args) -> list[dict]:
 def tune_headroom(key: str, paths, xs, y_tr, y_va, steps: int, args) -> list[dict]:
     """int8 + QAS validation accuracy of the picked sparse scheme (SPARSE, LR) with each of
     HEADROOM_BITS bits of weight headroom for the layers it trains whole."""
-    import numpy as np
-
     scheme, lr = SPARSE[key], LR[key]["sparse"]
     whole = sorted(int(i) for i, share in scheme.get("weights", {}).items() if share == 1.0)
     rows = []
@@ -551,16 +541,24 @@ def tune_headroom(key: str, paths, xs, y_tr, y_va, steps: int, args) -> list[dic
         headroom = {i: bits for i in whole}
         label = f"{key}/sparse/int8+QAS/headroom {headroom}"
         _, trainer = compile_variant(paths["int8"], scheme, "int8+QAS", lr, headroom)
-        accs = []
-        for seed in range(TUNE_SEEDS):
-            trainer.reset()
-            accs.append(train_run(trainer, xs[0], y_tr, xs[1], y_va, steps, seed, label,
-                                  not args.constant_lr)["accuracy"])
-        log(f"{label}: validation accuracy {np.mean(accs):.4f} ± {np.std(accs):.4f}")
         rows.append({"model": key, "mode": "sparse, int8 headroom", "scheme": scheme, "headroom": headroom,
                      "int8_extra_bytes": None, "lr": lr, "steps": steps,
-                     "mean": float(np.mean(accs)), "std": float(np.std(accs))})
+                     **validation_accuracy(trainer, xs, y_tr, y_va, steps, label, args)})
     return rows
+
+
+def validation_accuracy(trainer, xs, y_tr, y_va, steps: int, label: str, args) -> dict:
+    """``{"mean", "std"}`` validation accuracy of ``trainer`` trained from its start for seeds
+    0..TUNE_SEEDS-1; ``xs`` = (training inputs, validation inputs)."""
+    import numpy as np
+
+    accs = []
+    for seed in range(TUNE_SEEDS):
+        trainer.reset()
+        accs.append(train_run(trainer, xs[0], y_tr, xs[1], y_va, steps, seed, label,
+                              not args.constant_lr)["accuracy"])
+    log(f"{label}: validation accuracy {np.mean(accs):.4f} ± {np.std(accs):.4f}")
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
 
 
 def over_models(work, args) -> list[dict]:
