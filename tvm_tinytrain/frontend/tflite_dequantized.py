@@ -30,13 +30,6 @@ from .tflite_reader import _TfliteReader
 class DequantizedTfliteReader(_TfliteReader):
     VALUE_TYPE = TensorType.INT8  # the file's activations; the graph built is float
 
-    def _quantization(self, index: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-        q = self._tensor(index).Quantization()
-        if q is None or q.ScaleLength() == 0:
-            return None
-        zero = q.ZeroPointAsNumpy().astype(np.float64) if q.ZeroPointLength() else np.zeros(1)
-        return q.ScaleAsNumpy().astype(np.float64), zero, q.QuantizedDimension()
-
     def _const(self, index: int, what: str) -> np.ndarray:
         array = super()._const(index, what)
         quant = self._quantization(index)

@@ -49,10 +49,10 @@ class Int8TfliteReader(_TfliteReader):
 
     # ---- quantization parameters -------------------------------------------
     def _scales(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        q = self._tensor(index).Quantization()
-        if q is None or q.ScaleLength() == 0:
+        quant = self._quantization(index)
+        if quant is None:
             self._unsupported(f"tensor {self._tensor(index).Name().decode()} has no quantization")
-        return q.ScaleAsNumpy().astype(np.float64), q.ZeroPointAsNumpy().astype(np.int64)
+        return quant[0], quant[1]
 
     def _qparams(self, index: int) -> tuple[float, int]:
         scale, zero = self._scales(index)

@@ -107,6 +107,14 @@ class _TfliteReader:
         shape = tuple(tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
         return np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape)
 
+    def _quantization(self, index: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(scales, zero points, quantized dimension) of a tensor, or None when it has none."""
+        q = self._tensor(index).Quantization()
+        if q is None or q.ScaleLength() == 0:
+            return None
+        zero = q.ZeroPointAsNumpy().astype(np.int64) if q.ZeroPointLength() else np.zeros(1, np.int64)
+        return q.ScaleAsNumpy().astype(np.float64), zero, q.QuantizedDimension()
+
     def _is_const(self, index: int) -> bool:
         buf = self.model.Buffers(self._tensor(index).Buffer())
         return buf is not None and not isinstance(buf.DataAsNumpy(), int)
