@@ -157,3 +157,26 @@ def test_memory_of_an_int8_file_and_of_its_dequantized_twin(capsys, shared_model
     assert arenas[("--dequantize",)] > 3 * arenas[()], arenas
     code, _, err = run_main(capsys, "memory", model, "--dequantize", "--no-qas")
     assert code == 2 and "--dequantize builds a float model" in err
+
+
+def test_headroom_requantizes_the_layer_it_names_at_no_memory_cost(capsys, shared_model, tmp_path):
+    """``--headroom 8:1`` reaches the weights (the flash parameters change), not the plan;
+    a layer that is not int8, bad syntax and a float twin are one-line errors."""
+    model = str(shared_model("resnet8_cifar10_int8.tflite"))
+    built = []
+    for flags in ((), ("--headroom", "8:1")):
+        out_dir = tmp_path / f"artifact{len(built)}"
+        code, _, err = run_main(capsys, "compile", model, "--scheme", "last-layer", *flags,
+                                "-o", str(out_dir))
+        assert code == 0, err
+        built.append(((out_dir / "src" / "tinytrain_params.c").read_text(),
+                      json.loads((out_dir / "metadata.json").read_text())["memory"]))
+    (plain_params, plain_memory), (params, memory) = built
+    assert params != plain_params and memory == plain_memory
+    code, _, err = run_main(capsys, "memory", model, "--headroom", "9:1", "--no-tvm")
+    assert code == 2 and err.count("\n") == 1 and "9" in err and "not int8 conv or linear" in err, err
+    for bad in ("8", "8:7", "conv8:1"):
+        code, _, err = run_main(capsys, "memory", model, "--headroom", bad)
+        assert code == 2 and "LAYER:BITS" in err, err
+    code, _, err = run_main(capsys, "memory", model, "--dequantize", "--headroom", "8:1")
+    assert code == 2 and "--dequantize builds a float model" in err

@@ -34,13 +34,31 @@ def _step_options(parser) -> None:
                         help="int8 TFLite models: train the file's float twin instead (its weights "
                         "dequantized, float arithmetic, float input): the reference int8 training "
                         "approximates")
+    parser.add_argument("--headroom", type=_headroom, default={}, metavar="LAYER:BITS[,LAYER:BITS]",
+                        help="int8 models: re-quantize these layers (numbered as `summary` numbers "
+                        "them) with 0-6 bits of room to grow: weights divided by 2^BITS, scales "
+                        "multiplied, so training can take a weight past the file's int8 range "
+                        "(e.g. 8:1 for a layer trained whole)")
+
+
+def _headroom(text: str) -> dict[int, int]:
+    """``"8:1,7:2"`` → ``{8: 1, 7: 2}``, for ``--headroom``."""
+    headroom = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        layer, _, bits = item.partition(":")
+        if not (layer.isdigit() and bits.isdigit() and 0 <= int(bits) <= 6):
+            raise argparse.ArgumentTypeError(
+                f"{item!r} must read LAYER:BITS with a layer index and 0-6 bits (for example 8:1)")
+        headroom[int(layer)] = int(bits)
+    return headroom
 
 
 def _load(args):
     """The model of ``args`` and its parameters, as the step options ask."""
     from .frontend import load_model
 
-    return load_model(args.model, float_classifier=not args.int8_classifier, dequantize=args.dequantize)
+    return load_model(args.model, float_classifier=not args.int8_classifier, dequantize=args.dequantize,
+                      weight_headroom=args.headroom)
 
 
 def _cmd_summary(args) -> int:
@@ -204,9 +222,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     command = parser()
     args = command.parse_args(argv)
-    if getattr(args, "dequantize", False) and (args.no_qas or args.int8_classifier):
-        command.error("--dequantize builds a float model: --no-qas and --int8-classifier are for "
-                      "int8 training; drop one side")
+    if getattr(args, "dequantize", False) and (args.no_qas or args.int8_classifier or args.headroom):
+        command.error("--dequantize builds a float model: --no-qas, --int8-classifier and --headroom "
+                      "are for int8 training; drop one side")
     try:
         return args.run(args)
     except TinyTrainError as err:

@@ -226,9 +226,9 @@ class RelaxEmitter:
                          if bits and i not in self.headroom_given)
         if missing:
             raise ModelStructureError(
-                f"weight_headroom names layer(s) {missing}, which are not int8 conv or linear layers "
-                f"(the model has layers 0-{self.num_layers - 1}; a float32 classifier has no int8 "
-                "weights); `tinytrain summary` lists them"
+                f"weight_headroom (--headroom) names layer(s) {missing}, which are not int8 conv or "
+                f"linear layers (the model has layers 0-{self.num_layers - 1}; a float32 classifier "
+                "has no int8 weights); `tinytrain summary` lists them"
             )
         out = self.bb.emit_output(output)
         self._df.__exit__(None, None, None)
