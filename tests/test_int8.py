@@ -124,7 +124,6 @@ def test_dequantized_twin_is_the_int8_file_without_rounding(shared_model, name):
     assert np.mean(errors) < 20, np.mean(errors)
 
 
-
 def test_weight_headroom_requantizes_a_layer_with_room_to_grow(shared_model):
     """``weight_headroom={8: 1}``: layer 8's weights and bias halved (rounded), its scales and QAS
     factors follow, the other layers are the file's, and the network computes nearly the same

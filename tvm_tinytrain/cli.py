@@ -43,12 +43,14 @@ def _step_options(parser) -> None:
 
 def _headroom(text: str) -> dict[int, int]:
     """``"8:1,7:2"`` → ``{8: 1, 7: 2}``, for ``--headroom``."""
+    from .frontend import MAX_HEADROOM_BITS
+
     headroom = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         layer, _, bits = item.partition(":")
-        if not (layer.isdigit() and bits.isdigit() and 0 <= int(bits) <= 6):
-            raise argparse.ArgumentTypeError(
-                f"{item!r} must read LAYER:BITS with a layer index and 0-6 bits (for example 8:1)")
+        if not (layer.isdigit() and bits.isdigit() and int(bits) <= MAX_HEADROOM_BITS):
+            raise argparse.ArgumentTypeError(f"{item!r} must read LAYER:BITS with a layer index and "
+                                             f"0-{MAX_HEADROOM_BITS} bits (for example 8:1)")
         headroom[int(layer)] = int(bits)
     return headroom
 

@@ -12,6 +12,8 @@ from ..errors import ModelFormatError
 from .onnx_reader import read_onnx
 from .tflite_reader import read_tflite
 
+MAX_HEADROOM_BITS = 6  # the most bits weight_headroom (and `tinytrain --headroom`) takes
+
 
 def load_model(
     path: str | Path, dtype: str = "float32", float_classifier: bool = True,
@@ -38,8 +40,9 @@ def load_model(
     the file's by that rounding).
     """
     headroom = {int(k): int(v) for k, v in (weight_headroom or {}).items()}
-    if any(k < 0 or not 0 <= v <= 6 for k, v in headroom.items()):
-        raise ValueError(f"weight_headroom maps layer indices to 0..6 bits, not {weight_headroom}")
+    if any(k < 0 or not 0 <= v <= MAX_HEADROOM_BITS for k, v in headroom.items()):
+        raise ValueError(f"weight_headroom maps layer indices to 0..{MAX_HEADROOM_BITS} bits, "
+                         f"not {weight_headroom}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, not {dtype}")
     path = Path(path)

@@ -33,7 +33,8 @@ class RelaxEmitter:
     """One backbone function under construction, built operator by operator."""
 
     def __init__(self, input_name: str, shape: tuple[int, ...], dtype: str, layout: str,
-                 float_dtype: str = "float32", fmt: str = "ONNX"):
+                 float_dtype: str = "float32", fmt: str = "ONNX",
+                 weight_headroom: dict[int, int] | None = None):
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be NCHW or NHWC, not {layout}")
         self.layout = layout
@@ -51,7 +52,7 @@ class RelaxEmitter:
         self._df.__enter__()
         self.qas: dict[str, list[float]] = {}  # int8 parameter → QAS factor per output channel
         self.input_quant: tuple[float, int] | None = None
-        self.weight_headroom: dict[int, int] = {}  # int8 layer index → bits of room to grow
+        self.weight_headroom = dict(weight_headroom or {})  # int8 layer index → bits of room to grow
         self.headroom_given: set[int] = set()
         x = self.input
         if dtype != float_dtype and dtype != "int8":

@@ -134,7 +134,7 @@ class QdqOnnxReader(_OnnxReader):
                  weight_headroom: dict[int, int] | None = None):
         super().__init__(model, path, float_dtype)
         self.float_classifier = float_classifier
-        self.weight_headroom = weight_headroom or {}
+        self.weight_headroom = weight_headroom
         self.readers: dict[str, list[int]] = {}
         for index, node in enumerate(self.graph.node):
             for name in node.input:
@@ -160,8 +160,7 @@ class QdqOnnxReader(_OnnxReader):
                 f"{self.path}: the model has {len(self.graph.output)} outputs; expected one"
             )
         self.input_name = name
-        self.em = RelaxEmitter(name, shape, "int8", "NCHW", self.float_dtype, "ONNX")
-        self.em.weight_headroom = self.weight_headroom
+        self.em = RelaxEmitter(name, shape, "int8", "NCHW", self.float_dtype, "ONNX", self.weight_headroom)
         for index, node in enumerate(self.graph.node):
             if index in self.folded:
                 continue

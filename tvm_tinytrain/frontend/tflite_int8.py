@@ -31,13 +31,12 @@ class Int8TfliteReader(_TfliteReader):
                  weight_headroom: dict[int, int] | None = None):
         super().__init__(model, path, float_dtype)
         self.float_classifier = float_classifier
-        self.weight_headroom = weight_headroom or {}
+        self.weight_headroom = weight_headroom
         self.quant: dict[int, tuple[float, int]] = {}  # activation → (scale, zero point)
         self.float_values: set[int] = set()  # activations already dequantized
 
     def _emitter(self, name, shape) -> RelaxEmitter:
-        em = RelaxEmitter(name, shape, "int8", "NHWC", self.float_dtype, "TFLite")
-        em.weight_headroom = self.weight_headroom
+        em = RelaxEmitter(name, shape, "int8", "NHWC", self.float_dtype, "TFLite", self.weight_headroom)
         em.input_quant = self._qparams(self.graph.Inputs(0))
         self.quant[self.graph.Inputs(0)] = em.input_quant
         return em
