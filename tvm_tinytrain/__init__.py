@@ -7,6 +7,7 @@ from .errors import (
     InputError,
     ModelFormatError,
     ModelStructureError,
+    OutputError,
     SchemeError,
     TinyTrainError,
     UnsupportedOperatorError,
@@ -20,7 +21,7 @@ from .trainer import HostTrainer, build
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam", "HostTrainer", "InputError", "ModelFormatError", "ModelStructureError", "SGD",
+    "Adam", "HostTrainer", "InputError", "ModelFormatError", "ModelStructureError", "OutputError", "SGD",
     "SchemeError", "TinyTrainError", "UnsupportedOperatorError", "build", "export_onnx",
     "layer_table", "load_model", "quantize_input", "relay",
 ]

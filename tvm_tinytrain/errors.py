@@ -35,3 +35,8 @@ class InputError(TinyTrainError):
 
 class SchemeError(TinyTrainError):
     """A sparse-update scheme, loss or optimizer setting that does not fit the model."""
+
+
+class OutputError(TinyTrainError):
+    """A file or folder cannot be written (missing or read-only folder, full disk), or writing it
+    would replace something this project did not make."""
