@@ -6,11 +6,29 @@ so the op's gradient reaches a trainable conv below it and a classifier above.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 CLASSES = 4
+
+
+def ort_session(model: onnx.ModelProto | str | Path):
+    """The onnxruntime reference every test compares with: CPU, graph optimizations off.
+
+    With optimizations on, onnxruntime fuses a QDQ model's Q/DQ pairs into its own int8
+    kernels, which on CPUs without VNNI (e.g. an AVX2-only AMD EPYC) saturate 16-bit
+    intermediates and so differ from machine to machine; unoptimized, it runs the graph
+    as written (float ops between exact Q/DQ), which our import equals on every CPU.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 class Net:

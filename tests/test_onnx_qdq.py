@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
@@ -12,6 +11,7 @@ from tvm import relax
 
 import tvm_tinytrain as tt
 from relay_passes.plain_calls import PlainTIRCalls
+from tests.onnx_ops import ort_session
 from tvm_tinytrain import zoo
 from tvm_tinytrain.layers import layer_table
 from tvm_tinytrain.quantize import input_quantization
@@ -64,7 +64,7 @@ def test_qdq_forward_matches_onnxruntime(name, tmp_path):
 
     vm = _vm(mod, fast)
     weights = [tvm.runtime.tensor(params[p.name]) for p in mod["main"].params[1:]]
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     scale, _ = _output_quant(qdq)
     rng = np.random.default_rng(0)
     within, total, top1, identical = 0, 0, 0, 0
@@ -92,7 +92,7 @@ def test_qdq_float_classifier(tmp_path):
     assert params[layer_table(mod)[0].weight].dtype == np.int8
     vm = _vm(mod, fast=False)
     weights = [tvm.runtime.tensor(params[p.name]) for p in mod["main"].params[1:]]
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     scale, _ = _output_quant(qdq)
     rng = np.random.default_rng(1)
     for _ in range(5):

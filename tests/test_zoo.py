@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
 from tests.numpy_reference import conv2d_nchw
-from tests.onnx_ops import OP_MODELS
+from tests.onnx_ops import OP_MODELS, ort_session
 from tvm_tinytrain import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +36,7 @@ def _random_input(model: onnx.ModelProto, seed: int = 0) -> np.ndarray:
 
 
 def _run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(model)
     return session.run(["logits"], {"input": x})[0]
 
 
