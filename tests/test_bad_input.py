@@ -236,3 +236,65 @@ def test_unknown_loss(small_mod):
     with pytest.raises(SchemeError) as excinfo:
         tt.relay.transform.TinyTrain(loss="hinge")(small_mod)
     one_line(excinfo, "'hinge'", "cross_entropy", "mse")
+
+
+# ---- scheme files: every field checked, a SchemeError naming it --------------------------
+@pytest.mark.parametrize("text, names", [
+    ("[]", ["JSON object", "an array"]),
+    ("5", ["JSON object", "a number"]),
+    ("null", ["JSON object", "null"]),
+    ('"full"', ["JSON object", "a string"]),
+    ('{"weights": [1.0, 0.5]}', ['"weights"', "an array"]),
+    ('{"weights": {"1": 1e-300}}', ['"weights"', "layer 1", "16 output channels", "1/16 = 0.0625"]),
+    ('{"weights": {"1": 0}}', ['"weights"', "layer 1", "(0, 1]"]),
+    ('{"weights": {"1": 1.5}}', ['"weights"', "layer 1", "(0, 1]"]),
+    ('{"weights": {"1": true}}', ['"weights"', "layer 1", "(0, 1]"]),
+    ('{"weights": {"1": "half"}}', ['"weights"', "layer 1", "(0, 1]"]),
+    ('{"weights": {"conv1": 1.0}}', ['"weights"', "'conv1'", "0..4"]),
+    ('{"weights": {"-1": 1.0}}', ['"weights"', "'-1'", "0..4"]),
+    ('{"weights": {"7": 1.0}}', ['"weights"', "layer 7", "0..4"]),
+    ('{"weights": {"1": 1.0, "01": 0.5}}', ['"weights"', "layer 1 twice"]),
+    ('{"bias": [3]}', ['"bias"', '{"last": N}']),
+    ('{"bias": {"first": 2}}', ['"bias"', '{"last": N}']),
+    ('{"bias": {"last": true}}', ['"bias"', "0..5"]),
+    ('{"bias": {"last": 2.5}}', ['"bias"', "0..5"]),
+    ('{"bias": {"last": 9}}', ['"bias"', "0..5"]),
+    ('{"classifier": "yes"}', ['"classifier"', "true or false"]),
+    ('{"clasifier": true}', ["clasifier", "bias, weights, classifier"]),
+    ('{"bias": null, "weights": null, "classifier": false}', ["trains nothing"]),
+])
+def test_bad_scheme_file(small_mod, small_onnx, tmp_path, capsys, text, names):
+    """A scheme file of the wrong shape is a one-line SchemeError (never a TVM traceback),
+    from the library and from ``tinytrain memory --scheme FILE``."""
+    from tvm_tinytrain.cli import main
+
+    path = tmp_path / "scheme.json"
+    path.write_text(text)
+    with pytest.raises(SchemeError) as excinfo:
+        tt.relay.transform.TinyTrain(scheme=str(path))(small_mod)
+    one_line(excinfo, *names)
+    assert main(["memory", str(small_onnx), "--scheme", str(path), "--no-tvm"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("tinytrain: error: "), err
+    assert all(name in err for name in names), err
+
+
+def test_scheme_ratio_that_gives_one_channel_is_accepted(small_mod):
+    """The smallest ratio the message advises (1/16 for a 16-channel layer) trains one channel."""
+    from tvm_tinytrain.layers import layer_table
+    from tvm_tinytrain.scheme import resolve
+
+    assert resolve({"weights": {"1": 1 / 16}}, layer_table(small_mod)) == {"conv1.weight": 1}
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not text", None])
+def test_unreadable_scheme_file(small_mod, tmp_path, content):
+    """Bytes that are not text, or a folder named like a scheme file: one line naming the file."""
+    path = tmp_path / "scheme.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SchemeError) as excinfo:
+        tt.relay.transform.TinyTrain(scheme=str(path))(small_mod)
+    one_line(excinfo, "scheme.json")
