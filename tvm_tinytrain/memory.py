@@ -18,7 +18,8 @@ suffice). ``lower_bound`` (the largest live set) is a bound no plan beats, not a
 The planner does not reorder kernels, split buffers or move them mid-life.
 
 ``MemoryPlan.check_no_overlap`` verifies a plan independently; ``draw`` prints it as ASCII art and
-``plot_png`` charts live bytes per kernel step, stacked by kind, under the arena size.
+``plot_png`` charts live bytes per kernel step, stacked by kind, under the arena size (the PNG is
+written whole or not at all, ``tvm_tinytrain.files``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .files import replacing_file
 
 KINDS = ("activation", "gradient", "scratch", "state")
 _SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -305,6 +308,6 @@ class MemoryPlan:
         ax.set_ylim(0, max(self.arena_bytes, int(bottom.max(initial=0)), 1) * 1.1)
         ax.legend(loc="upper right", fontsize="small")
         fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, format="png")
-        return path
+        with replacing_file(path) as tmp:  # whole or not at all; OutputError naming path and reason
+            fig.savefig(tmp, format="png")
+        return Path(path)

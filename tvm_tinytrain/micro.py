@@ -3,7 +3,7 @@
 ::
 
     artifact = tvm_tinytrain.build(train_mod, params, target="c", budget="256KB")
-    project = micro.create_project(artifact, "qemu_cortex_m7", "build/qemu", {"ram_kb": 320})
+    project = micro.create_project(artifact, "qemu_cortex_m7", "qemu_proj", {"ram_kb": 320})
     project.build()
     project.flash()
     with project.session() as dev:
@@ -32,12 +32,14 @@ import numpy as np
 
 from relay_passes.attrs import LEARNING_RATE
 
+from . import files
 from .codegen.artifact import Artifact
-from .errors import InputError, TinyTrainError
+from .errors import InputError, OutputError, TinyTrainError
 from .trainer import checked_learning_rate
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "microtvm_projects"
 PROTOCOL_VERSION = 2
+PROJECT_MARKER = ".tinytrain-project"  # in every project create_project makes
 
 
 class ToolMissingError(TinyTrainError):
@@ -133,24 +135,35 @@ class Project:
         return Session(cmd, self.path, self.template.get("cost_unit", ""))
 
 
+def is_project(path: Path) -> bool:
+    """Whether ``path`` is a project folder ``create_project`` made (it holds the marker file)."""
+    return (Path(path) / PROJECT_MARKER).is_file()
+
+
 def create_project(artifact: Artifact | str | Path, template: str | Path, directory: str | Path,
                    options: dict | None = None) -> Project:
-    """Copy ``template``, the protocol code and ``artifact`` into ``directory`` (made afresh)."""
+    """Copy ``template``, the protocol code and ``artifact`` into ``directory``, whole or not at all.
+
+    ``directory`` must be new, empty or a project this function made (marked ``.tinytrain-project``),
+    which is replaced only once the new one is complete; anything else, and the current folder, home,
+    ``/`` or a parent of the current folder, is refused with an OutputError before anything is read."""
+    directory = files.check_folder(directory, is_project, "tinytrain project")
     if not isinstance(artifact, Artifact):
         artifact = Artifact.load(artifact)
     source = _template_dir(template)
+    if source.resolve() in (directory.resolve(), *directory.resolve().parents):
+        raise OutputError(f"{directory} is inside template {source}: name a folder outside it")
     spec = json.loads((source / "template.json").read_text())
     options = dict(options or {})
     unknown = set(options) - set(spec.get("options", {}))
     if unknown:
         raise InputError(f"template {source.name} has no option {', '.join(sorted(unknown))}; "
                          f"it takes {', '.join(spec.get('options', {})) or 'none'}")
-    directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
-    shutil.copytree(source, directory)
-    shutil.copytree(TEMPLATES / "common", directory / "common")
-    artifact.export(directory / "model")
+    with files.replacing_folder(directory, is_project, "tinytrain project") as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        shutil.copytree(TEMPLATES / "common", tmp / "common")
+        artifact.write_into(tmp / "model")
+        (tmp / PROJECT_MARKER).write_text(json.dumps({"template": source.name}) + "\n")
     return Project(directory, spec, options)
 
 
