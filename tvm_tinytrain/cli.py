@@ -88,13 +88,16 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_memory(args) -> int:
+    from .files import check_file
     from .memory_report import memory_report
     from .relay.transform import TinyTrain
 
+    if args.plot is not None:
+        check_file(args.plot)  # before the minutes the plan may take
     mod, _ = _load(args)
     train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder, qas=not args.no_qas)(mod)
     report = memory_report(train_mod, compare_tvm=not args.no_tvm)
-    if args.plot:
+    if args.plot is not None:
         report.plan.plot_png(args.plot, f"{args.model} — scheme {args.scheme}")
     print(report.to_json() if args.json else report.format())
     return 0
@@ -107,9 +110,11 @@ def _optimizer(args):
 
 
 def _cmd_compile(args) -> int:
+    from .codegen.artifact import check_export_path
     from .relay.transform import TinyTrain
     from .trainer import build
 
+    check_export_path(args.output)  # before the build, which can take minutes
     mod, params = _load(args)
     train_mod = TinyTrain(scheme=args.scheme, loss=args.loss, optimizer=_optimizer(args),
                           qas=not args.no_qas)(mod)
@@ -187,7 +192,9 @@ def parser() -> argparse.ArgumentParser:
                                    "frozen parameters in flash. Fails before writing anything when the "
                                    "planned SRAM exceeds --budget.")
     _step_options(c)
-    c.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .tar")
+    c.add_argument("-o", "--output", required=True,
+                   help="artifact folder, or a file ending in .tar (written whole or not at all; an existing "
+                        "folder must be empty or an artifact)")
     c.add_argument("--budget", help="SRAM budget, like 256KB; the build fails when the plan needs more")
     c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     c.add_argument("--lr", type=float, default=0.01,
@@ -200,7 +207,9 @@ def parser() -> argparse.ArgumentParser:
                                     "artifact into a folder that builds by itself with make.")
     cp.add_argument("artifact", help="an artifact folder or .tar from `tinytrain compile`")
     cp.add_argument("--template", default="host", help="host or qemu_cortex_m7 (default host)")
-    cp.add_argument("-o", "--output", required=True, help="the project folder (replaced if it exists)")
+    cp.add_argument("-o", "--output", required=True,
+                    help="the project folder: new, empty, or a project create-project made (replaced once "
+                         "the new one is complete); any other folder is refused")
     cp.add_argument("--option", action="append", metavar="KEY=VALUE",
                     help="a template option, e.g. ram_kb=512 (repeatable)")
     cp.add_argument("--build", action="store_true", help="also build it")
