@@ -38,7 +38,11 @@ def _protected(path: Path) -> bool:
     if str(path) in (".", ".."):
         return True
     here, target = Path.cwd().resolve(), path.resolve()
-    return target == here or target in here.parents or target == Path.home().resolve()
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry
+        home = None
+    return target == here or target in here.parents or target == home
 
 
 def check_file(path: str | Path) -> Path:
