@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import tflite
+from tflite.BuiltinOperator import BuiltinOperator
 from tflite.TensorType import TensorType
 
 from relay_passes.int8_ops import QAddParams, QConvParams, QPoolParams
@@ -35,10 +36,27 @@ class Int8TfliteReader(_TfliteReader):
         self.quant: dict[int, tuple[float, int]] = {}  # activation → (scale, zero point)
         self.float_values: set[int] = set()  # activations already dequantized
 
+    def _input(self):
+        """The int8 tensor the network starts from: the file's input, or, when the file takes
+        float and quantizes it first (``QUANTIZE`` as its first operator), that QUANTIZE's output:
+        the model then takes int8 input like any int8 model (``quantize_input`` makes it)."""
+        quantize = int8_input_quantize(self.model)
+        if quantize is None:
+            index, name, shape = super()._input()
+        else:
+            self.VALUE_TYPE = TensorType.FLOAT32  # the check of the file's input
+            _, name, shape = super()._input()
+            self.VALUE_TYPE = TensorType.INT8
+            index = quantize.Outputs(0)
+            if self._shape(index)[1:] != shape[1:]:
+                self._unsupported("the QUANTIZE of the input changes its shape")
+        self.input_index = index
+        return index, name, shape
+
     def _emitter(self, name, shape) -> RelaxEmitter:
         em = RelaxEmitter(name, shape, "int8", "NHWC", self.float_dtype, "TFLite", self.weight_headroom)
-        em.input_quant = self._qparams(self.graph.Inputs(0))
-        self.quant[self.graph.Inputs(0)] = em.input_quant
+        em.input_quant = self._qparams(self.input_index)
+        self.quant[self.input_index] = em.input_quant
         return em
 
     def _result(self, value: Value) -> Value:
@@ -50,7 +68,7 @@ class Int8TfliteReader(_TfliteReader):
     def _scales(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         quant = self._quantization(index)
         if quant is None:
-            self._unsupported(f"tensor {self._tensor(index).Name().decode()} has no quantization")
+            self._unsupported(f"tensor {self._name(index)} has no quantization")
         return quant[0], quant[1]
 
     def _qparams(self, index: int) -> tuple[float, int]:
@@ -74,13 +92,13 @@ class Int8TfliteReader(_TfliteReader):
         w_index = op.Inputs(1)
         if self._tensor(w_index).Type() != TensorType.INT8:
             self._unsupported("weights that are not int8 (hybrid or float weights)")
-        weight = self._const(w_index, "weight")
+        weight = self._stored(w_index, "weight")
         scales, zeros = self._scales(w_index)
         if np.any(zeros != 0):
             self._unsupported("weights with a non-zero zero point")
         bias = None
         if op.InputsLength() > 2 and op.Inputs(2) >= 0:
-            bias = self._const(op.Inputs(2), "bias").astype(np.int64)
+            bias = self._stored(op.Inputs(2), "bias").astype(np.int64)
         return weight, scales, bias
 
     def _layer_quant(self, op, channels: int, scales: np.ndarray, **geometry) -> QConvParams:
@@ -94,7 +112,7 @@ class Int8TfliteReader(_TfliteReader):
         return QConvParams(sx, zx, tuple(float(s) for s in sw), sy, zy, lo, hi, **geometry)
 
     def _source(self, op) -> str:
-        return self._tensor(op.Outputs(0)).Name().decode()
+        return self._name(op.Outputs(0))
 
     # ---- operators ---------------------------------------------------------
     def _qconv(self, op, weight_oihw, scales, bias, groups, opts):
@@ -173,7 +191,32 @@ class Int8TfliteReader(_TfliteReader):
         self._same_quant(op)  # dropped: the logits are the model's output
         return self._value(op.Inputs(0))
 
+    def _op_DEQUANTIZE(self, op):
+        """The DEQUANTIZE that gives a float output (int8 files with float I/O): the graph's
+        output is dequantized anyway (``_result``)."""
+        if op.Outputs(0) != self.output or op.Inputs(0) not in self.values:
+            self._unsupported("a DEQUANTIZE inside an int8 network (only one at the output is read)")
+        self._same_quant(op)
+        if op.Inputs(0) in self.float_values:
+            self.float_values.add(op.Outputs(0))
+        return self._value(op.Inputs(0))
+
     def _unsupported_int8(self, op):
         self._unsupported("not supported in int8 models yet")
 
     _op_MAX_POOL_2D = _op_MEAN = _op_PAD = _op_RELU = _op_RELU6 = _unsupported_int8
+
+
+def int8_input_quantize(model):
+    """The operator that quantizes a float input to int8 when it is the file's first, else None."""
+    graph = model.Subgraphs(0)
+    if graph.InputsLength() != 1 or graph.OperatorsLength() == 0:
+        return None
+    first = graph.Operators(0)
+    code = model.OperatorCodes(first.OpcodeIndex())
+    if (max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) != BuiltinOperator.QUANTIZE
+            or first.InputsLength() != 1 or first.OutputsLength() != 1
+            or first.Inputs(0) != graph.Inputs(0)
+            or graph.Tensors(first.Outputs(0)).Type() != TensorType.INT8):
+        return None
+    return first

@@ -22,6 +22,10 @@ from .emitter import RelaxEmitter, Value
 OP_NAMES = {code: name for name, code in vars(BuiltinOperator).items() if not name.startswith("_")}
 TYPE_NAMES = {code: name for name, code in vars(TensorType).items() if not name.startswith("_")}
 NHWC_TO_NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1}
+STORED_TYPES = {TensorType.FLOAT32: np.float32, TensorType.FLOAT16: np.float16,
+                TensorType.INT32: np.int32, TensorType.INT64: np.int64, TensorType.INT8: np.int8,
+                TensorType.UINT8: np.uint8, TensorType.INT16: np.int16}
+ZERO_POINT_RANGE = {TensorType.INT8: (-128, 127), TensorType.UINT8: (0, 255), TensorType.INT16: (0, 0)}
 SUPPORTED = [
     "ADD", "AVERAGE_POOL_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D",
     "MEAN", "PAD", "RELU", "RELU6", "RESHAPE", "SOFTMAX",
@@ -46,7 +50,10 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
             "the file may be truncated"
         )
     graph = model.Subgraphs(0)
-    quantized = graph.InputsLength() == 1 and graph.Tensors(graph.Inputs(0)).Type() == TensorType.INT8
+    from .tflite_int8 import int8_input_quantize
+
+    quantized = graph.InputsLength() == 1 and 0 <= graph.Inputs(0) < graph.TensorsLength() and (
+        graph.Tensors(graph.Inputs(0)).Type() == TensorType.INT8 or int8_input_quantize(model) is not None)
     if weight_headroom and (dequantize or not quantized):
         raise ModelStructureError(
             f"{path}: weight_headroom re-quantizes int8 weights; this model is read as float"
@@ -89,35 +96,100 @@ class _TfliteReader:
         self.model, self.path, self.float_dtype = model, path, float_dtype
         self.graph = model.Subgraphs(0)
         self.values: dict[int, Value] = {}
+        self.folded: dict[int, np.ndarray] = {}  # DEQUANTIZE of a constant, done at import
+        self.label = "input"
 
     # ---- tensors -----------------------------------------------------------
+    # Every constant's bytes become an array in one place (``_stored``), and get their meaning in
+    # one other (``_const``): a type or quantization not in these tables stops the import.
     def _tensor(self, index: int):
+        if not 0 <= index < self.graph.TensorsLength():
+            raise ModelFormatError(f"{self.path}: operator {self.label} names tensor {index}, but the "
+                                   f"graph has {self.graph.TensorsLength()}; the file is corrupt")
         return self.graph.Tensors(index)
 
-    def _const(self, index: int, what: str) -> np.ndarray:
+    def _name(self, index: int) -> str:
+        return self._tensor(index).Name().decode("utf-8", "replace")
+
+    def _shape(self, index: int) -> tuple[int, ...]:
         tensor = self._tensor(index)
-        buf = self.model.Buffers(tensor.Buffer())
+        shape = tuple(int(d) for d in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
+        if any(d < 0 for d in shape[1:]) or (shape and shape[0] < -1) or any(d > 1 << 24 for d in shape):
+            raise ModelStructureError(f"{self.path}: tensor {self._name(index)} has shape {list(shape)}; "
+                                      "dimensions must be positive; the file is corrupt")
+        return shape
+
+    def _stored(self, index: int, what: str) -> np.ndarray:
+        """A constant tensor's values as stored (int8 weights stay int8), or one folded at import."""
+        if index in self.folded:
+            return self.folded[index]
+        tensor = self._tensor(index)
+        buf = self.model.Buffers(tensor.Buffer()) if 0 <= tensor.Buffer() < self.model.BuffersLength() \
+            else None
         raw = buf.DataAsNumpy() if buf is not None else 0
         if isinstance(raw, int) or raw.size == 0:
-            self._unsupported(f"its {what} is computed at run time, not a constant")
-        dtype = {TensorType.FLOAT32: np.float32, TensorType.INT32: np.int32,
-                 TensorType.INT64: np.int64, TensorType.INT8: np.int8}.get(tensor.Type())
+            self._unsupported(f"its {what} {self._name(index)} is computed at run time, not a constant")
+        dtype = STORED_TYPES.get(tensor.Type())
         if dtype is None:
-            self._unsupported(f"its {what} has type {TYPE_NAMES.get(tensor.Type())}")
-        shape = tuple(tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
-        return np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape)
+            self._unsupported(f"its {what} {self._name(index)} has type {TYPE_NAMES.get(tensor.Type())}")
+        shape = self._shape(index)
+        count = int(np.prod(shape)) if shape else 1
+        if raw.size != count * np.dtype(dtype).itemsize:
+            raise ModelFormatError(
+                f"{self.path}: tensor {self._name(index)} of shape {list(shape)} holds {raw.size} bytes, "
+                f"not {count * np.dtype(dtype).itemsize}; the file is corrupt")
+        array = np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape)
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise ModelStructureError(f"{self.path}: tensor {self._name(index)} holds NaN or infinite "
+                                      "values; the file is damaged or was saved after training diverged")
+        return array
+
+    def _const(self, index: int, what: str) -> np.ndarray:
+        """The values a constant stands for: a float, a dequantized integer (weight-only int8
+        files, int32 biases of int8 files), or an integer that is not quantized (shapes, axes)."""
+        array = self._stored(index, what)
+        quant = self._quantization(index) if array.dtype.kind in "iu" else None
+        if quant is None:
+            if array.dtype in (np.int8, np.uint8, np.int16):
+                self._unsupported(f"its {what} {self._name(index)} is {array.dtype} with no scale, so "
+                                  "its real values are unknown")
+            return array
+        scale, zero, axis = quant
+        if scale.size > 1:  # per channel, along the quantized dimension
+            shape = [1] * array.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        return (array.astype(np.float64) - zero) * scale
 
     def _quantization(self, index: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """(scales, zero points, quantized dimension) of a tensor, or None when it has none."""
-        q = self._tensor(index).Quantization()
+        """(scales, zero points, quantized dimension) of a tensor, or None when it has none;
+        checked: finite positive scales, zero points in the type's range, one per channel."""
+        tensor = self._tensor(index)
+        q = tensor.Quantization()
         if q is None or q.ScaleLength() == 0:
             return None
+        scale = q.ScaleAsNumpy().astype(np.float64)
         zero = q.ZeroPointAsNumpy().astype(np.int64) if q.ZeroPointLength() else np.zeros(1, np.int64)
-        return q.ScaleAsNumpy().astype(np.float64), zero, q.QuantizedDimension()
+        axis, shape = q.QuantizedDimension(), self._shape(index)
+        name = self._name(index)
+        if not np.all(np.isfinite(scale) & (scale > 0)):
+            raise ModelStructureError(f"{self.path}: tensor {name} has a quantization scale that is not "
+                                      f"a finite positive number ({scale[:4].tolist()}); the file is corrupt")
+        lo, hi = ZERO_POINT_RANGE.get(tensor.Type(), (-(1 << 31), (1 << 31) - 1))
+        if zero.size not in (1, scale.size) or np.any((zero < lo) | (zero > hi)):
+            raise ModelStructureError(f"{self.path}: tensor {name} has zero points {zero[:4].tolist()} "
+                                      f"outside {lo}..{hi} or not one per scale; the file is corrupt")
+        if scale.size > 1 and not (0 <= axis < len(shape) and shape[axis] == scale.size):
+            raise ModelStructureError(f"{self.path}: tensor {name} has {scale.size} scales along dimension "
+                                      f"{axis} of shape {list(shape)}; the file is corrupt")
+        return scale, np.broadcast_to(zero, scale.shape).copy(), axis
 
     def _is_const(self, index: int) -> bool:
-        buf = self.model.Buffers(self._tensor(index).Buffer())
-        return buf is not None and not isinstance(buf.DataAsNumpy(), int)
+        if index in self.folded:
+            return True
+        buffer = self._tensor(index).Buffer()
+        buf = self.model.Buffers(buffer) if 0 <= buffer < self.model.BuffersLength() else None
+        return buf is not None and not isinstance(buf.DataAsNumpy(), int) and buf.DataLength() > 0
 
     def _value(self, index: int) -> Value:
         if index in self.values:
@@ -129,6 +201,7 @@ class _TfliteReader:
 
     # ---- driver ------------------------------------------------------------
     def _input(self):
+        """(tensor index, name, shape with batch 1) of the value the network starts from."""
         if self.graph.InputsLength() != 1:
             raise ModelStructureError(
                 f"{self.path}: the model has {self.graph.InputsLength()} inputs; "
@@ -140,13 +213,13 @@ class _TfliteReader:
             )
         index = self.graph.Inputs(0)
         tensor = self._tensor(index)
-        name = tensor.Name().decode()
+        name = self._name(index)
         if tensor.Type() != self.VALUE_TYPE:
             raise ModelStructureError(
                 f"{self.path}: input {name} is {TYPE_NAMES.get(tensor.Type())}; tinytrain "
                 "trains float32 and int8 TFLite models; convert the model to one of them"
             )
-        shape = [int(d) for d in tensor.ShapeAsNumpy()]
+        shape = list(self._shape(index))
         signature = (
             [int(d) for d in tensor.ShapeSignatureAsNumpy()]
             if tensor.ShapeSignatureLength() else shape
@@ -157,11 +230,12 @@ class _TfliteReader:
                     f"{self.path}: input {name} has a dynamic dimension at axis {axis}; "
                     "only the batch may be dynamic. Convert the model with a fixed input size"
                 )
-        shape[0] = 1
-        if len(shape) != 4:
+        if len(shape) not in (2, 4) or 0 in shape[1:]:
             raise ModelStructureError(
-                f"{self.path}: input {name} has rank {len(shape)}; expected an NHWC image"
+                f"{self.path}: input {name} has shape {shape}; tinytrain reads NHWC images "
+                "(rank 4) and feature vectors (rank 2) with no empty dimension"
             )
+        shape[0] = 1
         return index, name, tuple(shape)
 
     def run(self):
@@ -172,14 +246,29 @@ class _TfliteReader:
         for position in range(self.graph.OperatorsLength()):
             self.op = op = self.graph.Operators(position)
             self.op_name = self._op_name(op)
-            out_tensor = self._tensor(op.Outputs(0))
-            self.label = f"{position} ({out_tensor.Name().decode()})"
+            if op.OutputsLength() < 1:
+                raise ModelFormatError(f"{self.path}: operator {position} ({self.op_name}) has no output; "
+                                       "the file is corrupt")
+            self.label = f"{position} ({self._name(op.Outputs(0))})"
+            if op.Outputs(0) == index:
+                continue  # the QUANTIZE that makes the int8 input (see Int8TfliteReader)
             handler = getattr(self, f"_op_{self.op_name}", None)
             if handler is None:
                 raise UnsupportedOperatorError("TFLite", self.op_name, self.label, SUPPORTED)
-            if out_tensor.Type() != self.VALUE_TYPE and self.op_name != "SOFTMAX":
-                self._unsupported(f"output type {TYPE_NAMES.get(out_tensor.Type())}")
-            self.values[op.Outputs(0)] = handler(op)
+            out_type = self._tensor(op.Outputs(0)).Type()
+            if out_type != self.VALUE_TYPE and self.op_name not in ("SOFTMAX", "DEQUANTIZE"):
+                self._unsupported(f"output type {TYPE_NAMES.get(out_type)}")
+            for i in range(op.InputsLength()):
+                if op.Inputs(i) >= 0 and op.Inputs(i) not in self.values and not self._is_const(op.Inputs(i)):
+                    raise ModelStructureError(
+                        f"{self.path}: operator {self.label} reads tensor {self._name(op.Inputs(i))}, which "
+                        "no earlier operator computes and the file does not hold; the graph is corrupt")
+            value = handler(op)
+            if value is not None:  # None: folded into a constant
+                self.values[op.Outputs(0)] = value
+        if self.output not in self.values:
+            raise ModelStructureError(f"{self.path}: the output {self._name(self.output)} is not computed "
+                                      "by any operator; the graph is corrupt")
         return self.em.finish(self._result(self._value(self.output)))
 
     def _op_name(self, op) -> str:
@@ -232,13 +321,20 @@ class _TfliteReader:
         return None
 
     # ---- operators ---------------------------------------------------------
+    def _image(self, index: int) -> Value:
+        """An operator's input that must be an image (NCHW inside)."""
+        x = self._value(index)
+        if len(self.em.shape(x)) != 4:
+            self._unsupported(f"its input has shape {list(self.em.shape(x))}; it takes an NHWC image")
+        return x
+
     def _conv(self, op, weight_oihw, groups, opts):
-        x = self._value(op.Inputs(0))
+        x = self._image(op.Inputs(0))
         strides = (opts.StrideH(), opts.StrideW())
         dilation = (opts.DilationHFactor(), opts.DilationWFactor())
         padding = self._padding(x, weight_oihw.shape[2:], strides, dilation, opts.Padding() == 0)
         y = self.em.conv2d(x, weight_oihw, self._bias(op), strides, padding, dilation, groups,
-                           source=self._tensor(op.Outputs(0)).Name().decode())
+                           source=self._name(op.Outputs(0)))
         return self._activation(y, opts.FusedActivationFunction())
 
     def _op_CONV_2D(self, op):
@@ -256,7 +352,7 @@ class _TfliteReader:
         opts = _options(op, tflite.FullyConnectedOptions)
         weight = self._const(op.Inputs(1), "weight").astype(np.float64)
         x = self._flatten_nhwc(self._value(op.Inputs(0)), weight.shape[1])
-        y = self.em.linear(x, weight, self._bias(op), self._tensor(op.Outputs(0)).Name().decode())
+        y = self.em.linear(x, weight, self._bias(op), self._name(op.Outputs(0)))
         return self._activation(y, opts.FusedActivationFunction())
 
     def _flatten_nhwc(self, x: Value, features: int) -> Value:
@@ -286,7 +382,7 @@ class _TfliteReader:
 
     def _pool(self, op):
         opts = _options(op, tflite.Pool2DOptions)
-        x = self._value(op.Inputs(0))
+        x = self._image(op.Inputs(0))
         kernel = (opts.FilterHeight(), opts.FilterWidth())
         strides = (opts.StrideH(), opts.StrideW())
         return x, opts, kernel, strides, self._padding(x, kernel, strides, (1, 1),
@@ -342,6 +438,13 @@ class _TfliteReader:
         if pads.shape[0] == 4:
             pads = pads[[0, 3, 1, 2]]
         return self.em.pad(x, [int(v) for v in pads.reshape(-1)], 0.0)
+
+    def _op_DEQUANTIZE(self, op):
+        """A constant stored float16 or int8 (weight-only quantization) → its float values, folded."""
+        if not self._is_const(op.Inputs(0)) or op.Inputs(0) in self.values:
+            self._unsupported("a DEQUANTIZE of an activation (int8 activations in a float model); "
+                              "convert the model to full int8 or float32")
+        self.folded[op.Outputs(0)] = self._const(op.Inputs(0), "input").astype(np.float64)
 
     def _op_RELU(self, op):
         return self.em.relu(self._value(op.Inputs(0)))
