@@ -46,12 +46,14 @@ from relay_passes.int8_ops import QAddParams, QConvParams, QPoolParams
 
 from ..errors import ModelStructureError, UnsupportedOperatorError
 from .emitter import RelaxEmitter, Value
+from .onnx_fold import FOLDERS
 from .onnx_reader import _OnnxReader
 
-SUPPORTED = [
+SUPPORTED = sorted({
     "Add", "AveragePool", "Clip", "Conv", "DequantizeLinear", "Dropout", "Flatten", "Gemm",
     "GlobalAveragePool", "Identity", "MatMul", "QuantizeLinear", "Relu", "Reshape", "Softmax",
-]
+    "Squeeze", "Unsqueeze", *FOLDERS,
+})
 QOPERATOR = {  # onnxruntime's other quantized format: integer ops instead of Q/DQ pairs
     "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
     "QLinearGlobalAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid",
@@ -136,35 +138,34 @@ class QdqOnnxReader(_OnnxReader):
         self.float_classifier = float_classifier
         self.weight_headroom = weight_headroom
         self.readers: dict[str, list[int]] = {}
+        self.qconsts: dict[str, QConst] = {}  # DequantizeLinear output → its constant
+
+    # ---- driver ------------------------------------------------------------
+    def _prepare(self):
+        super()._prepare()  # initializers checked, constants folded
         for index, node in enumerate(self.graph.node):
             for name in node.input:
                 if name and index not in self.readers.setdefault(name, []):
                     self.readers[name].append(index)
         self.output_name = self.graph.output[0].name if self.graph.output else ""
-        self.qconsts: dict[str, QConst] = {}  # DequantizeLinear output → its constant
         for index, node in enumerate(self.graph.node):
-            if node.op_type == "DequantizeLinear" and node.input[0] in self.consts:
-                self.node, self.label = node, self._label(index, node)
+            if node.op_type == "DequantizeLinear" and node.input and node.input[0] in self.consts:
+                self._at(index, node)
                 self.qconsts[node.output[0]] = self._qconst(node)
                 self.folded.add(index)
 
-    # ---- driver ------------------------------------------------------------
-    @staticmethod
-    def _label(index: int, node) -> str:
-        return f"{index} ({node.name or node.output[0]})"
-
     def run(self):
+        self._prepare()
         name, shape, _ = self._input()
-        if len(self.graph.output) != 1:
-            raise ModelStructureError(
-                f"{self.path}: the model has {len(self.graph.output)} outputs; expected one"
-            )
+        self._one_output()
         self.input_name = name
         self.em = RelaxEmitter(name, shape, "int8", "NCHW", self.float_dtype, "ONNX", self.weight_headroom)
         for index, node in enumerate(self.graph.node):
             if index in self.folded:
                 continue
-            self.node, self.label = node, self._label(index, node)
+            self._at(index, node)
+            if self._fold(node):
+                continue
             if node.op_type in QOPERATOR:
                 self._unsupported(f"onnxruntime's QOperator format; {REDO}")
             handler = getattr(self, f"_q_{node.op_type}", None)
@@ -178,9 +179,7 @@ class QdqOnnxReader(_OnnxReader):
                 f"{self.path}: the model's input {name} is never quantized (no QuantizeLinear "
                 f"reads it); {REDO}"
             )
-        out = self.values.get(self.output_name)
-        if out is None:
-            raise ModelStructureError(f"{self.path}: the output {self.output_name} is never computed")
+        out = self._output()
         if isinstance(out, QValue):
             out = self.em.dequantize(out.var, out.scale, out.zero)
         return self.em.finish(out)
@@ -218,19 +217,49 @@ class QdqOnnxReader(_OnnxReader):
         if a.get("block_size", 0):
             self._unsupported("blocked quantization (block_size); quantize per channel or per tensor")
         data = self.consts[node.input[0]]
-        scale = self.consts[node.input[1]].astype(np.float32)
-        zero = (self.consts[node.input[2]] if len(node.input) > 2 and node.input[2]
-                else np.zeros(scale.shape, data.dtype))
+        scale = self._scale(node)
+        zero = self._zero_point(node, data.dtype)
+        if zero is None:
+            zero = np.zeros(scale.shape, data.dtype)
         axis = int(a.get("axis", 1))
+        if scale.size != 1:
+            if not -data.ndim <= axis < data.ndim or scale.shape != (data.shape[axis],):
+                self._format_error(f"{scale.size} scales along axis {axis} of a tensor of shape {data.shape}")
+        if zero.shape != scale.shape and zero.size != scale.size:
+            self._format_error(f"zero point {node.input[2]} of shape {zero.shape} for scales of shape "
+                               f"{scale.shape}")
         return QConst(data, scale, zero.astype(np.int64), axis + data.ndim if axis < 0 else axis)
+
+    def _scale(self, node) -> np.ndarray:
+        """A Q / DQ node's scale, checked: finite and positive."""
+        name = self._input_name(node, 1, "scale")
+        scale = np.asarray(self._const(name, "scale"))
+        if not np.issubdtype(scale.dtype, np.floating) or scale.size == 0:
+            self._format_error(f"scale {name} of type {scale.dtype} and size {scale.size}; scales are floats")
+        if not np.all(np.isfinite(scale) & (scale > 0)):
+            bad = scale.reshape(-1)[~(np.isfinite(scale) & (scale > 0)).reshape(-1)][0]
+            self._format_error(f"scale {name} holds {bad}; quantization scales are finite and positive "
+                               "(re-quantize the model)")
+        return scale.astype(np.float32)
+
+    def _zero_point(self, node, dtype) -> np.ndarray | None:
+        """A Q / DQ node's zero point (None when absent), of the quantized type ``dtype`` if given."""
+        if len(node.input) < 3 or not node.input[2]:
+            return None
+        zero = np.asarray(self._const(node.input[2], "zero point"))
+        if not np.issubdtype(zero.dtype, np.integer) or (dtype is not None and zero.dtype != dtype):
+            self._format_error(f"zero point {node.input[2]} of type {zero.dtype}"
+                               + (f" for {np.dtype(dtype).name} data" if dtype is not None else "")
+                               + "; it must have the quantized type")
+        return zero
 
     def _quant(self, node) -> tuple[float, int]:
         """The per-tensor (scale, zero point) of an activation's Q or DQ node, int8 only."""
         for i, what in ((1, "scale"), (2, "zero point")):
             if len(node.input) > i and node.input[i] and node.input[i] not in self.consts:
                 self._unsupported(f"its {what} is computed at run time, not a constant")
-        scale = self.consts[node.input[1]]
-        zero = self.consts[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        scale = self._scale(node)
+        zero = self._zero_point(node, None)
         if zero is None or zero.dtype != np.int8:
             kind = "uint8 (the default without a zero point)" if zero is None else str(zero.dtype)
             self._unsupported(f"activations quantized to {kind}; tinytrain's int8 graphs take "
@@ -387,23 +416,21 @@ class QdqOnnxReader(_OnnxReader):
     def _q_Identity(self, node, index):
         return self._any_value(node.input[0])
 
-    _q_Dropout = _q_Identity
+    def _q_Dropout(self, node, index):
+        self._qvalue(node.input[0])
+        return self._op_Dropout(node, index)  # the float reader's checks, on the int8 value
 
-    def _q_Flatten(self, node, index):
+    def _q_reshaped(self, node, index):
+        """Reshape / Flatten / Squeeze / Unsqueeze: the float reader's, on the int8 value."""
         x = self._qvalue(node.input[0])
-        shape = self.em.shape(x.var)
-        axis = int(self._attrs(node).get("axis", 1)) % len(shape)
-        y = self.em.reshape(x.var, (int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))))
-        return QValue(y, x.scale, x.zero)
-
-    def _q_Reshape(self, node, index):
-        x = self._qvalue(node.input[0])
-        self.values[node.input[0]] = x.var  # the float reader's Reshape, on the int8 value
+        self.values[node.input[0]] = x.var
         try:
-            y = super()._op_Reshape(node, index)
+            y = self._reshaped(node, index)
         finally:
             self.values[node.input[0]] = x
         return QValue(y, x.scale, x.zero)
+
+    _q_Reshape = _q_Flatten = _q_Squeeze = _q_Unsqueeze = _q_reshaped
 
     def _q_Softmax(self, node, index):
         chain = self._chain_to_output(node.output[0])
@@ -428,15 +455,24 @@ class QdqOnnxReader(_OnnxReader):
             self._unsupported(f"only 2-D convolutions; the weight has rank {weight.ndim}")
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             self._unsupported("auto_pad; export with explicit pads")
-        dilation = tuple(a.get("dilations", [1, 1]))
-        if dilation != (1, 1):
+        dilation = self._ints(a, "dilations", [1, 1], 2, 1)
+        if dilation != [1, 1]:
             self._unsupported(f"dilation {dilation}: TVM 0.27 cannot differentiate dilated convolutions")
+        strides = self._ints(a, "strides", [1, 1], 2, 1)
+        pads = self._ints(a, "pads", [0, 0, 0, 0], 4, 0)
+        groups = self._ints(a, "group", [1], 1, 1)[0]
+        shape = self._image(x.var)
+        c_out, c_group, kh, kw = weight.shape
+        if shape[1] != c_group * groups or c_out % groups:
+            self._format_error(f"weight {node.input[1]} of shape {weight.shape} with group {groups} "
+                               f"does not fit an input of {shape[1]} channels")
+        if shape[2] + pads[0] + pads[2] < kh or shape[3] + pads[1] + pads[3] < kw:
+            self._format_error(f"a {kh}x{kw} kernel larger than its padded {shape[2]}x{shape[3]} input")
         bias = self._int_bias(node.input[2] if len(node.input) > 2 else None, x.scale, sw)
         sy, zy, lo, hi, out = self._requant(node.output[0])
-        pads = tuple(int(p) for p in a.get("pads", [0, 0, 0, 0]))
         q = single_rounding(QConvParams(
             x.scale, x.zero, tuple(float(s) for s in sw), sy, zy, lo, hi,
-            tuple(int(s) for s in a.get("strides", [1, 1])), pads, int(a.get("group", 1))))
+            tuple(strides), tuple(pads), groups))
         self.values[out] = QValue(self.em.qconv2d(x.var, weight, bias, q, self._source(node)), sy, zy)
 
     def _linear(self, node, x: QValue, weight: np.ndarray, sw: np.ndarray, bias_name: str | None,
