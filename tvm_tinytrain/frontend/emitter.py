@@ -83,6 +83,26 @@ class RelaxEmitter:
     def constant(self, array: np.ndarray) -> Value:
         return relax.const(np.asarray(array), self.float_dtype)
 
+    def _check_layer(self, x: Value, weight: np.ndarray, bias, groups: int, source: str) -> None:
+        """A conv (OIHW) or linear (out, in) layer whose weight and bias fit its input."""
+        x_shape, w_shape = self.shape(x), tuple(weight.shape)
+        conv = len(w_shape) == 4
+        why = None
+        if len(w_shape) not in (2, 4) or 0 in w_shape:
+            why = f"weight of shape {list(w_shape)}"
+        elif conv and len(x_shape) != 4:
+            why = f"a convolution of an input of shape {list(x_shape)} (it takes an image)"
+        elif conv and (groups < 1 or x_shape[1] != w_shape[1] * groups or w_shape[0] % groups):
+            why = (f"weight {list(w_shape)} in {groups} group(s) does not fit an input of "
+                   f"{x_shape[1]} channels")
+        elif not conv and (len(x_shape) != 2 or x_shape[1] != w_shape[1]):
+            why = f"weight {list(w_shape)} does not fit an input of shape {list(x_shape)}"
+        elif bias is not None and tuple(np.shape(bias)) != (w_shape[0],):
+            why = f"bias of shape {list(np.shape(bias))} for {w_shape[0]} outputs"
+        if why:
+            raise ModelStructureError(f"{self.fmt} layer {source}: {why}; the file is corrupt or "
+                                      "the layer is not one tinytrain reads")
+
     # ---- layers ------------------------------------------------------------
     def conv2d(
         self,
@@ -101,6 +121,7 @@ class RelaxEmitter:
                 self.fmt, "convolution", source, ["dilation 1"],
                 f"dilation {tuple(dilation)}: TVM 0.27 cannot differentiate dilated convolutions",
             )
+        self._check_layer(x, weight, bias, groups, source)
         c_out = weight.shape[0]
         depthwise = groups > 1 and groups == self.shape(x)[1] and weight.shape[1] == 1
         prefix = self._new_layer("dwconv" if depthwise else "conv", source)
@@ -113,6 +134,7 @@ class RelaxEmitter:
 
     def linear(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, source: str) -> Value:
         """``weight`` is (out, in), as a fully connected layer stores it."""
+        self._check_layer(x, weight, bias, 1, source)
         prefix = self._new_layer("linear", source)
         w = self._param(f"{prefix}.weight", weight)
         b = self._param(f"{prefix}.bias", np.zeros(weight.shape[0]) if bias is None else bias)
@@ -149,6 +171,7 @@ class RelaxEmitter:
     def qconv2d(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams,
                 source: str) -> Value:
         """int8 conv: ``weight`` OIHW int8 (per-channel scales ``q.sw``), ``bias`` int32."""
+        self._check_layer(x, weight, bias, q.groups, source)
         depthwise = q.groups > 1 and q.groups == self.shape(x)[1] and weight.shape[1] == 1
         weight, bias, q = self._with_headroom(weight, bias, q)
         prefix = self._new_layer("dwconv" if depthwise else "conv", source)
@@ -158,6 +181,7 @@ class RelaxEmitter:
     def qlinear(self, x: Value, weight: np.ndarray, bias: np.ndarray | None, q: QConvParams,
                 source: str) -> Value:
         """int8 fully connected layer: ``weight`` (out, in) int8, ``bias`` int32."""
+        self._check_layer(x, weight, bias, 1, source)
         weight, bias, q = self._with_headroom(weight, bias, q)
         prefix = self._new_layer("linear", source)
         w, b = self._qparams(prefix, weight, bias, q)

@@ -121,7 +121,7 @@ class Int8TfliteReader(_TfliteReader):
         dilation = (opts.DilationHFactor(), opts.DilationWFactor())
         if dilation != (1, 1):
             self._unsupported(f"dilation {dilation}")
-        padding = self._padding(x, weight_oihw.shape[2:], strides, dilation, opts.Padding() == 0)
+        padding = self._padding(x, weight_oihw.shape[2:], strides, dilation, opts.Padding())
         q = self._layer_quant(op, weight_oihw.shape[0], scales, strides=strides, padding=padding,
                               groups=groups, fused=opts.FusedActivationFunction())
         return self.em.qconv2d(x, weight_oihw, bias, q, self._source(op))
@@ -143,7 +143,7 @@ class Int8TfliteReader(_TfliteReader):
     def _op_FULLY_CONNECTED(self, op):
         opts = _options(op, tflite.FullyConnectedOptions)
         weight, scales, bias = self._int8_weight(op)
-        x = self._flatten_nhwc(self._value(op.Inputs(0)), weight.shape[1])
+        x = self._flatten_nhwc(self._value(op.Inputs(0)), weight)
         q = self._layer_quant(op, weight.shape[0], scales, fused=opts.FusedActivationFunction())
         if self.float_classifier and self._feeds_output(op):
             # the paper's float32 classifier: same function, float weights

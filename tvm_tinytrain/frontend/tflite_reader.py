@@ -9,14 +9,13 @@ FULLY_CONNECTED on a 4-D input). Fused activations become their own op.
 from __future__ import annotations
 
 import math
-import struct
 
 import numpy as np
 import tflite
 from tflite.BuiltinOperator import BuiltinOperator
 from tflite.TensorType import TensorType
 
-from ..errors import ModelFormatError, ModelStructureError, UnsupportedOperatorError
+from ..errors import ModelFormatError, ModelStructureError, TinyTrainError, UnsupportedOperatorError
 from .emitter import RelaxEmitter, Value
 
 OP_NAMES = {code: name for name, code in vars(BuiltinOperator).items() if not name.startswith("_")}
@@ -49,30 +48,36 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
             f"{path}: not a readable TFLite model ({err.__class__.__name__}: {err}); "
             "the file may be truncated"
         )
-    graph = model.Subgraphs(0)
-    from .tflite_int8 import int8_input_quantize
+    from .tflite_dequantized import DequantizedTfliteReader
+    from .tflite_int8 import Int8TfliteReader, int8_input_quantize
 
-    quantized = graph.InputsLength() == 1 and 0 <= graph.Inputs(0) < graph.TensorsLength() and (
-        graph.Tensors(graph.Inputs(0)).Type() == TensorType.INT8 or int8_input_quantize(model) is not None)
-    if weight_headroom and (dequantize or not quantized):
-        raise ModelStructureError(
-            f"{path}: weight_headroom re-quantizes int8 weights; this model is read as float"
-            + (" (dequantize=True)" if quantized else "")
-        )
+    reader = None
     try:
+        graph = model.Subgraphs(0)
+        first = graph.Inputs(0) if graph.InputsLength() == 1 else -1
+        quantized = 0 <= first < graph.TensorsLength() and (
+            graph.Tensors(first).Type() == TensorType.INT8 or int8_input_quantize(model) is not None)
+        if weight_headroom and (dequantize or not quantized):
+            raise ModelStructureError(
+                f"{path}: weight_headroom re-quantizes int8 weights; this model is read as float"
+                + (" (dequantize=True)" if quantized else "")
+            )
         if quantized and dequantize:
-            from .tflite_dequantized import DequantizedTfliteReader
-
-            return DequantizedTfliteReader(model, path, float_dtype).run()
-        if quantized:
-            from .tflite_int8 import Int8TfliteReader
-
-            return Int8TfliteReader(model, path, float_dtype, float_classifier, weight_headroom).run()
-        return _TfliteReader(model, path, float_dtype).run()
-    except struct.error as err:  # a flatbuffer read past the end of a cut-off file
+            reader = DequantizedTfliteReader(model, path, float_dtype)
+        elif quantized:
+            reader = Int8TfliteReader(model, path, float_dtype, float_classifier, weight_headroom)
+        else:
+            reader = _TfliteReader(model, path, float_dtype)
+        return reader.run()
+    except TinyTrainError:
+        raise
+    except Exception as err:  # a field no check above foresaw: still one line, naming where
+        where = f"operator {reader.label}" if reader is not None else "the graph"
+        detail = (str(err).strip().splitlines() or [""])[-1][:160]
         raise ModelFormatError(
-            f"{path}: not a readable TFLite model ({err}); the file may be truncated"
-        )
+            f"{path}: {where} could not be read ({err.__class__.__name__}: {detail}); the file is "
+            "corrupt, or uses the operator in a way tinytrain does not support"
+        ) from err
 
 
 def _options(op, cls):
@@ -265,11 +270,26 @@ class _TfliteReader:
                         "no earlier operator computes and the file does not hold; the graph is corrupt")
             value = handler(op)
             if value is not None:  # None: folded into a constant
+                self._check_shape(op.Outputs(0), value)
                 self.values[op.Outputs(0)] = value
         if self.output not in self.values:
             raise ModelStructureError(f"{self.path}: the output {self._name(self.output)} is not computed "
                                       "by any operator; the graph is corrupt")
         return self.em.finish(self._result(self._value(self.output)))
+
+    def _check_shape(self, index: int, value: Value) -> None:
+        """The shape an operator computes is the one the file records for its output."""
+        recorded = list(self._shape(index))
+        ours = list(self.em.shape(value))
+        if not recorded:
+            return  # a file may leave shapes out
+        recorded[0] = 1
+        if len(recorded) == 4 and len(ours) == 4:
+            recorded = [recorded[0], recorded[3], recorded[1], recorded[2]]  # NHWC → NCHW
+        if ours != recorded and int(np.prod(ours)) != int(np.prod(recorded)):
+            raise ModelStructureError(
+                f"{self.path}: operator {self.label} computes shape {ours} but the file records "
+                f"{recorded} for its output; the file is corrupt or the operator is read wrong")
 
     def _op_name(self, op) -> str:
         code = self.model.OperatorCodes(op.OpcodeIndex())
@@ -307,10 +327,22 @@ class _TfliteReader:
             return self.em.clip(x, 0.0, 6.0)
         self._unsupported(f"fused activation {fused}")
 
-    def _padding(self, x: Value, kernel, strides, dilation, same: bool):
-        if not same:
-            return (0, 0, 0, 0)
+    def _padding(self, x: Value, kernel, strides, dilation, padding: int):
+        """(top, left, bottom, right) of TFLite's SAME (0) or VALID (1) padding, once the window
+        is checked: sizes, strides and dilations of at least 1, a window that fits."""
         _, _, h, w = self.em.shape(x)
+        if padding not in (0, 1):
+            self._unsupported(f"padding code {padding} (0 SAME, 1 VALID)")
+        for what, pair in (("window", kernel), ("stride", strides), ("dilation", dilation)):
+            if not all(1 <= int(v) <= 1 << 16 for v in pair):
+                raise ModelStructureError(f"{self.path}: operator {self.label} has {what} {tuple(pair)}; "
+                                          "each must be at least 1; the file is corrupt")
+        reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        if padding == 1 and (reach[0] > h or reach[1] > w):
+            raise ModelStructureError(f"{self.path}: operator {self.label} has a {reach[0]}x{reach[1]} "
+                                      f"window over a {h}x{w} input with VALID padding; the file is corrupt")
+        if padding == 1:
+            return (0, 0, 0, 0)
         top, bottom = _same_padding(h, kernel[0], strides[0], dilation[0])
         left, right = _same_padding(w, kernel[1], strides[1], dilation[1])
         return (top, left, bottom, right)
@@ -332,7 +364,7 @@ class _TfliteReader:
         x = self._image(op.Inputs(0))
         strides = (opts.StrideH(), opts.StrideW())
         dilation = (opts.DilationHFactor(), opts.DilationWFactor())
-        padding = self._padding(x, weight_oihw.shape[2:], strides, dilation, opts.Padding() == 0)
+        padding = self._padding(x, weight_oihw.shape[2:], strides, dilation, opts.Padding())
         y = self.em.conv2d(x, weight_oihw, self._bias(op), strides, padding, dilation, groups,
                            source=self._name(op.Outputs(0)))
         return self._activation(y, opts.FusedActivationFunction())
@@ -351,12 +383,18 @@ class _TfliteReader:
     def _op_FULLY_CONNECTED(self, op):
         opts = _options(op, tflite.FullyConnectedOptions)
         weight = self._const(op.Inputs(1), "weight").astype(np.float64)
-        x = self._flatten_nhwc(self._value(op.Inputs(0)), weight.shape[1])
+        x = self._flatten_nhwc(self._value(op.Inputs(0)), weight)
         y = self.em.linear(x, weight, self._bias(op), self._name(op.Outputs(0)))
         return self._activation(y, opts.FusedActivationFunction())
 
-    def _flatten_nhwc(self, x: Value, features: int) -> Value:
+    def _flatten_nhwc(self, x: Value, weight: np.ndarray) -> Value:
+        """A fully connected layer's input as (1, features), NHWC order as TFLite flattens."""
         shape = self.em.shape(x)
+        if weight.ndim != 2 or weight.shape[1] == 0 or int(np.prod(shape)) != weight.shape[1]:
+            raise ModelStructureError(
+                f"{self.path}: operator {self.label} has a weight of shape {list(weight.shape)} for an "
+                f"input of shape {list(shape)} (batch 1); the file is corrupt")
+        features = weight.shape[1]
         if len(shape) == 4 and shape[2] * shape[3] > 1:
             x = self.em.permute(x, [0, 2, 3, 1])
         if len(shape) != 2 or shape[1] != features:
@@ -385,8 +423,7 @@ class _TfliteReader:
         x = self._image(op.Inputs(0))
         kernel = (opts.FilterHeight(), opts.FilterWidth())
         strides = (opts.StrideH(), opts.StrideW())
-        return x, opts, kernel, strides, self._padding(x, kernel, strides, (1, 1),
-                                                       opts.Padding() == 0)
+        return x, opts, kernel, strides, self._padding(x, kernel, strides, (1, 1), opts.Padding())
 
     def _op_AVERAGE_POOL_2D(self, op):
         x, opts, kernel, strides, padding = self._pool(op)
