@@ -179,3 +179,28 @@ def test_autoencoder_input_is_a_feature_vector(tmp_path):
     mod, params = tt.load_model(tmp_path / "ae.onnx")
     assert [int(d) for d in mod["main"].params[0].ty.shape] == [1, 640]
     assert [p for p in params if p.endswith("weight")] == [f"linear{i}.weight" for i in range(4)]
+
+
+def test_exported_model_quantized_to_qdq_matches_onnxruntime(tmp_path, opset=21):
+    """The QDQ reader folds the exporter's shape arithmetic too (the Reshape stays int8)."""
+    import tvm
+    from tvm import relax
+
+    from relay_passes.plain_calls import PlainTIRCalls
+    from tvm_tinytrain import zoo
+
+    model, shape = _model("plain_cnn")
+    qdq = zoo.quantize_qdq(export(model, shape, opset, "dynamic_batch", tmp_path / "f.onnx"))
+    assert {"Shape", "Gather", "QuantizeLinear"} <= {n.op_type for n in qdq.graph.node}
+    onnx.save(qdq, tmp_path / "q.onnx")
+    mod, params = tt.load_model(tmp_path / "q.onnx", float_classifier=False)
+    vm = relax.VirtualMachine(tvm.compile(PlainTIRCalls(mod), target="llvm"), tvm.cpu())
+    weights = [tvm.runtime.tensor(params[p.name]) for p in mod["main"].params[1:]]
+    session = ort_session(qdq)
+    last = next(n for n in qdq.graph.node if n.output[0] == qdq.graph.output[0].name)
+    scale = next(t for t in qdq.graph.initializer if t.name == last.input[1])
+    step = float(onnx.numpy_helper.to_array(scale))
+    for seed in range(3):
+        x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+        ours = vm["main"](tvm.runtime.tensor(tt.quantize_input(mod, x)), *weights).numpy()
+        assert np.abs(ours - session.run(None, {"input": x})[0]).max() <= step  # within one output step

@@ -251,8 +251,9 @@ class _OnnxReader:
         if values is None:
             self._format_error(f"it has no {key}")
         values = [int(v) for v in np.asarray(values).reshape(-1)]
-        if len(values) != length or any(v < minimum for v in values):
-            self._format_error(f"{key} {values}: expected {length} integers ≥ {minimum}")
+        if len(values) != length or any(not minimum <= v < 2 ** 31 for v in values):
+            count = "an integer" if length == 1 else f"{length} integers"
+            self._format_error(f"{key} {values}: expected {count} ≥ {minimum}")
         return values
 
     # ---- constant folding ---------------------------------------------------
