@@ -172,3 +172,26 @@ def test_int8_autoencoder_on_qemu_fits_256kb_and_equals_the_host_path(tmp_path):
     ram = qemu.static_ram()
     assert ram["arena"] == artifact.metadata["memory"]["arena_bytes"]
     assert ram["data"] + ram["bss"] + high_water <= 256 * 1024
+
+
+def test_weight_only_autoencoder_through_the_host_c_path_equals_tvm(tmp_path):
+    """Rank-2 float input through the C artifact and the host template: the same losses and
+    updated parameters as TVM's host build."""
+    require_tools("gcc", "make")
+    from tvm_tinytrain import micro
+
+    mod, params = tt.load_model(shared_model(WEIGHT_INT8))
+    scheme = {"bias": {"last": 10}, "weights": {"8": 1.0}}
+    train_mod = tt.relay.transform.TinyTrain(scheme, loss="mse", optimizer=tt.SGD(lr=1e-5))(mod)
+    artifact = tt.build(train_mod, params, target="c")
+    ref = tt.build(train_mod, params)
+    xs = np.stack(_inputs(3, seed=4))
+    ref_losses = [ref.step(x) for x in xs]
+    project = micro.create_project(artifact, "host", tmp_path / "host")
+    project.build()
+    with project.session() as dev:
+        losses = [dev.train_step(x, x) for x in xs]
+        device_params = dev.params()
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for name, value in device_params.items():
+        np.testing.assert_allclose(value, ref._values[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -275,7 +275,22 @@ class _TfliteReader:
         if self.output not in self.values:
             raise ModelStructureError(f"{self.path}: the output {self._name(self.output)} is not computed "
                                       "by any operator; the graph is corrupt")
+        self._check_all_used()
         return self.em.finish(self._result(self._value(self.output)))
+
+    def _check_all_used(self) -> None:
+        """Every operator feeds the output: a result nobody reads means the file's output is not
+        the network's last layer (a layer would be trained that the output never sees)."""
+        read = {self.output}
+        for position in range(self.graph.OperatorsLength()):
+            op = self.graph.Operators(position)
+            read.update(op.Inputs(i) for i in range(op.InputsLength()))
+        for position in range(self.graph.OperatorsLength()):
+            out = self.graph.Operators(position).Outputs(0)
+            if out not in read:
+                raise ModelStructureError(
+                    f"{self.path}: the result of operator {position} ({self._name(out)}) is never used: the "
+                    f"model's output {self._name(self.output)} is not its last layer; the file is corrupt")
 
     def _check_shape(self, index: int, value: Value) -> None:
         """The shape an operator computes is the one the file records for its output."""
