@@ -159,6 +159,15 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.model, samples=args.samples, seed=args.seed,
+                    progress=not args.json and sys.stderr.isatty())
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
+    return 0 if report.passed else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tinytrain",
@@ -227,6 +236,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.set_defaults(run=_cmd_demo)
+    v = sub.add_parser("verify", help="compare the imported forward with the format's reference interpreter",
+                       description="Run N seeded random inputs through the imported model (an int8 file as "
+                                   "its own integer graph, compiled for the host) and through the reference "
+                                   "interpreter of its format: LiteRT's reference kernels for .tflite, "
+                                   "onnxruntime without graph optimizations for .onnx. Prints the verdict "
+                                   "first, then the errors (float: relative to the output range; int8: in "
+                                   "output steps) and top-1 agreement. Exit 0 when they agree, 1 when not. "
+                                   'Needs pip install "tvm-tinytrain[verify]".')
+    v.add_argument("model", help="path to a .tflite or .onnx file")
+    v.add_argument("--samples", type=int, default=100, help="random inputs to compare on (default 100)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    v.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    v.set_defaults(run=_cmd_verify)
     return p
 
 
