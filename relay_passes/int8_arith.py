@@ -55,6 +55,17 @@ def multiply_by_quantized_multiplier(x, mult, shift) -> tirx.PrimExpr:
     threshold = (mask >> one) + tirx.Select(high < zero, one, zero)
     return (high >> right) + tirx.Select(tirx.bitwise_and(high, mask) > threshold, one, zero)
 
+def saturating_bias_add(acc, b, shift=0) -> tirx.PrimExpr:
+    """``acc + b`` in int32, saturated where it would overflow, and to ``[INT32_MIN, INT32_MAX] >> s``
+    with ``s = max(shift, 0)`` so the requantization's ``x · 2^s`` cannot overflow either. Where
+    nothing overflows it is the plain sum (TFLite's); a bias an update drove towards the int32 limit
+    saturates the output instead of being undefined behaviour in C."""
+    total = _i64(acc) + _i64(b)
+    s = tirx.max(_i64(shift), tirx.const(0, "int64")) if not isinstance(shift, int) else max(shift, 0)
+    hi = tirx.const(2**31 - 1, "int64") >> (s if not isinstance(s, int) else tirx.const(s, "int64"))
+    return tirx.max(tirx.min(total, hi), -hi - tirx.const(1, "int64")).astype("int32")
+
+
 def multiply_single_rounding(x, mult, shift) -> tirx.PrimExpr:
     """``x·mult·2^(shift−31)`` rounded once, half up: what TFLite's reference int8 fully
     connected kernel computes (its conv kernels round twice, as above)."""
@@ -100,4 +111,7 @@ def integer_step(w, delta, index, shape, lo: float, hi: float, rounding: str) ->
         h = h ^ (h >> u32(16))
         uniform = (h >> u32(8)).astype("float32") * tirx.const(1.0 / (1 << 24), "float32")
         new = tirx.floor(value + uniform)
-    return tirx.max(tirx.min(new, tirx.const(hi, "float32")), tirx.const(lo, "float32")).astype(w.dtype)
+    clipped = tirx.max(tirx.min(new, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+    # a NaN step (a NaN gradient) leaves the element as it was: casting NaN to an integer is
+    # undefined behaviour in C (an infinite one clips to lo or hi)
+    return tirx.Select(tirx.isnan(new), w, clipped.astype(w.dtype))

@@ -27,6 +27,7 @@ from .int8_arith import (
     multiply_by_quantized_multiplier,
     multiply_single_rounding,
     quantize_multiplier,
+    saturating_bias_add,
 )
 
 QOPS = ("tinytrain_qconv", "tinytrain_qlinear", "tinytrain_qadd", "tinytrain_qavgpool",
@@ -173,7 +174,8 @@ def qconv_te(q: QConvParams, x, w, b, mult, shift):
     return te.compute(
         (n, o, oh, ow),
         lambda nn, oo, yy, xx: _clamp_int8(
-            multiply_by_quantized_multiplier(acc[nn, oo, yy, xx] + b[oo], mult[oo], shift[oo]),
+            multiply_by_quantized_multiplier(saturating_bias_add(acc[nn, oo, yy, xx], b[oo], shift[oo]),
+                                             mult[oo], shift[oo]),
             q.zy, q.lo, q.hi),
         name="y")
 
@@ -191,7 +193,7 @@ def qlinear_te(q: QConvParams, x, w, b, mult, shift):
     acc = te.compute((n, o), lambda i, j: te.sum(
         (x[i, r].astype("int32") - q.zx) * w[j, r].astype("int32"), axis=r), name="acc")
     return te.compute((n, o), lambda i, j: _clamp_int8(
-        multiply_single_rounding(acc[i, j] + b[j], mult[j], shift[j]), q.zy, q.lo, q.hi),
+        multiply_single_rounding(saturating_bias_add(acc[i, j], b[j]), mult[j], shift[j]), q.zy, q.lo, q.hi),
         name="y")
 
 def emit_qlinear(bb, x, w, b, q: QConvParams) -> relax.Var:

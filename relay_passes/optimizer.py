@@ -45,6 +45,8 @@ rounded stochastically by default (``integer_rounding="nearest"`` to compare; se
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import tvm
@@ -56,6 +58,22 @@ from .int8_arith import ROUNDINGS, integer_step
 from .int8_ops import emit_tagged_kernel
 
 
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive(what: str, value) -> None:
+    """A ValueError unless ``value`` is a finite number > 0 (a learning rate, Adam's eps)."""
+    if not (_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+
+
+def check_fraction(what: str, value) -> None:
+    """A ValueError unless ``value`` is a number in [0, 1) (momentum, Adam's betas)."""
+    if not (_real(value) and 0 <= value < 1):
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
+
+
 @dataclass(frozen=True)
 class SGD:
     """Stochastic gradient descent, with optional momentum: v ← μv + g; w ← w − lr·v."""
@@ -64,10 +82,8 @@ class SGD:
     momentum: float = 0.0
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"SGD learning rate must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"SGD momentum must be in [0, 1), got {self.momentum}")
+        check_positive("SGD learning rate", self.lr)
+        check_fraction("SGD momentum", self.momentum)
 
     def state(self, param: str) -> dict[str, float]:
         return {f"{param}.momentum": 0.0} if self.momentum else {}
@@ -91,10 +107,10 @@ class Adam:
     eps: float = 1e-8
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"Adam learning rate must be > 0, got {self.lr}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        check_positive("Adam learning rate", self.lr)
+        check_fraction("Adam beta1", self.beta1)
+        check_fraction("Adam beta2", self.beta2)
+        check_positive("Adam eps", self.eps)
 
     def state(self, param: str) -> dict[str, float]:
         return {f"{param}.adam_m": 0.0, f"{param}.adam_v": 0.0,
@@ -116,8 +132,10 @@ class Adam:
         return bb.emit(step), [m, v, b1pow, b2pow]
 
 
-# an integer parameter's range after an update: int8 weights are symmetric, as TFLite's
-INTEGER_RANGE = {"int8": (-127.0, 127.0), "int32": (-2147483520.0, 2147483520.0)}
+# an integer parameter's range after an update: int8 weights are symmetric, as TFLite's. The int32
+# bound is a float32 that TVM's C printer (7 significant digits, 2.147483e+09f) reads back exactly:
+# 2147483520 printed as 2.147484e+09f became 2^31, and its cast to int32 was undefined behaviour
+INTEGER_RANGE = {"int8": (-127.0, 127.0), "int32": (-2147483008.0, 2147483008.0)}
 
 
 def _float_dtype(param: relax.Var) -> str:

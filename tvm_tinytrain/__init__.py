@@ -7,6 +7,7 @@ from .errors import (
     InputError,
     ModelFormatError,
     ModelStructureError,
+    NonFiniteError,
     OutputError,
     SchemeError,
     TinyTrainError,
@@ -21,7 +22,7 @@ from .trainer import HostTrainer, build
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam", "HostTrainer", "InputError", "ModelFormatError", "ModelStructureError", "OutputError", "SGD",
-    "SchemeError", "TinyTrainError", "UnsupportedOperatorError", "build", "export_onnx",
+    "Adam", "HostTrainer", "InputError", "ModelFormatError", "ModelStructureError", "NonFiniteError",
+    "OutputError", "SGD", "SchemeError", "TinyTrainError", "UnsupportedOperatorError", "build", "export_onnx",
     "layer_table", "load_model", "quantize_input", "relay",
 ]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
-from .errors import TinyTrainError
+from .errors import InputError, TinyTrainError
 
 EPILOG = """examples:
   tinytrain demo                         pretrain on digits 0-4, fine-tune on 5-9
@@ -103,9 +104,31 @@ def _cmd_memory(args) -> int:
     return 0
 
 
+def _rate_problem(lr: float, momentum: float = 0.0) -> str | None:
+    """Why ``--lr`` / ``--momentum`` cannot train, or None."""
+    if not (math.isfinite(lr) and lr > 0):
+        return f"--lr must be a finite number > 0, not {lr}"
+    if not 0 <= momentum < 1:
+        return f"--momentum must be in [0, 1), not {momentum}"
+    return None
+
+
+def _learning_rate(text: str) -> float:
+    """``demo --lr``'s type: a finite number > 0."""
+    value = float(text)
+    problem = _rate_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def _optimizer(args):
+    """The SGD of ``compile``, or a one-line InputError for a rate that cannot train."""
     from relay_passes import SGD
 
+    problem = _rate_problem(args.lr, args.momentum)
+    if problem:
+        raise InputError(problem)
     return SGD(lr=args.lr, momentum=args.momentum)
 
 
@@ -209,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=0.01,
                    help="SGD learning rate the device starts with (default 0.01); a schedule changes it "
                         "between steps with tinytrain_set_learning_rate()")
-    c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum in [0, 1) (default 0)")
     c.set_defaults(run=_cmd_compile)
     cp = sub.add_parser("create-project", help="make a buildable project from an artifact and a template",
                         description="Copy a template of microtvm_projects (host, qemu_cortex_m7) with the "
@@ -230,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
                                    "before and after, and the time per step.")
     d.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
     d.add_argument("--pretrain-epochs", type=int, default=5, help="pretraining epochs (default 5)")
-    d.add_argument("--lr", type=float, default=0.005,
+    d.add_argument("--lr", type=_learning_rate, default=0.005,
                    help="SGD (momentum 0.9) learning rate (default 0.005)")
     d.add_argument("--seed", type=int, default=0, help="data split and weight seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")

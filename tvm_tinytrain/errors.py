@@ -40,3 +40,8 @@ class SchemeError(TinyTrainError):
 class OutputError(TinyTrainError):
     """A file or folder cannot be written (missing or read-only folder, full disk), or writing it
     would replace something this project did not make."""
+
+
+class NonFiniteError(TinyTrainError):
+    """A training step produced inf or NaN (a loss, an update or optimizer state); the step was
+    not applied: parameters and optimizer state are as they were before it."""

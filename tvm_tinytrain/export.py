@@ -15,7 +15,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
-from .errors import TinyTrainError
+from .errors import NonFiniteError, TinyTrainError
 from .layers import backbone
 
 
@@ -109,6 +109,11 @@ def export_onnx(trainer_or_mod, path: str | Path, params: dict[str, np.ndarray] 
         func, values = backbone(trainer_or_mod), params
     else:
         func, values = trainer_or_mod.predict_function, trainer_or_mod.params()
+    bad = [p.name for p in func.params[1:] if p.name in values
+           and not np.all(np.isfinite(np.asarray(values[p.name], np.float64)))]
+    if bad:
+        raise NonFiniteError(f"export_onnx: parameter(s) {', '.join(bad[:5])} hold inf/NaN; the model "
+                             "is not written (train with a lower learning rate, or reset the trainer)")
     writer = _OnnxWriter()
     x = func.params[0]
     writer.names[x] = x.name

@@ -34,11 +34,11 @@ from relay_passes.attrs import LEARNING_RATE
 
 from . import files
 from .codegen.artifact import Artifact
-from .errors import InputError, OutputError, TinyTrainError
-from .trainer import checked_learning_rate
+from .errors import InputError, NonFiniteError, OutputError, TinyTrainError
+from .trainer import checked_learning_rate, checked_sample, nonfinite_message
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "microtvm_projects"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 PROJECT_MARKER = ".tinytrain-project"  # in every project create_project makes
 
 
@@ -174,6 +174,7 @@ class Session:
         self.cmd, self.cwd, self.cost_unit = cmd, cwd, cost_unit
         self.process: subprocess.Popen | None = None
         self.last_cost: float | None = None
+        self.steps_done = 0  # training steps the device applied in this session
 
     def __enter__(self) -> Session:
         self.process = subprocess.Popen(self.cmd, cwd=self.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -203,7 +204,9 @@ class Session:
             self.process = None
 
     # ---- frames ------------------------------------------------------------------------------
-    def _call(self, cmd: bytes, payload: bytes = b"") -> bytes:
+    def _call(self, cmd: bytes, payload: bytes = b"", allow: tuple[int, ...] = ()) -> bytes:
+        """Send one request; the response's payload. A non-zero status raises DeviceError unless
+        it is in ``allow`` (then ``self.last_status`` tells)."""
         p = self.process
         if p is None:
             raise DeviceError("the session is not open: use `with project.session() as dev:`")
@@ -221,8 +224,10 @@ class Session:
         (crc,) = struct.unpack("<I", self._read(4))
         if crc != zlib.crc32(head[2:] + body):
             raise DeviceError("response checksum mismatch")
-        if status:
-            what = {1: "checksum", 2: "length", 3: "unknown command", 4: "kernel failure (workspace)"}
+        self.last_status = status
+        if status and status not in allow:
+            what = {1: "checksum", 2: "length", 3: "unknown command", 4: "kernel failure (workspace)",
+                    5: "non-finite step", 6: "learning rate must be a finite number >= 0"}
             raise DeviceError(f"device refused {cmd.decode()!r}: {what.get(status, status)}")
         return body
 
@@ -260,15 +265,34 @@ class Session:
             classes = self.metadata["output"]["shape"][-1]
             if y.size != 1 or not np.issubdtype(y.dtype, np.integer) or not 0 <= int(y[0]) < classes:
                 raise InputError(f"label {y!r} must be one integer class index in 0..{classes - 1}")
-        payload = self._tensor(x, self.metadata["input"], "input") + self._tensor(y, label, "label")
-        body = self._call(b"T", payload)
-        loss, cost = struct.unpack("<fQ", body)
+        if self.metadata["loss"] != "cross_entropy" and not np.all(np.isfinite(np.asarray(y, np.float64))):
+            raise InputError("target holds inf/NaN values; clean or drop the sample")
+        payload = self._input(x) + self._tensor(y, label, "label")
+        body = self._call(b"T", payload, allow=(5,))
+        loss, cost, rc = struct.unpack("<fQI", body)
         self.last_cost = self._cost(cost)
+        if self.last_status == 5:
+            names = {2: "input", 3: "loss"} | {16 + i: s["name"] for i, s in enumerate(
+                (*self.metadata["trainable"], *self.metadata["optimizer_state"]))}
+            tensor = names.get(rc, f"status {rc}")
+            message = nonfinite_message(self.steps_done, tensor, 0, self.learning_rate)
+            self.last_status = 5  # reading the rate was a request of its own
+            raise NonFiniteError(message)
+        self.steps_done += 1
         return loss
+
+    def _input(self, x) -> bytes:
+        """One sample's bytes, refused as HostTrainer refuses it (inf/NaN, float data for int8)."""
+        spec = self.metadata["input"]
+        arr = np.asarray(x)
+        if arr.size != int(np.prod(spec["shape"])):
+            raise InputError(f"input has shape {arr.shape}; the model takes {tuple(spec['shape'])} "
+                             f"({spec['dtype']})")
+        return checked_sample(arr, spec["dtype"]).reshape(spec["shape"]).tobytes()
 
     def predict(self, x) -> np.ndarray:
         out = self.metadata["output"]
-        body = self._call(b"P", self._tensor(x, self.metadata["input"], "input"))
+        body = self._call(b"P", self._input(x))
         self.last_cost = self._cost(struct.unpack("<Q", body[-8:])[0])
         return np.frombuffer(body[:-8], dtype=out["dtype"]).reshape(out["shape"]).copy()
 
@@ -293,7 +317,10 @@ class Session:
         block = bytearray(self._block())
         for s in (*self.metadata["trainable"], *self.metadata["optimizer_state"]):
             if s["name"] in values:
-                block[s["offset"]:s["offset"] + s["bytes"]] = self._tensor(values[s["name"]], s, s["name"])
+                value = np.asarray(values[s["name"]])
+                if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                    raise InputError(f"{s['name']} holds inf/NaN values; the device keeps its own")
+                block[s["offset"]:s["offset"] + s["bytes"]] = self._tensor(value, s, s["name"])
         self._call(b"S", bytes(block))
 
     def reset(self) -> None:

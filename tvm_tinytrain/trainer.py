@@ -17,7 +17,7 @@ from tvm import relax
 from relay_passes.attrs import LEARNING_RATE, attr_names, updated_state
 from relay_passes.sparse_update import frozen_slice_name, trainable_slice_name
 
-from .errors import InputError, TinyTrainError
+from .errors import InputError, NonFiniteError, TinyTrainError
 
 
 def split_params(params: dict[str, np.ndarray], splits: dict[str, int]) -> dict[str, np.ndarray]:
@@ -46,6 +46,34 @@ def checked_learning_rate(lr) -> float:
     if not (np.isfinite(lr) and lr >= 0):
         raise InputError(f"learning rate must be a finite number >= 0, got {lr}")
     return lr
+
+
+def checked_sample(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` as a contiguous array of the model's input ``dtype``, or an InputError for what a
+    cast would silently change: inf / NaN, float data for an int8 model, integers out of range."""
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise InputError(f"input has dtype {x.dtype}; expected {dtype}")
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        where = np.argwhere(~np.isfinite(x))[0].tolist()
+        raise InputError(f"input holds {int(np.size(x) - np.count_nonzero(np.isfinite(x)))} inf/NaN "
+                         f"values (first at index {where}); clean or drop the sample")
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        if np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"input is {x.dtype} data for a model that takes {dtype}: quantize it with "
+                             "tt.quantize_input(mod, x) (the model's own input scale)")
+        info = np.iinfo(dtype)
+        if x.size and (x.min() < info.min or x.max() > info.max):
+            raise InputError(f"input values {x.min()}..{x.max()} do not fit {dtype} "
+                             f"({info.min}..{info.max}); quantize float data with tt.quantize_input(mod, x)")
+    return np.ascontiguousarray(x, dtype)
+
+
+def nonfinite_message(step: int, tensor: str, count: int, lr: float) -> str:
+    """What NonFiniteError says: which step, which tensor, and the way out."""
+    what = {"loss": "the loss is", "input": "the sample is"}.get(tensor) or \
+        f"{count or 'some'} value(s) of the update of {tensor} are"
+    return (f"step {step}: {what} inf/NaN; the step was not applied (parameters and optimizer state "
+            f"unchanged): lower the learning rate (now {lr:g})")
 
 
 class HostTrainer:
@@ -94,10 +122,12 @@ class HostTrainer:
             fill = np.full(shape, float(init[name]), np.float32)
             self._values[name] = tvm.runtime.tensor(fill, self.device)
         self._initial = {n: v.numpy() for n, v in self._values.items()}
+        self.steps_done = 0  # training steps applied
 
     def reset(self) -> None:
         """Back to the parameters it was built with and a fresh optimizer state (no recompile)."""
         self._values = {n: tvm.runtime.tensor(v, self.device) for n, v in self._initial.items()}
+        self.steps_done = 0
 
     # ---- input checks ------------------------------------------------------
     def _sample(self, x) -> tvm.runtime.Tensor:
@@ -109,9 +139,7 @@ class HostTrainer:
                 f"input has shape {x.shape}; this model takes {self.input_shape} "
                 f"({self.input_dtype}, the model file's own layout), batch 1"
             )
-        if not np.issubdtype(x.dtype, np.number):
-            raise InputError(f"input has dtype {x.dtype}; expected {self.input_dtype}")
-        return tvm.runtime.tensor(np.ascontiguousarray(x, self.input_dtype), self.device)
+        return tvm.runtime.tensor(checked_sample(x, self.input_dtype), self.device)
 
     def _label(self, y) -> tvm.runtime.Tensor:
         if self.loss_kind == "cross_entropy":
@@ -125,6 +153,8 @@ class HostTrainer:
                 )
             return tvm.runtime.tensor(y_arr.astype(np.int64), self.device)
         y_arr = np.asarray(y, np.float32).reshape(-1)
+        if not np.all(np.isfinite(y_arr)):
+            raise InputError("target holds inf/NaN values; clean or drop the sample")
         if y_arr.size != int(np.prod(self.label_shape)):
             raise InputError(f"target has {y_arr.size} values; the model outputs {self.label_shape}")
         return tvm.runtime.tensor(y_arr.reshape(self.label_shape), self.device)
@@ -145,15 +175,29 @@ class HostTrainer:
         """One training step on one sample; returns the loss before the update."""
         args = [self._sample(x), self._label(y)]
         args += [self._values[n] for n in (*self.trainable, *self.state_names, *self.frozen)]
-        out = self.vm["train_step"](*args)
-        for name, value in zip((*self.trainable, *self.updated_state), list(out)[1:], strict=True):
+        return self._apply(self.vm["train_step"](*args))
+
+    def _apply(self, out) -> float:
+        """Keep a step's new parameters and state, or raise NonFiniteError and keep the old ones."""
+        names = ("loss", *self.trainable, *self.updated_state)
+        for name, value in zip(names, out, strict=True):
+            bad = int(np.size(value.numpy()) - np.count_nonzero(np.isfinite(value.numpy())))
+            if bad:
+                raise NonFiniteError(nonfinite_message(self.steps_done, name, bad, self.learning_rate))
+        for name, value in zip(names[1:], list(out)[1:]):
             self._values[name] = value
+        self.steps_done += 1
         return float(out[0].numpy())
+
 
     def predict(self, x) -> np.ndarray:
         """The logits for one sample, shape (1, classes)."""
-        out = self.vm["predict"](self._sample(x), *[self._values[n] for n in self.param_names])
-        return out.numpy()
+        out = self.vm["predict"](self._sample(x), *[self._values[n] for n in self.param_names]).numpy()
+        if not np.all(np.isfinite(out)):
+            bad = [n for n in self.param_names if not np.all(np.isfinite(self._values[n].numpy()))]
+            raise NonFiniteError(f"the logits are inf/NaN ({', '.join(bad[:5]) or 'no parameter'} holds "
+                                 "inf/NaN): the model's parameters or this sample are out of range")
+        return out
 
     def evaluate(self, xs, ys) -> float:
         """Top-1 accuracy over a stack of samples (xs[i] is one sample)."""

@@ -5,7 +5,7 @@
 
 #include "tinytrain_model.h"
 
-#define TINYTRAIN_PROTOCOL_VERSION 2u
+#define TINYTRAIN_PROTOCOL_VERSION 3u
 
 static uint32_t tinytrain_crc32(uint32_t crc, const uint8_t* p, size_t n) {
   crc = ~crc;
@@ -106,7 +106,11 @@ int tinytrain_serve(void) {
         uint64_t t0 = tinytrain_port_cost();
         int rc = tinytrain_train_step((const tinytrain_input_t*)input, (const tinytrain_label_t*)tinytrain_label, &loss);
         uint64_t cost = tinytrain_port_cost() - t0;
-        tinytrain_respond(rc ? 4 : 0, &loss, 4, &cost, 8);
+        uint8_t out[16];
+        memcpy(out, &loss, 4);
+        memcpy(out + 4, &cost, 8);
+        tinytrain_put_u32(out + 12, (uint32_t)rc);
+        tinytrain_respond(rc == TINYTRAIN_OK ? 0 : rc == TINYTRAIN_KERNEL_FAILED ? 4 : 5, out, sizeof out, NULL, 0);
         break;
       }
       case 'P': {
@@ -122,8 +126,7 @@ int tinytrain_serve(void) {
       case 'L': {
         float lr;
         memcpy(&lr, rate, sizeof lr);
-        tinytrain_set_learning_rate(lr);
-        tinytrain_respond(0, NULL, 0, NULL, 0);
+        tinytrain_respond(tinytrain_set_learning_rate(lr) ? 6 : 0, NULL, 0, NULL, 0);
         break;
       }
       case 'M': {

@@ -5,15 +5,18 @@
  * Integers little-endian; crc is CRC-32 (zlib's) over cmd/status, len and payload.
  *
  * cmd 'I' info     -> u32 version, arena, input, label, output, params, state bytes
- *     'T' train    input | label -> f32 loss, u64 cost of the step
+ *     'T' train    input | label -> f32 loss, u64 cost of the step, u32 tinytrain_train_step's status
  *     'P' predict  input -> logits, u64 cost
  *     'G' get      -> trainable parameters then optimizer state (the RAM block)
  *     'S' set      trainable parameters then optimizer state -> (nothing)
  *     'R' reset    -> (nothing): parameters back to their initial values
- *     'L' rate     f32 learning rate -> (nothing): the learning rate of the next steps
+ *     'L' rate     f32 learning rate -> (nothing): the learning rate of the next steps (status 6
+ *                  and the rate unchanged for inf, NaN or a negative rate)
  *     'M' memory   -> u32 stack bytes used (high-water mark), u32 stack bytes reserved
  *     'Q' quit     -> (nothing), then the program ends
- * status 0 ok, 1 bad checksum, 2 bad length, 3 unknown command, 4 kernel failure.
+ * status 0 ok, 1 bad checksum, 2 bad length, 3 unknown command, 4 kernel failure, 5 non-finite
+ * step (not applied: the payload's status says what, TINYTRAIN_NONFINITE_* of tinytrain_model.h),
+ * 6 bad learning rate.
  * The cost unit is the port's: nanoseconds on the host, instructions on QEMU. */
 #ifndef TINYTRAIN_PROTOCOL_H_
 #define TINYTRAIN_PROTOCOL_H_

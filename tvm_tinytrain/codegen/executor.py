@@ -74,9 +74,21 @@ class Storage:
         return f"A({ctype}, {fn.plan.offsets[name]})"
 
 
+def persistent_writes(fn: LoweredFunction, storage: Storage, k) -> list[str]:
+    """The persistent tensors (trainable parameters, optimizer state) kernel ``k`` writes over."""
+    targets = []
+    for o in k.outputs:
+        source = k.inplace.get(o, o)  # an in-place output is its input's buffer
+        target = fn.in_place.get(source, source)
+        if target in storage.persistent:
+            targets.append(target)
+    return targets
+
+
 def function_body(fn: LoweredFunction, storage: Storage, kernel_symbols: dict[str, str],
-                  workspace: dict[str, int]) -> list[str]:
-    """The kernel calls of one function, in plan order, each with its scratch window set first."""
+                  workspace: dict[str, int], after: dict[int, list[str]] | None = None) -> list[str]:
+    """The kernel calls of one function, in plan order, each with its scratch window set first
+    and the lines ``after[kernel index]`` (checks) after it."""
     lines = []
     for k in fn.kernels:
         fresh = [o for o in k.outputs if o not in k.inplace]  # an in-place output is its input's buffer
@@ -89,6 +101,7 @@ def function_body(fn: LoweredFunction, storage: Storage, kernel_symbols: dict[st
                 raise AssertionError(f"kernel {k.func} needs {need} B of workspace; the plan gave it less")
             lines.append(f"  {PREFIX}_workspace_window({fn.plan.offsets[slot]}u, {need}u);")
         lines.append(f"  {kernel_symbols[k.func]}({', '.join(args)});")
+        lines += (after or {}).get(k.index, [])
     return lines
 
 
