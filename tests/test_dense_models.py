@@ -121,15 +121,16 @@ def test_autoencoder_fine_tunes_on_its_own_input(name):
     and the reconstruction error (the anomaly score) of held-out frames goes down."""
     mod, params = tt.load_model(shared_model(name))
     data = (lambda d: tt.quantize_input(mod, d)) if name == FULL_INT8 else (lambda d: d)
+    lr = 1e-5 if name == FULL_INT8 else 1e-6  # benchmarks/autoencoder.py's rates
     train_mod = tt.relay.transform.TinyTrain(scheme="full", loss="mse",
-                                             optimizer=tt.SGD(lr=1e-5, momentum=0.9))(mod)
+                                             optimizer=tt.SGD(lr=lr, momentum=0.9))(mod)
     trainer = tt.build(train_mod, params)
     train, held = data(np.stack(_inputs(100, seed=1))), data(np.stack(_inputs(30, seed=2)))
     before = np.mean([trainer.anomaly_score(x) for x in held])
     losses = [trainer.step(x) for x in train]
     after = np.mean([trainer.anomaly_score(x) for x in held])
     assert np.all(np.isfinite(losses))
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.6 * before, (before, after)
 
 
 def test_cross_entropy_step_without_a_label_is_refused(small_trainer):
