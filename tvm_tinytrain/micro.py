@@ -35,6 +35,7 @@ from relay_passes.attrs import LEARNING_RATE
 from . import files
 from .codegen.artifact import Artifact
 from .errors import InputError, NonFiniteError, OutputError, TinyTrainError
+from .quantize import reconstruction_target
 from .trainer import checked_learning_rate, checked_sample, nonfinite_message
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "microtvm_projects"
@@ -257,8 +258,23 @@ class Session:
     def cost_name(self) -> str:
         return "microseconds" if self.cost_unit == "ns" else self.cost_unit
 
-    def train_step(self, x, y) -> float:
-        """One training step on the device; returns the loss before the update."""
+    def _target(self, x) -> np.ndarray:
+        """An autoencoder's target: its input as float (see ``HostTrainer.reconstruction_target``)."""
+        if self.metadata["loss"] != "mse":
+            raise InputError(f"a {self.metadata['loss']} step needs a label; only an mse model trains on "
+                             "its own input (an autoencoder)")
+        shape = tuple(self.metadata["output"]["shape"])
+        return reconstruction_target(x, shape, self.metadata.get("input_quant"))
+
+    def anomaly_score(self, x) -> float:
+        """An autoencoder's reconstruction error of one sample on the device, ``mean((predict(x) − x)²)``."""
+        target = self._target(x)
+        return float(np.mean((self.predict(x).astype(np.float64) - target) ** 2))
+
+    def train_step(self, x, y=None) -> float:
+        """One training step on the device; returns the loss before the update. With the ``mse``
+        loss and no ``y``, the target is the input itself (an autoencoder)."""
+        y = self._target(x) if y is None else y
         label = self.metadata["label"]
         if self.metadata["loss"] == "cross_entropy":
             y = np.asarray(y).reshape(-1)

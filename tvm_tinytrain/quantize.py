@@ -28,6 +28,19 @@ def input_quantization(model) -> tuple[float, int] | None:
     return float(scale), int(zero)
 
 
+def reconstruction_target(x, output_shape: tuple[int, ...], quant: tuple[float, int] | None) -> np.ndarray:
+    """What an autoencoder reproduces: its input ``x`` as float (an int8 input dequantized with the
+    model's input ``quant``, ``(x − zero) · scale``), shaped like the output."""
+    x = np.asarray(x)
+    if x.size != int(np.prod(output_shape)):
+        raise InputError(f"the model's output {tuple(output_shape)} is not shaped like its input "
+                         f"{x.shape}: give targets (y) to train it")
+    target = x.astype(np.float64)
+    if quant is not None:
+        target = (target - int(quant[1])) * float(quant[0])
+    return target.astype(np.float32).reshape(output_shape)
+
+
 def quantize_input(model, x_float) -> np.ndarray:
     """``clip(round(x / scale) + zero, -128, 127)`` as int8, TFLite's quantization of
     the model's input. Works on any array shape (one sample or a stack)."""

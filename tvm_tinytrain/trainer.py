@@ -18,6 +18,7 @@ from relay_passes.attrs import LEARNING_RATE, attr_names, updated_state
 from relay_passes.sparse_update import frozen_slice_name, trainable_slice_name
 
 from .errors import InputError, NonFiniteError, TinyTrainError
+from .quantize import input_quantization, reconstruction_target
 
 
 def split_params(params: dict[str, np.ndarray], splits: dict[str, int]) -> dict[str, np.ndarray]:
@@ -171,9 +172,10 @@ class HostTrainer:
         lr = checked_learning_rate(lr)
         self._values[LEARNING_RATE] = tvm.runtime.tensor(np.array(lr, np.float32), self.device)
 
-    def step(self, x, y) -> float:
-        """One training step on one sample; returns the loss before the update."""
-        args = [self._sample(x), self._label(y)]
+    def step(self, x, y=None) -> float:
+        """One training step on one sample; returns the loss before the update. With the
+        ``mse`` loss and no ``y``, the target is the input itself (an autoencoder)."""
+        args = [self._sample(x), self._label(self.reconstruction_target(x) if y is None else y)]
         args += [self._values[n] for n in (*self.trainable, *self.state_names, *self.frozen)]
         return self._apply(self.vm["train_step"](*args))
 
@@ -189,7 +191,6 @@ class HostTrainer:
         self.steps_done += 1
         return float(out[0].numpy())
 
-
     def predict(self, x) -> np.ndarray:
         """The logits for one sample, shape (1, classes)."""
         out = self.vm["predict"](self._sample(x), *[self._values[n] for n in self.param_names]).numpy()
@@ -198,6 +199,20 @@ class HostTrainer:
             raise NonFiniteError(f"the logits are inf/NaN ({', '.join(bad[:5]) or 'no parameter'} holds "
                                  "inf/NaN): the model's parameters or this sample are out of range")
         return out
+
+    def reconstruction_target(self, x) -> np.ndarray:
+        """What an autoencoder reproduces: its input, as float (an int8 input dequantized with
+        the model's input scale), shaped like the output."""
+        if self.loss_kind != "mse":
+            raise InputError(f"a {self.loss_kind} step needs a label; only an mse model trains on its "
+                             "own input (an autoencoder)")
+        return reconstruction_target(x, self.output_shape, input_quantization(self))
+
+    def anomaly_score(self, x) -> float:
+        """An autoencoder's reconstruction error of one sample, ``mean((predict(x) − x)²)``: what
+        an anomaly-detection device reports (high = unlike what it learned)."""
+        target = self.reconstruction_target(x)
+        return float(np.mean((self.predict(x).astype(np.float64) - target) ** 2))
 
     def evaluate(self, xs, ys) -> float:
         """Top-1 accuracy over a stack of samples (xs[i] is one sample)."""

@@ -14,6 +14,7 @@ from relay_passes.attrs import LEARNING_RATE, attr_names, updated_state
 
 from ..errors import TinyTrainError
 from ..memory_report import LoweredFunction, memory_report, plan_predict
+from ..quantize import input_quantization
 from ..trainer import split_params
 from .artifact import Artifact
 from .budget import check_budget, parse_budget
@@ -417,6 +418,7 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
         "scheme": scheme if scheme is None or isinstance(scheme, (str, dict)) else str(scheme),
         "loss": str(step_func.attrs["tinytrain.loss"]),
         "input": tensor_info(x, x_t),
+        "input_quant": input_quantization(train_mod),  # [scale, zero point] of an int8 input, or null
         "label": tensor_info(label, label_t),
         "output": tensor_info(out_name, out_t),
         "trainable": [{**tensor_info(n, tensors[n]), "offset": ram_offsets[n]} for n in trainable],
