@@ -43,6 +43,7 @@ class MemoryReport:
     num_kernels: int
     saved_activations: int = 0  # forward tensors kept alive past the loss, for the backward
     saved_bytes: int = 0
+    rollback_bytes: int = 0  # the C step's copy of what it writes before its last non-finite check
     tvm_planned_bytes: int | None = None  # TVM's StaticPlanBlockMemory figure for the same step
     notes: list[str] = field(default_factory=list)
     lowered: tvm.IRModule | None = field(default=None, repr=False)
@@ -54,7 +55,7 @@ class MemoryReport:
 
     @property
     def total_sram_bytes(self) -> int:
-        return self.arena_bytes + self.trainable_bytes + self.state_bytes
+        return self.arena_bytes + self.trainable_bytes + self.state_bytes + self.rollback_bytes
 
     def by_kind(self) -> dict[str, int]:
         return self.plan.bytes_by_kind()
@@ -68,6 +69,7 @@ class MemoryReport:
             "arena_by_kind_at_peak": self.by_kind(),
             "trainable_bytes": self.trainable_bytes,
             "optimizer_state_bytes": self.state_bytes,
+            "rollback_bytes": self.rollback_bytes,
             "flash_bytes": self.flash_bytes,
             "total_sram_bytes": self.total_sram_bytes,
             "peak_kernel": self.plan.peak_step(),
@@ -91,7 +93,9 @@ class MemoryReport:
             f"{self.num_kernels}: activations {kb(kinds.get('activation', 0))}, gradients "
             f"{kb(kinds.get('gradient', 0))}, scratch {kb(kinds.get('scratch', 0))})",
             f"  trainable {kb(self.trainable_bytes)}"
-            + (f" + optimizer state {kb(self.state_bytes)}" if self.state_bytes else ""),
+            + (f" + optimizer state {kb(self.state_bytes)}" if self.state_bytes else "")
+            + (f" + rollback copy {kb(self.rollback_bytes)} (undoes a non-finite step in C)"
+               if self.rollback_bytes else ""),
             f"flash       {kb(self.flash_bytes)}  (frozen parameters and constants)",
             f"saved for the backward pass: {self.saved_activations} tensors, {kb(self.saved_bytes)}",
         ]
@@ -188,6 +192,9 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
         lowered=lowered,
         step=LoweredFunction("train_step", ks, tensors, outputs, params, in_place, plan),
     )
+    from .codegen.build import rollback_bytes  # the C step's guard; codegen builds on this module
+
+    report.rollback_bytes = rollback_bytes(step, report.step)
     not_in_place = [o for o in outputs[1:] if o in producer and o not in in_place]
     if not_in_place:
         report.notes.append(f"{len(not_in_place)} updates could not be done in place")

@@ -181,6 +181,7 @@ class _Guard:
     after: dict[int, list[str]]  # kernel index → checks after it
     before_copies: list[str]  # checks of the updates copied over their parameters at the end
     rollback_bytes: int
+    copies: list[tuple[str, str]]  # (update, parameter) pairs the planner could not do in place
 
 
 def _nonfinite_guard(step: LoweredFunction, storage: Storage, block: list[str], loss_name: str,
@@ -234,7 +235,22 @@ def _nonfinite_guard(step: LoweredFunction, storage: Storage, block: list[str], 
     before_copies = [check(storage.address(new, step), int(np.prod(t[old].shape)),
                            f"{PREFIX.upper()}_NONFINITE_UPDATE + {block.index(old)}")
                      for new, old in float_copies]
-    return _Guard(functions, before, after, before_copies, size)
+    return _Guard(functions, before, after, before_copies, size, copies)
+
+
+def _step_guard(step_func, step: LoweredFunction, persistent: dict[str, str]) -> _Guard:
+    """The non-finite guard of a planned step, its parameters and state at ``persistent``."""
+    trainable, state = attr_names(step_func, "tinytrain.trainable"), attr_names(step_func, "tinytrain.state")
+    copies = [(new, old) for new, old in zip(step.outputs[1:], (*trainable, *updated_state(step_func)),
+                                             strict=True)
+              if new not in step.in_place and new != old]  # updates the planner could not do in place
+    return _nonfinite_guard(step, Storage(persistent, {}), [*trainable, *state], step.outputs[0], copies)
+
+
+def rollback_bytes(step_func, step: LoweredFunction) -> int:
+    """The SRAM the C step's rollback copy takes (see :func:`_nonfinite_guard`)."""
+    names = (*attr_names(step_func, "tinytrain.trainable"), *attr_names(step_func, "tinytrain.state"))
+    return _step_guard(step_func, step, {n: n for n in names}).rollback_bytes
 
 
 def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None, model: str = "model",
@@ -268,11 +284,8 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
         ram_offsets[n] = ram_bytes
         ram_bytes += -(-step.tensors[n].nbytes // 16) * 16
     persistent = {n: f"({PREFIX}_ram + {off}u)" for n, off in ram_offsets.items()}
-    loss_name = step.outputs[0]
-    copies = [(new, old) for new, old in zip(step.outputs[1:], (*trainable, *updated_state(step_func)),
-                                             strict=True)
-              if new not in step.in_place and new != old]  # updates the planner could not do in place
-    guard = _nonfinite_guard(step, Storage(persistent, {}), [*trainable, *state], loss_name, copies)
+    guard = _step_guard(step_func, step, persistent)
+    assert guard.rollback_bytes == report.rollback_bytes
     if guard.rollback_bytes:
         contributors["rollback copy (non-finite steps)"] = guard.rollback_bytes
     check_budget(budget_bytes, contributors)
@@ -356,7 +369,7 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
     model_c.append(f"  {PREFIX}_kernel_failed = 0;")
     model_c += function_body(step, step_storage, kernel_symbols, workspace, guard.after)
     model_c += guard.before_copies
-    for new, old in copies:
+    for new, old in guard.copies:
         model_c.append(f"  memcpy({persistent[old]}, {step_storage.address(new, step)}, "
                        f"{tensors[old].nbytes}u);")
     model_c.append(f"  return {PREFIX}_kernel_failed;")
