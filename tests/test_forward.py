@@ -2,11 +2,10 @@
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 import tvm_tinytrain as tt
-from tests.onnx_ops import OP_MODELS
+from tests.onnx_ops import OP_MODELS, ort_session
 from tvm_tinytrain import zoo
 
 
@@ -33,7 +32,7 @@ def test_onnx_forward_matches_onnxruntime(name, tmp_path):
     path = tmp_path / f"{name}.onnx"
     onnx.save(model, path)
     trainer = _build(path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(str(path))
     rng = np.random.default_rng(0)
     for _ in range(3):
         x = rng.normal(size=trainer.input_shape).astype(np.float32)
@@ -73,10 +72,10 @@ def test_export_onnx_round_trip(tmp_path):
     for _ in range(3):
         trainer.step(x, 1)
     out = tt.export_onnx(trainer, tmp_path / "tuned.onnx")
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    session = ort_session(str(out))
     ref = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert _relative_error(trainer.predict(x), ref) < 1e-5
-    original = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    original = ort_session(str(path))
     before = original.run(None, {"input": x})[0]
     assert _relative_error(before, ref) > 1e-3  # the weights did change
 
@@ -85,7 +84,6 @@ def test_export_onnx_of_tflite_model(tmp_path, shared_model):
     trainer = _build(shared_model("resnet8_cifar10_float.tflite"))
     x = np.random.default_rng(3).uniform(0, 1, trainer.input_shape).astype(np.float32)
     trainer.step(x, 3)
-    session = ort.InferenceSession(str(tt.export_onnx(trainer, tmp_path / "r8.onnx")),
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(str(tt.export_onnx(trainer, tmp_path / "r8.onnx")))
     ref = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert _relative_error(trainer.predict(x), ref) < 1e-5
