@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from relay_passes import SGD
 
 from . import zoo
 from .frontend import load_model
-from .progress import Progress
 from .relay.transform import TinyTrain
 from .trainer import build
 
@@ -65,8 +65,11 @@ def run_demo(pretrain_epochs: int = 5, finetune_epochs: int = 2, lr: float = 0.0
 
     log(f"pretraining a {len(params)}-tensor CNN on digits 0-4 ({len(ya_tr)} samples)")
     trainer = build(train_mod, params)
-    trainer.fit(xa_tr, ya_tr, epochs=pretrain_epochs, seed=seed,
-                progress=Progress("pretrain", pretrain_epochs * len(ya_tr), show_progress))
+    with tqdm(total=pretrain_epochs * len(ya_tr), desc="pretrain", disable=not show_progress) as bar:
+        def progress(done: int, total: int, loss: float) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        trainer.fit(xa_tr, ya_tr, epochs=pretrain_epochs, seed=seed, progress=progress)
     pretrain_acc = trainer.evaluate(xa_te, ya_te)
     log(f"accuracy on held-out digits 0-4: {pretrain_acc:.1%}")
 
@@ -76,14 +79,15 @@ def run_demo(pretrain_epochs: int = 5, finetune_epochs: int = 2, lr: float = 0.0
     before = tuner.evaluate(xb_te, yb_te)
     log(f"fine-tuning on digits 5-9 ({len(yb_tr)} samples); compiled in {compile_s:.1f} s")
     times: list[float] = []
-    bar = Progress("fine-tune", finetune_epochs * len(yb_tr), show_progress)
     rng = np.random.default_rng(seed)
-    for _ in range(finetune_epochs):
-        for i in rng.permutation(len(yb_tr)):
-            t = time.perf_counter()
-            loss = tuner.step(xb_tr[i], yb_tr[i])
-            times.append(time.perf_counter() - t)
-            bar(len(times), loss=loss)
+    with tqdm(total=finetune_epochs * len(yb_tr), desc="fine-tune", disable=not show_progress) as bar:
+        for _ in range(finetune_epochs):
+            for i in rng.permutation(len(yb_tr)):
+                t = time.perf_counter()
+                loss = tuner.step(xb_tr[i], yb_tr[i])
+                times.append(time.perf_counter() - t)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     after = tuner.evaluate(xb_te, yb_te)
     return DemoResult(pretrain_acc, before, after, len(times),
                       float(np.median(times) * 1e3), compile_s)
