@@ -66,7 +66,9 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The report as plain JSON types (a non-finite error becomes None)."""
+        clean = lambda v: v if not isinstance(v, float) or np.isfinite(v) else None  # noqa: E731
+        return {k: clean(v) for k, v in asdict(self).items()}
 
     def format(self) -> str:
         verdict = "AGREE" if self.passed else "DISAGREE"
