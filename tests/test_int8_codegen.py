@@ -48,7 +48,9 @@ def _run(project):
 def host_run(vww):
     require_tools("gcc", "make")
     artifact, _, _, root = vww
-    project = micro.create_project(artifact, "host", root / "host")
+    # under ASan + UBSan (the host template's sanitize=1, which aborts on any report): every int8
+    # host run of this file is also the int8 kernels' undefined-behaviour check
+    project = micro.create_project(artifact, "host", root / "host", {"sanitize": 1})
     project.build()
     return _run(project)
 
@@ -114,7 +116,7 @@ def test_accuracy_benchmarks_vww_scheme_fits_256kb_on_qemu(tmp_path):
     assert len(kernels) == 7
     xs, ys = _samples()
     runs = []
-    for template, options in (("qemu_cortex_m7", {"ram_kb": "256"}), ("host", {})):
+    for template, options in (("qemu_cortex_m7", {"ram_kb": "256"}), ("host", {"sanitize": 1})):
         project = micro.create_project(artifact, template, tmp_path / template, options)
         project.build()  # QEMU: links, so the whole step fits a 256 KB RAM region
         with project.session() as dev:
