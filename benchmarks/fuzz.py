@@ -24,9 +24,10 @@ crash, a hang or an oom, named ``<index>_<seed>_<mutation>.<ext>``, for replay w
 ``tt.load_model``.
 
 Runtime, 2 cores shared with other jobs, TVM_NUM_THREADS=1: 300 files (``--count 300 --steps 3``)
-took 351 s, so the default 10,000 files take about 3.3 hours (extrapolated, not run whole: 10,000 ×
-1.17 s, plus about 30 s per training step built). The int8 CNN seeds dominate it: importing an int8
-conv builds its TE kernel (about 1 s each in TVM's ``create_prim_func``; VWW-int8 has 27).
+took 351 s, 1,000 files (``--steps 5 --seed 1``) 782 s, so the default 10,000 files take about 2 to
+3.5 hours (extrapolated, not run whole: 0.8-1.2 s a file, plus about 30 s per training step built).
+The int8 CNN seeds dominate it: importing an int8 conv builds its TE kernel (about 1 s each in
+TVM's ``create_prim_func``; VWW-int8 has 27).
 """
 
 from __future__ import annotations
