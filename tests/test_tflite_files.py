@@ -194,3 +194,15 @@ def test_a_tensor_index_past_the_graph_is_refused(tmp_path):
         [Tensor("x", (1, 16), FLOAT32), Tensor("w1", (8, 16), FLOAT32, W1), Tensor("b1", (8,), FLOAT32, B1),
          Tensor("y", (1, 8), FLOAT32)], [Op(FULLY_CONNECTED, [0, 9, 2], [3], FC_OPTIONS)], [0], [3])
     _refused(tmp_path, data, "names tensor 9")
+
+
+def test_a_name_of_raw_bytes_stays_one_short_line(tmp_path):
+    """A corrupt string length makes a name swallow the file's bytes: messages escape it and cut it."""
+    w = W1.copy()
+    w[0, 0] = np.inf
+    name = "\n\x00weights\r\n" * 400
+    _refused(tmp_path, _mlp(Tensor(name, (8, 16), FLOAT32, w)), r"tensor \\n\\x00weights")
+    path = tmp_path / "bad.tflite"
+    with pytest.raises(tt.TinyTrainError) as err:
+        tt.load_model(path)
+    assert len(str(err.value)) < 400

@@ -112,7 +112,7 @@ class Int8TfliteReader(_TfliteReader):
         return QConvParams(sx, zx, tuple(float(s) for s in sw), sy, zy, lo, hi, **geometry)
 
     def _source(self, op) -> str:
-        return self._name(op.Outputs(0))
+        return self._name(op.Outputs(0), 1000)
 
     # ---- operators ---------------------------------------------------------
     def _qconv(self, op, weight_oihw, scales, bias, groups, opts):

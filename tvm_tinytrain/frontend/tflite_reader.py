@@ -80,6 +80,12 @@ def read_tflite(data: bytes, path: str, float_dtype: str = "float32",
         ) from err
 
 
+def printable(raw: bytes, limit: int) -> str:
+    """``raw`` as one short line: non-printable characters escaped, cut at ``limit`` with '...'."""
+    text = raw.decode("utf-8", "replace").encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _options(op, cls):
     table = op.BuiltinOptions()
     opts = cls()
@@ -113,8 +119,10 @@ class _TfliteReader:
                                    f"graph has {self.graph.TensorsLength()}; the file is corrupt")
         return self.graph.Tensors(index)
 
-    def _name(self, index: int) -> str:
-        return self._tensor(index).Name().decode("utf-8", "replace")
+    def _name(self, index: int, limit: int = 80) -> str:
+        """A tensor's name as a message can show it: printable, at most ``limit`` characters (a
+        corrupt file's string may be any bytes of any length); a layer's source name takes 1000."""
+        return printable(self._tensor(index).Name() or b"", limit)
 
     def _shape(self, index: int) -> tuple[int, ...]:
         tensor = self._tensor(index)
@@ -218,7 +226,7 @@ class _TfliteReader:
             )
         index = self.graph.Inputs(0)
         tensor = self._tensor(index)
-        name = self._name(index)
+        name = self._name(index, 1000)
         if tensor.Type() != self.VALUE_TYPE:
             raise ModelStructureError(
                 f"{self.path}: input {name} is {TYPE_NAMES.get(tensor.Type())}; tinytrain "
@@ -381,7 +389,7 @@ class _TfliteReader:
         dilation = (opts.DilationHFactor(), opts.DilationWFactor())
         padding = self._padding(x, weight_oihw.shape[2:], strides, dilation, opts.Padding())
         y = self.em.conv2d(x, weight_oihw, self._bias(op), strides, padding, dilation, groups,
-                           source=self._name(op.Outputs(0)))
+                           source=self._name(op.Outputs(0), 1000))
         return self._activation(y, opts.FusedActivationFunction())
 
     def _op_CONV_2D(self, op):
@@ -399,7 +407,7 @@ class _TfliteReader:
         opts = _options(op, tflite.FullyConnectedOptions)
         weight = self._const(op.Inputs(1), "weight").astype(np.float64)
         x = self._flatten_nhwc(self._value(op.Inputs(0)), weight)
-        y = self.em.linear(x, weight, self._bias(op), self._name(op.Outputs(0)))
+        y = self.em.linear(x, weight, self._bias(op), self._name(op.Outputs(0), 1000))
         return self._activation(y, opts.FusedActivationFunction())
 
     def _flatten_nhwc(self, x: Value, weight: np.ndarray) -> Value:
