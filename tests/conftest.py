@@ -71,6 +71,22 @@ def small_trainer(tmp_path_factory):
     return tt.build(train_mod, params)
 
 
+def litert_reference(path):
+    """LiteRT's interpreter on ``path`` with its reference kernels (the same answer on every CPU),
+    and ``run(x) -> output`` through it."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interp = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+
+    def run(x):
+        interp.set_tensor(inp["index"], x)
+        interp.invoke()
+        return interp.get_tensor(out["index"]).copy()
+    return interp, run
+
+
 def require_tools(*names: str) -> None:
     """Skip when a tool is not on PATH; under CI=true (which installs them all) fail instead."""
     import shutil

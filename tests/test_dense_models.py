@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import require_tools, shared_model
+from conftest import litert_reference, require_tools, shared_model
 from tvm import relax
 
 import tvm_tinytrain as tt
@@ -30,19 +30,7 @@ def _ours(name: str, **options):
 
 
 def _litert(name: str):
-    """LiteRT's interpreter with its reference kernels (the same answer on every CPU)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interp = Interpreter(model_path=str(shared_model(name)),
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-
-    def run(x):
-        interp.set_tensor(inp["index"], x)
-        interp.invoke()
-        return interp.get_tensor(out["index"]).copy()
-    return interp, run
+    return litert_reference(shared_model(name))
 
 
 def _inputs(count: int, seed: int = 0) -> list[np.ndarray]:

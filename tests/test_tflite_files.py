@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from conftest import litert_reference
 from tvm import relax
 
 import tvm_tinytrain as tt
@@ -60,20 +61,6 @@ def _ours(mod, params):
     return lambda x: vm["main"](tvm.runtime.tensor(x), *weights).numpy()
 
 
-def _litert(path):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interp = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-
-    def run(x):
-        interp.set_tensor(inp["index"], x)
-        interp.invoke()
-        return interp.get_tensor(out["index"]).copy()
-    return run
-
-
 def test_float16_weights_behind_a_dequantize_are_folded(tmp_path):
     """The converter's float16 quantization: the weight is stored float16 and a DEQUANTIZE op
     turns it into float32 at run time; here it is folded at import."""
@@ -83,7 +70,7 @@ def test_float16_weights_behind_a_dequantize_are_folded(tmp_path):
     path, mod, params = _load(tmp_path, data)
     assert params["linear0.weight"].dtype == np.float32
     np.testing.assert_array_equal(params["linear0.weight"], half.astype(np.float32))
-    ours, ref = _ours(mod, params), _litert(path)
+    ours, (_, ref) = _ours(mod, params), litert_reference(path)
     for x in RNG.normal(0, 1, (10, 1, 16)).astype(np.float32):
         np.testing.assert_allclose(ours(x), ref(x), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ours(x), _numpy_forward(half, x), rtol=1e-5, atol=1e-6)
