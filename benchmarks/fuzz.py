@@ -19,6 +19,7 @@
     python benchmarks/fuzz.py [--count 10000] [--seed 0] [--jobs 2] [--steps 20]
                               [--timeout 180] [--memory-mb 3072] [--out DIR] [--json]
 
+Ctrl-C (or SIGTERM) stops it and prints the report of the files done so far.
 ``--out DIR`` keeps every file that gave a raw exception, a multi-line error, no layers, a
 crash, a hang or an oom, named ``<index>_<seed>_<mutation>.<ext>``, for replay with
 ``tt.load_model``.
@@ -39,6 +40,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -549,6 +551,9 @@ def run_fuzz(seeds: list[Seed], count: int, seed: int = 0, jobs: int = 2, steps:
                     died(slot, "hang")
                 elif memory_mb and _rss_mb(slot.proc.pid) > memory_mb:
                     died(slot, "rss")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report the files done so far
+        print(f"fuzz: interrupted after {len(records)} of {count} files; the report covers those",
+              file=sys.stderr)
     finally:
         for slot in slots:
             try:
@@ -593,6 +598,10 @@ def _report(records: list[Record], count: int, seed: int, seconds: float, keep: 
                       kept=str(keep) if keep else None)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=10_000, help="mutated files (default 10000)")
@@ -607,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="keep the files that gave a raw exception (or worse) here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     seeds = shared_seeds(folder=args.models) + built_seeds()
     if not any(s.fmt == "tflite" for s in seeds):
         print(f"fuzz: no shared models in {args.models}; fuzzing the built ONNX seeds only", file=sys.stderr)
