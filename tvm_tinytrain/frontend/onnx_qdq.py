@@ -160,20 +160,7 @@ class QdqOnnxReader(_OnnxReader):
         self._one_output()
         self.input_name = name
         self.em = RelaxEmitter(name, shape, "int8", "NCHW", self.float_dtype, "ONNX", self.weight_headroom)
-        for index, node in enumerate(self.graph.node):
-            if index in self.folded:
-                continue
-            self._at(index, node)
-            if self._fold(node):
-                continue
-            if node.op_type in QOPERATOR:
-                self._unsupported(f"onnxruntime's QOperator format; {REDO}")
-            handler = getattr(self, f"_q_{node.op_type}", None)
-            if handler is None:
-                self._unsupported(HINTS.get(node.op_type, "no int8 kernel for it"))
-            out = handler(node, index)
-            if out is not None:
-                self.values[node.output[0]] = out
+        self._walk()
         if self.em.input_quant is None:
             raise ModelStructureError(
                 f"{self.path}: the model's input {name} is never quantized (no QuantizeLinear "
@@ -183,6 +170,14 @@ class QdqOnnxReader(_OnnxReader):
         if isinstance(out, QValue):
             out = self.em.dequantize(out.var, out.scale, out.zero)
         return self.em.finish(out)
+
+    def _handler(self, node):
+        if node.op_type in QOPERATOR:
+            self._unsupported(f"onnxruntime's QOperator format; {REDO}")
+        handler = getattr(self, f"_q_{node.op_type}", None)
+        if handler is None:
+            self._unsupported(HINTS.get(node.op_type, "no int8 kernel for it"))
+        return handler
 
     def _unsupported(self, detail: str):
         raise UnsupportedOperatorError("ONNX QDQ", self.node.op_type, self.label, SUPPORTED, detail)

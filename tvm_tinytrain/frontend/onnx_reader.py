@@ -112,20 +112,27 @@ class _OnnxReader:
         self.em = RelaxEmitter(name, shape, dtype, "NCHW", self.float_dtype)
         self.values[name] = self.em.entry
         self._one_output()
+        self._walk()
+        return self.em.finish(self._output())
+
+    def _walk(self) -> None:
+        """Every node not folded, through its :meth:`_handler`; its result kept by output name."""
         for index, node in enumerate(self.graph.node):
             if index in self.folded:
                 continue
             self._at(index, node)
             if self._fold(node):
                 continue
-            handler = getattr(self, f"_op_{node.op_type}", None)
-            if handler is None:
-                detail = "only where its inputs are known at import" if node.op_type in FOLDERS else ""
-                raise UnsupportedOperatorError("ONNX", node.op_type, self.label, SUPPORTED, detail)
-            out = handler(node, index)
+            out = self._handler(node)(node, index)
             if out is not None:
                 self.values[node.output[0]] = out
-        return self.em.finish(self._output())
+
+    def _handler(self, node):
+        handler = getattr(self, f"_op_{node.op_type}", None)
+        if handler is None:
+            detail = "only where its inputs are known at import" if node.op_type in FOLDERS else ""
+            raise UnsupportedOperatorError("ONNX", node.op_type, self.label, SUPPORTED, detail)
+        return handler
 
     def _prepare(self):
         """Initializers (checked), who reads and makes what, and the constants folded up front."""
