@@ -12,9 +12,11 @@
         params = dev.params()
 
 A template is a folder of ``microtvm_projects/`` (or any folder) with a
-``template.json`` naming its tools, its ``make`` variables and how to run the
-program. ``create_project`` copies it, the shared protocol code and the artifact
-(under ``model/``) into a project folder that builds by itself with ``make``.
+``template.json`` naming its tools, its options (with help and defaults), its boards and how to
+build, flash and run the program (the format: :mod:`tvm_tinytrain.micro.project`).
+``create_project`` copies it, the shared protocol code and the artifact (under ``model/``) into a
+project folder that builds by itself; ``open_project(folder)`` reopens it with its template,
+options and board.
 The device speaks the framed byte protocol of ``microtvm_projects/common/tinytrain_protocol.h``.
 """
 
@@ -25,13 +27,19 @@ from .project import (
     TEMPLATES,
     DeviceError,
     Project,
+    TemplateInfo,
+    TemplateOption,
     ToolMissingError,
     check_tools,
     create_project,
     is_project,
+    list_templates,
+    open_project,
+    template_info,
     template_names,
 )
 from .session import Session
 
 __all__ = ["PROJECT_MARKER", "PROTOCOL_VERSION", "TEMPLATES", "DeviceError", "InputError", "Project",
-           "Session", "ToolMissingError", "check_tools", "create_project", "is_project", "template_names"]
+           "Session", "TemplateInfo", "TemplateOption", "ToolMissingError", "check_tools", "create_project",
+           "is_project", "list_templates", "open_project", "template_info", "template_names"]
