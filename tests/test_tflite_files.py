@@ -12,7 +12,7 @@ from tvm import relax
 
 import tvm_tinytrain as tt
 from relay_passes.plain_calls import PlainTIRCalls
-from tests.tflite_writer import (
+from tvm_tinytrain.tflite_writer import (
     CONV_2D,
     CONV_OPTIONS,
     DEQUANTIZE,

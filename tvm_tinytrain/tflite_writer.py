@@ -1,7 +1,7 @@
-"""Writes small TFLite files for tests: the flatbuffer of TFLite's schema (``schema.fbs``,
-version 3), built field by field, so a test can make the files converters make (float16
-weights behind a DEQUANTIZE, per-channel weight-only int8) and the ones they never make
-(a NaN weight, a zero scale, a stride of 0), and check them against LiteRT.
+"""Writes TFLite files: the flatbuffer of TFLite's schema (``schema.fbs``, version 3), built
+field by field. The tests make the files converters make (float16 weights behind a DEQUANTIZE,
+per-channel weight-only int8) and the ones they never make (a NaN weight, a zero scale, a stride
+of 0), and check them against LiteRT; ``tvm_tinytrain.ptq`` writes its int8 models with it.
 
     tensors = [Tensor("x", (1, 4), FLOAT32), Tensor("w", (2, 4), INT8, data, scale=[.1, .2]), ...]
     ops = [Op(FULLY_CONNECTED, [0, 1, 2], [3], FC_OPTIONS, [(0, "int8", 1)])]   # fused RELU
