@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 
@@ -63,6 +64,7 @@ void {PREFIX}_init(void);
 #define {PREFIX.upper()}_NONFINITE_LOSS 3     /* the loss is inf/NaN: the step diverged */
 #define {PREFIX.upper()}_NONFINITE_UPDATE 16  /* + k: the new value of tensor k of the RAM block
                                                 (metadata.json: trainable, then optimizer_state) */
+#define {PREFIX.upper()}_BAD_LABEL 4          /* a cross-entropy label outside 0..classes-1 */
 /* One SGD/Adam step on one sample; *loss gets the loss before the update. 0 on success. */
 int {PREFIX}_train_step(const {PREFIX}_input_t* input, const {PREFIX}_label_t* label, float* loss);
 /* Logits of one sample with the current parameters. 0 on success. */
@@ -79,6 +81,22 @@ void {PREFIX}_set_state(const void* in);
  * for a rate that is inf, NaN or negative. */
 int {PREFIX}_set_learning_rate(float lr);
 float {PREFIX}_learning_rate(void);
+
+/* For the device side (microtvm_projects/common): the RAM block's size, the artifact's fingerprint
+ * (CRC-32 of the RAM block's layout and initial values: a saved block from another compile is never
+ * loaded), the arena (scratch between two calls of train_step / predict, where frames are staged),
+ * and the RAM block's tensors in metadata.json's order. */
+#define {PREFIX.upper()}_RAM_BYTES {{ram_bytes}}u
+#define {PREFIX.upper()}_MODEL_ID {{model_id}}u
+void* {PREFIX}_arena_buffer(void);  /* {PREFIX.upper()}_ARENA_BYTES bytes, 16-byte aligned */
+typedef struct {{{{
+  uint32_t offset;        /* in the RAM block, a multiple of 16 */
+  uint32_t bytes;
+  uint8_t float32;        /* 1: float32 values (must stay finite) */
+  uint8_t learning_rate;  /* 1: the learning rate (a finite number >= 0) */
+}}}} {PREFIX}_ram_tensor_t;
+#define {PREFIX.upper()}_RAM_TENSORS {{ram_tensors}}u
+extern const {PREFIX}_ram_tensor_t {PREFIX}_ram_tensors[{PREFIX.upper()}_RAM_TENSORS];
 
 #endif
 '''
@@ -146,6 +164,7 @@ int {PREFIX}_workspace_free(int device_type, int device_id, void* ptr) {{
 }}
 
 {PREFIX}_input_t* {PREFIX}_input_buffer(void) {{ return A({PREFIX}_input_t, {{input_offset}}); }}
+void* {PREFIX}_arena_buffer(void) {{ return {PREFIX}_arena; }}
 
 /* 1 when none of the n floats at p is inf or NaN */
 static int {PREFIX}_finite(const float* p, size_t n) {{
@@ -245,6 +264,30 @@ def _step_guard(step_func, step: LoweredFunction, persistent: dict[str, str]) ->
                                              strict=True)
               if new not in step.in_place and new != old]  # updates the planner could not do in place
     return _nonfinite_guard(step, Storage(persistent, {}), [*trainable, *state], step.outputs[0], copies)
+
+
+def _label_check(loss: str, label_t, out_t) -> list[str]:
+    """A cross-entropy step refuses a label outside 0..classes-1 before it writes anything (an
+    unchecked one indexes past the logits)."""
+    if loss != "cross_entropy":
+        return []
+    count, classes = int(np.prod(label_t.shape)), int(out_t.shape[-1])
+    return [f"  for (size_t i = 0; i < {count}u; ++i) {{",
+            f"    if ((int64_t)label[i] < 0 || (int64_t)label[i] >= {classes}) "
+            f"return {PREFIX.upper()}_BAD_LABEL;",
+            "  }"]
+
+
+def _model_id(names, tensors, offsets, values, state_init, io) -> int:
+    """The artifact's fingerprint: CRC-32 of the RAM block's layout, its initial values and the
+    sample's shapes (what a saved RAM block must match to be loaded)."""
+    layout = [[n, list(tensors[n].shape), tensors[n].dtype, offsets[n]] for n in names]
+    layout += [[t.dtype, list(t.shape)] for t in io]
+    crc = zlib.crc32(json.dumps(layout).encode())
+    for n in names:
+        init = values[n] if n in values else np.full(tensors[n].shape, float(state_init[n]))
+        crc = zlib.crc32(np.ascontiguousarray(init, dtype=tensors[n].dtype).tobytes(), crc)
+    return crc
 
 
 def rollback_bytes(step_func, step: LoweredFunction) -> int:
@@ -363,6 +406,7 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
     model_c += guard.functions
     model_c.append(f"int {PREFIX}_train_step(const {PREFIX}_input_t* input, const {PREFIX}_label_t* label, "
                    f"float* loss) {{")
+    model_c += _label_check(str(step_func.attrs["tinytrain.loss"]), label_t, out_t)
     model_c.append(f"  memmove(A(uint8_t, {step.plan.offsets[x]}), input, {x_t.nbytes}u);")
     model_c.append(f"  memmove(A(uint8_t, {step.plan.offsets[label]}), label, {label_t.nbytes}u);")
     model_c += guard.before
@@ -397,17 +441,24 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
                    f"  memcpy({lr}, &lr, sizeof lr);\n  return 0;\n}}")
     model_c.append(f"float {PREFIX}_learning_rate(void) {{ float lr; memcpy(&lr, {lr}, sizeof lr); "
                    "return lr; }")
+    ram_names = (*trainable, *state)
+    model_c.append(f"const {PREFIX}_ram_tensor_t {PREFIX}_ram_tensors[{PREFIX.upper()}_RAM_TENSORS] = {{")
+    model_c += [f"  {{{ram_offsets[n]}u, {tensors[n].nbytes}u, {int(tensors[n].dtype == 'float32')}, "
+                f"{int(n == LEARNING_RATE)}}},  /* {n} */" for n in ram_names]
+    model_c.append("};")
     model_c.append("")
 
     from .. import __version__
 
+    model_id = _model_id(ram_names, tensors, ram_offsets, values, state_init, (x_t, label_t, out_t))
     header = HEADER.format(
         version=__version__, tvm_version=tvm.__version__, model=model, arena=arena,
         input_bytes=x_t.nbytes, label_bytes=label_t.nbytes, output_bytes=out_t.nbytes,
         params_bytes=params_bytes, state_bytes=ram_bytes - params_bytes,
         input_type=c_type(x_t.dtype), label_type=c_type(label_t.dtype), output_type=c_type(out_t.dtype),
         input_shape=f"{x_t.dtype}{list(x_t.shape)}", label_shape=f"{label_t.dtype}{list(label_t.shape)}",
-        output_shape=f"{out_t.dtype}{list(out_t.shape)}",
+        output_shape=f"{out_t.dtype}{list(out_t.shape)}", ram_bytes=ram_bytes, ram_tensors=len(ram_names),
+        model_id=f"0x{model_id:08X}",
     )
     kernels_text = f'/* Generated by Apache TVM {tvm.__version__} from TIR: plain C kernels. */\n' \
                    f'#include "{PREFIX}_internal.h"\n\n' + kernels_source
@@ -431,6 +482,7 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
         "scheme": scheme if scheme is None or isinstance(scheme, (str, dict)) else str(scheme),
         "loss": str(step_func.attrs["tinytrain.loss"]),
         "input": tensor_info(x, x_t),
+        "model_id": model_id,  # TINYTRAIN_MODEL_ID: the fingerprint a saved RAM block must carry
         "input_quant": input_quantization(train_mod),  # [scale, zero point] of an int8 input, or null
         "label": tensor_info(label, label_t),
         "output": tensor_info(out_name, out_t),
