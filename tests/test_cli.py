@@ -131,7 +131,8 @@ def test_compile_then_create_project_and_build(small_onnx, tmp_path, capsys):
     assert main(args) == 0
     assert out.is_file() and "SRAM planned" in capsys.readouterr().out
     require_tools("gcc", "make")
-    assert main(["create-project", str(out), "--template", "host", "-o", str(tmp_path / "p"), "--build"]) == 0
+    assert main(["micro", "create-project", str(tmp_path / "p"), str(out), "host"]) == 0
+    assert main(["micro", "build", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "build" / "tinytrain_host").is_file()
 
 

@@ -3,7 +3,8 @@
 Artifacts (folder or ``.tar``), memory plots and projects: a failed write (full disk, read-only
 or missing folder, a path under a regular file) is one ``tinytrain: error:`` line, exit 2, with
 the old file left byte for byte and no temporary left; ``create-project`` refuses the current
-folder, its parents, home and any non-empty folder that is not a project it made.
+folder, its parents, home and any non-empty folder that is not a project it made, and an existing
+folder unless ``--force``.
 Full disk and read-only folders are simulated by making the write raise (tests run as root,
 where chmod does not stop writes).
 """
@@ -198,8 +199,8 @@ def test_truncated_or_partial_artifacts_are_one_line_errors(tmp_path, capsys):
             Artifact.load(tmp_path / name if name else "")
         assert "\n" not in str(excinfo.value) and all(w in str(excinfo.value) for w in words), \
             (name, str(excinfo.value))
-        code, err = run_main(capsys, "create-project", tmp_path / name if name else "", "-o",
-                             tmp_path / f"proj-{name}")
+        code, err = run_main(capsys, "micro", "create-project", tmp_path / f"proj-{name}",
+                             tmp_path / name if name else "", "host")
         assert code == 2 and all(w in err for w in words), (name, err)
         assert not (tmp_path / f"proj-{name}").exists()
     assert not (tmp_path.parent / "escape.tar").exists()
@@ -258,7 +259,8 @@ def test_memory_plot_that_cannot_be_written(small_onnx, tmp_path, capsys, monkey
 
 # ---- projects ------------------------------------------------------------------------------
 def test_create_project_dot_keeps_everything(tmp_path, capsys, monkeypatch):
-    """The finding: ``create-project ART -o .`` deleted the current folder's files, then failed."""
+    """The finding: ``create-project ART -o .`` deleted the current folder's files, then failed
+    (now ``micro create-project . ART host --force``)."""
     tar = fake_artifact().export(tmp_path / "model.tar")
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)
@@ -267,7 +269,8 @@ def test_create_project_dot_keeps_everything(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(work))
     before = snapshot(tmp_path)
     for output in (".", "", "..", "../..", os.getcwd(), str(work), "~"):
-        code, err = run_main(capsys, "create-project", tar, "-o", os.path.expanduser(output))
+        code, err = run_main(capsys, "micro", "create-project", os.path.expanduser(output), tar, "host",
+                             "--force")
         assert code == 2, (output, err)
         assert ("empty" if output == "" else "current folder") in err, (output, err)
     assert snapshot(tmp_path) == before
@@ -280,8 +283,9 @@ def test_create_project_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("keep me")
-    code, err = run_main(capsys, "create-project", tar, "-o", mine)
-    assert code == 2 and "is not a tinytrain project" in err
+    for force in ((), ("--force",)):
+        code, err = run_main(capsys, "micro", "create-project", mine, tar, "host", *force)
+        assert code == 2 and "is not a tinytrain project" in err
     assert snapshot(mine) == {"thesis.tex": b"keep me"}
     (tmp_path / "afile").write_text("a file")
     for output, words in ((tmp_path / "afile", "not a folder"),
@@ -289,7 +293,7 @@ def test_create_project_refuses_a_folder_it_did_not_make(tmp_path, capsys):
                           (tmp_path / "afile" / "p", "afile is not a folder"),
                           (micro.TEMPLATES / "host", "not a tinytrain project"),
                           (micro.TEMPLATES / "host" / "p", "inside template")):
-        code, err = run_main(capsys, "create-project", tar, "-o", output)
+        code, err = run_main(capsys, "micro", "create-project", output, tar, "host", "--force")
         assert code == 2 and words in err, (output, err)
     assert not (micro.TEMPLATES / "host" / "p").exists()
 
@@ -297,12 +301,19 @@ def test_create_project_refuses_a_folder_it_did_not_make(tmp_path, capsys):
 def test_create_project_replaces_its_own_project_whole(tmp_path, capsys):
     tar = fake_artifact().export(tmp_path / "model.tar")
     proj = tmp_path / "proj"
-    proj.mkdir()  # an empty folder is taken
-    assert run_main(capsys, "create-project", tar, "-o", proj)[0] == 0
+    proj.mkdir()  # an empty folder is taken with --force, and only with it
+    code, err = run_main(capsys, "micro", "create-project", proj, tar, "host")
+    assert code == 2 and "already exists" in err and "--force" in err and os.listdir(proj) == []
+    assert run_main(capsys, "micro", "create-project", proj, tar, "host", "--force")[0] == 0
     assert micro.is_project(proj) and (proj / "model" / "include" / "tinytrain_model.h").is_file()
     (proj / "build").mkdir()
     (proj / "build" / "old.o").write_text("a build of the old project")
-    project = micro.create_project(fake_artifact("v2"), "qemu_cortex_m7", proj)
+    before = snapshot(proj)
+    code, err = run_main(capsys, "micro", "create-project", proj, tar, "qemu_cortex_m7")
+    assert code == 2 and "already exists" in err and snapshot(proj) == before
+    with pytest.raises(OutputError, match="already exists"):
+        micro.create_project(fake_artifact("v2"), "qemu_cortex_m7", proj)
+    project = micro.create_project(fake_artifact("v2"), "qemu_cortex_m7", proj, force=True)
     assert project.path == proj and not (proj / "build").exists()
     assert json.loads((proj / "model" / "metadata.json").read_text())["tag"] == "v2"
     assert (proj / "link.ld.in").is_file() and micro.is_project(proj)
@@ -314,7 +325,7 @@ def test_create_project_on_a_full_disk_keeps_the_old_project(tmp_path, monkeypat
     before = snapshot(proj)
     full_disk_after(monkeypatch, Path, "write_bytes", calls=2)
     with pytest.raises(OutputError, match="cannot write .*proj: No space left on device"):
-        micro.create_project(fake_artifact("new"), "host", proj)
+        micro.create_project(fake_artifact("new"), "host", proj, force=True)
     assert snapshot(proj) == before and os.listdir(tmp_path) == ["proj"]
 
 
@@ -330,5 +341,5 @@ def test_create_project_whose_rename_fails_puts_the_old_one_back(tmp_path, monke
 
     monkeypatch.setattr("tvm_tinytrain.files.os.rename", rename)
     with pytest.raises(OutputError, match="cannot write .*proj: Invalid cross-device link"):
-        micro.create_project(fake_artifact("new"), "host", proj)
+        micro.create_project(fake_artifact("new"), "host", proj, force=True)
     assert snapshot(proj) == before and os.listdir(tmp_path) == ["proj"]

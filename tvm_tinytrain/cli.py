@@ -1,4 +1,5 @@
-"""The ``tinytrain`` command: ``summary``, ``memory``, ``compile``, ``create-project``, ``demo``.
+"""The ``tinytrain`` command: ``summary``, ``memory``, ``compile``, ``verify``, ``demo``; the device
+verbs ``micro create-project / list-templates / build / flash / reset-params``, ``run`` and ``export``.
 
 Every user error prints one line, ``tinytrain: error: ...``, and exits 2.
 """
@@ -18,7 +19,10 @@ EPILOG = """examples:
   tinytrain summary model.onnx --json    the same, for scripts
   tinytrain memory model.tflite --scheme last-k:4 --plot mem.png
   tinytrain compile model.onnx --scheme last-k:4 --budget 256KB -o model.tar
-  tinytrain create-project model.tar --template qemu_cortex_m7 -o proj --build
+  tinytrain micro create-project proj model.tar qemu_cortex_m7
+  tinytrain micro build proj && tinytrain micro flash proj
+  tinytrain run proj --data train.npz --eval test.npz --epochs 3
+  tinytrain export proj -o tuned.tflite
 """
 
 
@@ -150,19 +154,109 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+def _options(items: list[str] | None) -> dict[str, str]:
+    """``["ram_kb=512", "opt=-O3"]`` → ``{"ram_kb": "512", "opt": "-O3"}``, for ``--option``."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not (key and sep):
+            raise InputError(f"--option {item!r} must read KEY=VALUE (for example ram_kb=512)")
+        options[key] = value
+    return options
+
+
 def _cmd_create_project(args) -> int:
     from . import micro
 
-    options = {}
-    for item in args.option or []:
-        key, _, value = item.partition("=")
-        if not value:
-            raise micro.InputError(f"--option {item!r} must read KEY=VALUE (for example ram_kb=512)")
-        options[key] = value
-    project = micro.create_project(args.artifact, args.template, args.output, options)
-    print(f"{project.path}: project from template {args.template}")
-    if args.build:
-        print(f"built {project.build()}")
+    project = micro.create_project(args.artifact, args.template, args.project_dir, _options(args.option),
+                                   board=args.board, force=args.force)
+    board = f", board {project.board}" if project.board else ""
+    print(f"{project.path}: project from template {project.template_name}{board}; "
+          f"next: tinytrain micro build {project.path}")
+    return 0
+
+
+def _cmd_list_templates(args) -> int:
+    from . import micro
+
+    templates = micro.list_templates()
+    if args.json:
+        print(json.dumps([{"name": t.name, "description": t.description, "boards": list(t.boards),
+                           "options": {o.name: {"default": o.default, "help": o.help,
+                                                "choices": list(o.choices)} for o in t.options.values()}}
+                          for t in templates], indent=2))
+        return 0
+    for t in templates:
+        print(f"{t.name}: {t.description}")
+        if t.boards:
+            print(f"  boards (--board): {t.boards[0]} (default), {', '.join(t.boards[1:])}".rstrip(", "))
+        for o in t.options.values():
+            default = "" if o.default is None else f" (default {o.default})"
+            choices = f" [{'|'.join(o.choices)}]" if o.choices else ""
+            print(f"  --option {o.name}=VALUE{choices}: {o.help}{default}")
+        if not t.options:
+            print("  no options")
+    return 0
+
+
+def _cmd_build(args) -> int:
+    from . import micro
+
+    project = micro.open_project(args.project_dir)
+    print(f"built {project.build()}")
+    return 0
+
+
+def _cmd_flash(args) -> int:
+    from . import micro
+
+    project = micro.open_project(args.project_dir)
+    project.flash(serial_port=args.serial_port)
+    if "flash" in project.template:
+        print(f"flashed {project.binary} to {project.board or 'the board'}")
+    else:
+        print(f"{project.binary} is built and its runner installed; nothing to flash for template "
+              f"{project.template_name} (the program starts with each session)")
+    return 0
+
+
+def _cmd_reset_params(args) -> int:
+    from . import micro
+
+    project = micro.open_project(args.project_dir)
+    with project.session(serial_port=args.serial_port, timeout=args.timeout) as dev:
+        dev.reset()
+        dev.erase_saved()
+    print(f"{project.path}: parameters and optimizer state back to the compiled-in weights; saves erased")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .run import run
+
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    result = run(args.project_dir, args.data, args.eval, epochs=args.epochs, lr=args.lr,
+                 lr_schedule=args.lr_schedule, save_every=args.save_every, serial_port=args.serial_port,
+                 timeout=args.timeout, seed=args.seed, progress=sys.stderr.isatty(), log=log)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        if result.cost_per_step is not None:
+            print(f"cost per step: {result.cost_per_step:,.0f} {result.cost_unit} (median of {result.steps} "
+                  f"steps)")
+        if result.saves:
+            print(f"saved {result.saves} time(s), newest: save #{result.last_save}")
+    return 130 if result.interrupted else 0
+
+
+def _cmd_export(args) -> int:
+    try:
+        from .export_tuned import export_project
+    except ImportError:
+        raise InputError("tinytrain export is not in this version (tvm_tinytrain.export_tuned is missing)") \
+            from None
+    report = export_project(args.project_dir, args.output, serial_port=args.serial_port, timeout=args.timeout)
+    print(getattr(report, "summary", None) or f"wrote {report.path}")
     return 0
 
 
@@ -234,18 +328,6 @@ def parser() -> argparse.ArgumentParser:
                         "between steps with tinytrain_set_learning_rate()")
     c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum in [0, 1) (default 0)")
     c.set_defaults(run=_cmd_compile)
-    cp = sub.add_parser("create-project", help="make a buildable project from an artifact and a template",
-                        description="Copy a template of microtvm_projects (host, qemu_cortex_m7) with the "
-                                    "artifact into a folder that builds by itself with make.")
-    cp.add_argument("artifact", help="an artifact folder or .tar from `tinytrain compile`")
-    cp.add_argument("--template", default="host", help="host or qemu_cortex_m7 (default host)")
-    cp.add_argument("-o", "--output", required=True,
-                    help="the project folder: new, empty, or a project create-project made (replaced once "
-                         "the new one is complete); any other folder is refused")
-    cp.add_argument("--option", action="append", metavar="KEY=VALUE",
-                    help="a template option, e.g. ram_kb=512 (repeatable)")
-    cp.add_argument("--build", action="store_true", help="also build it")
-    cp.set_defaults(run=_cmd_create_project)
     d = sub.add_parser("demo", help="pretrain on digits 0-4, fine-tune on 5-9, report accuracy",
                        description="Transfer learning on scikit-learn's handwritten digits: "
                                    "a small CNN pretrained on 0-4 is fine-tuned on 5-9 with "
@@ -272,7 +354,106 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     v.add_argument("--json", action="store_true", help="print the report as one JSON object")
     v.set_defaults(run=_cmd_verify)
+    _micro_parsers(sub)
+    _run_parser(sub)
+    e = sub.add_parser("export", help="write the device's learned parameters into the model file",
+                       description="Read the trainable parameters from PROJECT_DIR's device and write the "
+                                   "original model file with them: .tflite (int8 weights as the device "
+                                   "holds them) or .onnx.")
+    e.add_argument("project_dir", metavar="PROJECT_DIR", help="a project folder micro create-project made")
+    e.add_argument("-o", "--output", required=True, help="the tuned model file, .tflite or .onnx")
+    _device_options(e)
+    e.set_defaults(run=_cmd_export)
     return p
+
+
+def _device_options(parser) -> None:
+    """How to reach the device of a project: its serial port and how long to wait for it."""
+    parser.add_argument("--serial-port", metavar="PORT",
+                        help="the board's serial port (e.g. /dev/ttyACM0); host and QEMU projects need none")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="seconds to wait for each answer of the device (default 30)")
+
+
+def _micro_parsers(sub) -> None:
+    micro = sub.add_parser("micro", help="make, build and flash a device project (tvmc's micro verbs)",
+                           description="Device projects: a template of microtvm_projects with an artifact "
+                                       "from `tinytrain compile`, built by its own toolchain.")
+    verbs = micro.add_subparsers(dest="verb", required=True, metavar="VERB")
+    project_dir = {"metavar": "PROJECT_DIR", "help": "a project folder micro create-project made"}
+    cp = verbs.add_parser("create-project", help="make a project folder from an artifact and a template",
+                          description="Copy TEMPLATE, the shared device code and ARTIFACT into PROJECT_DIR, "
+                                      "which then builds by itself. The folder remembers its template, "
+                                      "board and options: build, flash and run take only PROJECT_DIR. "
+                                      "(Replaces the old `tinytrain create-project ARTIFACT --template T -o "
+                                      "DIR`.)")
+    cp.add_argument("project_dir", metavar="PROJECT_DIR",
+                    help="the new project folder; an existing one is refused unless --force")
+    cp.add_argument("artifact", metavar="ARTIFACT",
+                    help="an artifact folder or .tar from `tinytrain compile`")
+    cp.add_argument("template", metavar="TEMPLATE",
+                    help="host, qemu_cortex_m7, ... (see micro list-templates), or a folder with a "
+                         "template.json")
+    cp.add_argument("--board", help="the board, for a template with boards (see micro list-templates)")
+    cp.add_argument("--option", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="template options, e.g. ram_kb=512 (see micro list-templates)")
+    cp.add_argument("--force", action="store_true",
+                    help="replace an existing PROJECT_DIR, once the new project is complete; only an empty "
+                         "folder or a project create-project made is ever replaced")
+    cp.set_defaults(run=_cmd_create_project)
+    lt = verbs.add_parser("list-templates", help="the templates, their options and boards",
+                          description="Each template of microtvm_projects: what it is, its options "
+                                      "(--option KEY=VALUE, with defaults) and its boards (--board).")
+    lt.add_argument("--json", action="store_true", help="print JSON")
+    lt.set_defaults(run=_cmd_list_templates)
+    b = verbs.add_parser("build", help="build a project with its template's toolchain",
+                         description="Run the template's build (make; west build -b BOARD for zephyr) with "
+                                     "the project's options, in PROJECT_DIR.")
+    b.add_argument("project_dir", **project_dir)
+    b.set_defaults(run=_cmd_build)
+    f = verbs.add_parser("flash", help="put the built program on the device",
+                         description="Board templates: run the template's flash command (west flash). Host "
+                                     "and QEMU: check the program is built and its runner installed.")
+    f.add_argument("project_dir", **project_dir)
+    f.add_argument("--serial-port", metavar="PORT", help="the board's serial port (e.g. /dev/ttyACM0)")
+    f.set_defaults(run=_cmd_flash)
+    r = verbs.add_parser("reset-params", help="go back to the compiled-in weights, erasing the saves",
+                         description="Open a session with the device, reset its parameters and optimizer "
+                                     "state to the compiled-in ones and erase its saved parameters, so the "
+                                     "next run starts from the artifact's weights.")
+    r.add_argument("project_dir", **project_dir)
+    _device_options(r)
+    r.set_defaults(run=_cmd_reset_params)
+
+
+def _run_parser(sub) -> None:
+    r = sub.add_parser("run", help="train a project's device on an .npz data set",
+                       description="Stream the samples of --data to PROJECT_DIR's device (host program, "
+                                   "QEMU, or a board on --serial-port) for --epochs epochs, saving its "
+                                   "parameters as it goes; print the eval accuracy (or MSE) before and "
+                                   "after, the mean loss per epoch and the device's cost per step. The "
+                                   "device boots from its last save: a second run continues the first. "
+                                   "Ctrl-C stops after the current step, saves and exits 130.")
+    r.add_argument("project_dir", metavar="PROJECT_DIR", help="a project folder micro create-project made")
+    r.add_argument("--data", required=True, metavar="TRAIN.npz",
+                   help="training data: x (samples in the model file's own layout, stacked) and y (one "
+                        "integer class each; omitted for an autoencoder); float x for an int8 model is "
+                        "quantized with its input scale")
+    r.add_argument("--eval", metavar="TEST.npz", help="evaluation data, the same format; measured before "
+                                                      "and after training")
+    r.add_argument("--epochs", type=int, default=1, help="passes over --data (default 1); 0 only evaluates "
+                                                          "(--eval, else --data)")
+    r.add_argument("--lr", type=float, help="set the device's learning rate (kept in its saves); default: "
+                                            "the device's current rate")
+    r.add_argument("--lr-schedule", choices=["cosine"],
+                   help="cosine: decay the rate per step from --lr (or the device's) to 0 over the run")
+    r.add_argument("--save-every", type=int, metavar="K",
+                   help="save the parameters after every K steps (default: at the end of each epoch)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    r.add_argument("--json", action="store_true", help="print the result as one JSON object (messages on "
+                                                        "stderr)")
+    _device_options(r)
+    r.set_defaults(run=_cmd_run)
 
 
 def main(argv: list[str] | None = None) -> int:

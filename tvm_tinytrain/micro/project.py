@@ -210,6 +210,15 @@ class Project:
     def binary(self) -> Path:
         return self.path / self.template["binary"]
 
+    @property
+    def metadata(self) -> dict:
+        """The artifact's ``metadata.json`` (input, output, loss, memory...), from ``model/``."""
+        path = self.path / "model" / "metadata.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"cannot read {path} ({err}); make the project again") from None
+
     def check_built(self) -> None:
         """Raise unless the program is built and every tool of the template is installed."""
         if not self.binary.is_file():
@@ -271,7 +280,7 @@ def is_project(path: Path) -> bool:
 
 def open_project(path: str | Path) -> Project:
     """The project ``create_project`` made in ``path``, with its template, options and board."""
-    path = Path(path)
+    path = Path(path).absolute()
     if not is_project(path):
         why = "does not exist" if not path.exists() else f"is not a tinytrain project (no {PROJECT_MARKER})"
         raise InputError(f"{path} {why}; make one with tinytrain micro create-project")
@@ -312,4 +321,4 @@ def create_project(artifact: Artifact | str | Path, template: str | Path, direct
         shutil.copytree(TEMPLATES / "common", tmp / "common")
         artifact.write_into(tmp / "model")
         (tmp / PROJECT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    return Project(directory, spec, options, board, source.name)
+    return Project(directory.absolute(), spec, options, board, source.name)
