@@ -114,7 +114,7 @@ def test_host_c_matches_the_tvm_host_path(case):
     for name, value in params.items():
         np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(logits, ref.predict(_samples()[0][0]), rtol=1e-4, atol=1e-6)
-    assert dev.last_cost > 0 and dev.cost_name == "microseconds"
+    assert dev.last_cost > 0 and dev.cost_unit == "ns"
     assert dev.returncode == 0
 
 
@@ -160,7 +160,7 @@ def test_qemu_equals_host_c_bit_for_bit(case):
     assert h_logits.tobytes() == q_logits.tobytes()
     for name in h_params:
         assert h_params[name].tobytes() == q_params[name].tobytes(), name
-    assert dev.cost_name == "instructions" and dev.last_cost > 1000
+    assert dev.cost_unit == "instructions" and dev.last_cost > 1000
     assert dev.returncode == 0
 
 

@@ -144,9 +144,10 @@ static int tinytrain_dispatch(uint8_t cmd, uint8_t id, uint8_t* payload, uint32_
     }
     case 'G': tinytrain_respond(TINYTRAIN_ST_OK, id, ram, TINYTRAIN_RAM_BYTES, NULL, 0); break;
     case 'S': {
+      const uint8_t* chunk = (const uint8_t*)tinytrain_arena_buffer();
       uint32_t offset = tinytrain_get_u32(payload), index = 0, n = len - 4;
-      uint8_t status = tinytrain_check_chunk(offset, payload + 4, n, &index);
-      if (status == TINYTRAIN_ST_OK) memmove(ram + offset, payload + 4, n);
+      uint8_t status = tinytrain_check_chunk(offset, chunk, n, &index);
+      if (status == TINYTRAIN_ST_OK) memcpy(ram + offset, chunk, n);
       uint8_t out[4];
       tinytrain_put_u32(out, index);
       tinytrain_respond(status, id, out, status == TINYTRAIN_ST_OK || status == TINYTRAIN_ST_LENGTH ? 0 : 4, NULL, 0);
@@ -203,15 +204,19 @@ int tinytrain_serve(void) {
       tinytrain_status(ok < 0 ? TINYTRAIN_ST_COMMAND : TINYTRAIN_ST_LENGTH, id);
       continue;
     }
-    /* where the payload goes: the sample in place in the arena, an 'S' chunk staged in the arena */
-    uint8_t* payload = (uint8_t*)tinytrain_arena_buffer();
+    /* where the payload goes: the sample in place in the arena; 'L' and the offset of 'S' in
+     * `small`, then the rest of 'S' (a chunk) staged in the arena; the label of 'T' aside */
     uint8_t small[4];
+    uint8_t* payload = (uint8_t*)tinytrain_arena_buffer();
+    uint8_t* rest = NULL;
     uint32_t crc = tinytrain_crc32(0, head, sizeof head), first = len;
     if (cmd == 'T' || cmd == 'P') payload = (uint8_t*)tinytrain_input_buffer();
-    if (cmd == 'L') payload = small;
-    if (cmd == 'T') first = TINYTRAIN_INPUT_BYTES;
+    if (cmd == 'T') rest = tinytrain_label;
+    if (cmd == 'S') rest = payload;
+    if (cmd == 'L' || cmd == 'S') payload = small;
+    if (rest) first = cmd == 'T' ? TINYTRAIN_INPUT_BYTES : 4u;
     if (tinytrain_receive(payload, first, &crc)) return 1;
-    if (cmd == 'T' && tinytrain_receive(tinytrain_label, TINYTRAIN_LABEL_BYTES, &crc)) return 1;
+    if (rest && tinytrain_receive(rest, len - first, &crc)) return 1;
     uint8_t tail[4];
     if (tinytrain_port_read(tail, 4)) return 1;
     if (tinytrain_get_u32(tail) != crc) {

@@ -1,10 +1,20 @@
-/* QEMU Cortex-M7 template: the training step served over semihosting (the host's stdin and
- * stdout), costs in instructions from SysTick under -icount shift=0. */
+/* QEMU Cortex-M7 template: the device served over semihosting (the host's stdin and stdout),
+ * costs in instructions from SysTick under -icount shift=0. The persistent region is a host file
+ * through semihosting (build/tinytrain.slots, relative to QEMU's folder), with flash semantics and
+ * an optional emulated delay per programmed write block (make FLASH_DELAY_US=...). */
 #include <stdint.h>
 #include <string.h>
 
 #include "tinytrain_model.h"
-#include "tinytrain_protocol.h"
+#include "tinytrain_persist.h"
+#include "tinytrain_port.h"
+
+#ifndef TINYTRAIN_FLASH_DELAY_US
+#define TINYTRAIN_FLASH_DELAY_US 0
+#endif
+#ifndef TINYTRAIN_WRITE_BLOCK
+#define TINYTRAIN_WRITE_BLOCK 16
+#endif
 
 uint32_t tinytrain_stack_used(void);
 uint32_t tinytrain_stack_reserved(void);
@@ -71,6 +81,84 @@ void tinytrain_port_stack(uint32_t* used, uint32_t* reserved) {
   *reserved = tinytrain_stack_reserved();
 }
 
+/* ---- the persistent region: a host file of two slots, through semihosting */
+static int32_t tinytrain_slots = -1;
+
+uint32_t tinytrain_port_slot_bytes(void) {
+  return tinytrain_slots < 0 ? 0u : (tinytrain_persist_slot_need() + 255u) / 256u * 256u;
+}
+
+uint32_t tinytrain_port_write_block(void) { return TINYTRAIN_WRITE_BLOCK; }
+
+/* Busy-wait us microseconds of emulated time (one instruction per virtual ns under -icount 0). */
+static void tinytrain_flash_delay(uint32_t us) {
+  uint64_t until = tinytrain_port_cost() + (uint64_t)us * 1000u;
+  while (tinytrain_port_cost() < until) {
+  }
+}
+
+static int tinytrain_seek(uint32_t slot, uint32_t offset, uint32_t n) {
+  uint32_t bytes = tinytrain_port_slot_bytes();
+  if (slot >= 2u || offset > bytes || n > bytes - offset) return -1;
+  uint32_t block[2] = {(uint32_t)tinytrain_slots, slot * bytes + offset};
+  return tinytrain_semihost(0x0Au, block) == 0 ? 0 : -1; /* SYS_SEEK */
+}
+
+static int tinytrain_file_write(const void* buf, uint32_t n) {
+  uint32_t block[3] = {(uint32_t)tinytrain_slots, (uint32_t)(uintptr_t)buf, n};
+  return tinytrain_semihost(0x05u, block) == 0 ? 0 : -1; /* SYS_WRITE: bytes not written */
+}
+
+int tinytrain_port_slot_read(uint32_t slot, uint32_t offset, void* buf, uint32_t n) {
+  if (tinytrain_seek(slot, offset, n)) return -1;
+  uint32_t block[3] = {(uint32_t)tinytrain_slots, (uint32_t)(uintptr_t)buf, n};
+  return tinytrain_semihost(0x06u, block) == 0 ? 0 : -1; /* SYS_READ: bytes not read */
+}
+
+int tinytrain_port_slot_program(uint32_t slot, uint32_t offset, const void* buf, uint32_t n) {
+  if (offset % TINYTRAIN_WRITE_BLOCK || n % TINYTRAIN_WRITE_BLOCK || tinytrain_seek(slot, offset, n)) return -1;
+  const uint8_t* p = (const uint8_t*)buf;
+  for (uint32_t done = 0; done < n; done += TINYTRAIN_WRITE_BLOCK) {
+    tinytrain_flash_delay(TINYTRAIN_FLASH_DELAY_US);
+    if (tinytrain_file_write(p + done, TINYTRAIN_WRITE_BLOCK)) return -1;
+  }
+  return 0;
+}
+
+static int tinytrain_fill(uint32_t n) {
+  static const uint8_t ones[64] = {
+      0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+      0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+      0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+      0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF};
+  for (uint32_t done = 0; done < n; done += sizeof ones) {
+    if (tinytrain_file_write(ones, n - done < sizeof ones ? n - done : sizeof ones)) return -1;
+  }
+  return 0;
+}
+
+int tinytrain_port_slot_erase(uint32_t slot) {
+  uint32_t bytes = tinytrain_port_slot_bytes();
+  if (tinytrain_seek(slot, 0, bytes)) return -1;
+  tinytrain_flash_delay(4u * TINYTRAIN_FLASH_DELAY_US);
+  return tinytrain_fill(bytes);
+}
+
+/* Open the region file ("r+b"), or create it erased ("w+b"); without it there is no region. */
+static void tinytrain_open_slots(void) {
+  tinytrain_slots = tinytrain_open("build/tinytrain.slots", 3u);
+  if (tinytrain_slots >= 0) {
+    uint32_t block[1] = {(uint32_t)tinytrain_slots};
+    int32_t size = tinytrain_semihost(0x0Cu, block); /* SYS_FLEN */
+    if (size >= (int32_t)(2u * tinytrain_port_slot_bytes())) return;
+    uint32_t close_block[1] = {(uint32_t)tinytrain_slots};
+    tinytrain_semihost(0x02u, close_block); /* SYS_CLOSE */
+  }
+  tinytrain_slots = tinytrain_open("build/tinytrain.slots", 7u);
+  if (tinytrain_slots < 0) return;
+  if (tinytrain_fill(2u * tinytrain_port_slot_bytes())) tinytrain_slots = -1;
+}
+
 int main(void) {
   SYST_RVR = 0xFFFFFFu;
   SYST_CVR = 0;
@@ -78,6 +166,6 @@ int main(void) {
   tinytrain_in = tinytrain_open("/dev/stdin", 1u);   /* "rb" */
   tinytrain_out = tinytrain_open("/dev/stdout", 5u); /* "wb" */
   if (tinytrain_in < 0 || tinytrain_out < 0) return 2;
-  tinytrain_init();
-  return tinytrain_serve() == 0 ? 0 : 1;
+  tinytrain_open_slots();
+  return tinytrain_device_run();
 }

@@ -264,13 +264,22 @@ class Project:
                 "stack_reserved": sizes.get(".stack", 0),
                 "arena": symbols.get("tinytrain_arena", 0), "params": symbols.get("tinytrain_ram", 0)}
 
-    def session(self):
-        """A :class:`~tvm_tinytrain.micro.session.Session` with the running program."""
+    def session(self, serial_port: str | None = None, timeout: float = 30.0):
+        """A :class:`~tvm_tinytrain.micro.session.Session` with the device: the template's ``run``
+        program over a pipe (host, QEMU), or the board on ``serial_port`` (templates without
+        ``run``). ``timeout``: seconds to wait for each answer."""
         from .session import Session
+        from .transport import PipeTransport, SerialTransport
 
-        self.flash()
-        cmd = [a.replace("{binary}", str(self.binary)) for a in self.template["run"]]
-        return Session(cmd, self.path, self.template.get("cost_unit", ""))
+        if serial_port is None and "run" not in self.template:
+            raise InputError(f"the {self.template_name or 'project'}'s device is reached on a serial port: "
+                             "name it (--serial-port /dev/ttyACM0)")
+        if serial_port is not None:
+            transport = SerialTransport(serial_port, int(self.template.get("baudrate", 115200)))
+        else:
+            self.check_built()
+            transport = PipeTransport(self._fill(self.template["run"]), self.path)
+        return Session(transport, self.path, self.template.get("cost_unit", ""), timeout=timeout)
 
 
 def is_project(path: Path) -> bool:
