@@ -12,6 +12,7 @@ Cortex-M7 its losses equal the TVM host trainer's.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import subprocess
@@ -312,3 +313,22 @@ def test_cortex_m_lib_trains_on_qemu_cortex_m7(small, libraries):
     after_reset = struct.unpack("<f", struct.pack("<I", words[STEPS + 1]))[0]
     assert after_reset == pytest.approx(ref.step(xs[0], int(ys[0])), rel=1e-4)
     assert after_reset < losses[0]  # the same sample, after STEPS steps: it learned
+
+
+# ---- benchmarks/nucleo.py -------------------------------------------------------------------------
+
+def test_nucleo_benchmark_on_qemu(capsys):
+    """Without a serial port the benchmark runs the QEMU project: it trains, counts instructions,
+    and the SRAM it measures (static + stack high-water) covers the plan."""
+    require_tools("arm-none-eabi-gcc", "make", "qemu-system-arm")
+    from benchmarks import nucleo
+
+    assert nucleo.main(["--epochs", "1", "--limit", "400", "--lr", "0.2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["template"] == "qemu_cortex_m7" and out["cost_unit"] == "instructions"
+    assert out["steps"] == 400 and out["eval_samples"] == 540 and out["saves"] == 1
+    assert out["cost_per_step"] > 0
+    assert out["accuracy_after"] > out["accuracy_before"] + 0.15  # 9.8 % -> 32.8 %, from scratch
+    sram = out["sram"]
+    assert 0 < sram["stack_high_water_bytes"] < sram["stack_reserved_bytes"]
+    assert sram["planned_bytes"] <= sram["measured_bytes"] <= sram["planned_bytes"] + 16 * 1024
