@@ -315,6 +315,20 @@ def test_cortex_m_lib_trains_on_qemu_cortex_m7(small, libraries):
     assert after_reset < losses[0]  # the same sample, after STEPS steps: it learned
 
 
+def test_option_defaults_are_what_the_builds_do():
+    """list-templates' defaults: the library Makefile's ?= values, the Zephyr prj.conf's stack."""
+    lib = micro.template_info("cortex_m_lib")
+    makefile = (lib.path / "Makefile").read_text()
+    make_defaults = dict(re.findall(r"^(\w+) \?= (.*)$", makefile, re.M))
+    for option in lib.options.values():
+        assert make_defaults[option.variable] == option.default, option.name
+    zephyr = micro.template_info("zephyr")
+    conf = dict(line.split("=", 1) for line in (zephyr.path / "prj.conf").read_text().splitlines()
+                if line.startswith("CONFIG_"))
+    for option in zephyr.options.values():
+        assert conf[option.variable] == option.default, option.name
+
+
 # ---- benchmarks/nucleo.py -------------------------------------------------------------------------
 
 def test_nucleo_benchmark_on_qemu(capsys):
