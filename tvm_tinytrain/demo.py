@@ -1,16 +1,30 @@
-"""``tinytrain demo``: transfer learning on real handwritten digits, end to end.
+"""``tinytrain demo``: the whole story, from a float model to a device that learned, in two minutes.
 
-A small CNN (built as ONNX, imported like any user model) is pretrained on
-the digits 0–4 of scikit-learn's ``load_digits``, then fine-tuned on 5–9 with
-the compile-time training graph. Accuracy on the held-out 5–9 digits is
-printed before and after, with the time per training step.
+1. Pretrain a small CNN (``zoo.small_cnn``, built as ONNX and imported like any user model) on the
+   digits 0–4 of scikit-learn's ``load_digits`` on the host (TVM, float32, every layer).
+2. Quantize it to an int8 ``.tflite`` file (``ptq``: calibrated on the training images).
+3. Compile a sparse training step of the int8 model as C under a 64 KB SRAM budget.
+4. Create and build the ``host`` project (or ``qemu_cortex_m7``, asked for).
+5. Fine-tune it on the device on the digits 5–9 (``run``: held-out accuracy before and after, the
+   device's cost per step, a save after each epoch).
+6. Export what it learned into a copy of the int8 file (``export_tuned``).
+
+Everything lands in one folder (``./tinytrain-demo`` unless named), written whole at the end: the
+int8 model, the project (``tinytrain run DEMO/project --data DEMO/digits_5-9_train.npz`` goes on
+training it), the data, the exported model. An existing folder is replaced only when a demo made it.
+With no C compiler on the machine, steps 4–5 run on TVM's host build (``HostTrainer``) instead,
+and the demo says so.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,23 +33,75 @@ from tqdm import tqdm
 
 from relay_passes import SGD
 
-from . import zoo
+from . import files, zoo
+from .errors import InputError
 from .frontend import load_model
+from .quantize import quantize_input
 from .relay.transform import TinyTrain
 from .trainer import build
+
+MARKER = ".tinytrain-demo"  # in every folder the demo made: its result, as JSON
+TARGETS = ("host", "qemu_cortex_m7")
+BUDGET = "64KB"
+# The scheme and rate of the device step, picked by measured accuracy on digits 5-9 (2 epochs,
+# seeds 0-2; see the module's test): the last two layers' weights and biases, the classifier float.
+SCHEME = "last-k:2"
+FINETUNE_LR = 0.05
+CALIBRATION_SAMPLES = 300
 
 
 @dataclass
 class DemoResult:
-    pretrain_accuracy: float  # digits 0-4, held out
-    before_accuracy: float  # digits 5-9, held out, before fine-tuning
-    after_accuracy: float  # digits 5-9, held out, after fine-tuning
+    pretrain_accuracy: float             # float model, digits 0-4 held out
+    int8_accuracy: float                 # the int8 model as the device runs it, digits 0-4 held out
+    before_accuracy: float               # digits 5-9 held out, before fine-tuning
+    after_accuracy: float                # digits 5-9 held out, after fine-tuning
     finetune_steps: int
-    median_step_ms: float
+    finetune_epochs: int
+    scheme: str
+    learning_rate: float
+    target: str                          # "host", "qemu_cortex_m7", or "tvm" (no C compiler)
+    planned_sram_bytes: int              # the artifact's plan: arena + trainable + optimizer state
+    flash_bytes: int
+    measured_sram_bytes: int | None      # QEMU: static RAM + stack used; None where not measurable
+    measured_sram_note: str
+    cost_per_step: float | None
+    cost_unit: str                       # "ns" (host program, TVM), "instructions" (QEMU)
+    median_step_ms: float | None         # cost per step in ms when the unit is time
     compile_seconds: float
+    seconds: float                       # the whole demo
+    folder: str
+    project: str | None
+    int8_model: str
+    exported_model: str | None
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def format(self) -> str:
+        """What ``tinytrain demo`` prints after the run."""
+        cost = "not measured" if self.cost_per_step is None else _cost(self.cost_per_step, self.cost_unit)
+        measured = self.measured_sram_note if self.measured_sram_bytes is None else \
+            f"{self.measured_sram_bytes:,} B ({self.measured_sram_note})"
+        lines = [
+            f"digits 0-4: float model {self.pretrain_accuracy:.1%}, int8 model {self.int8_accuracy:.1%}",
+            f"digits 5-9 accuracy before fine-tuning: {self.before_accuracy:.1%}",
+            f"digits 5-9 accuracy after fine-tuning:  {self.after_accuracy:.1%} "
+            f"({self.finetune_steps} steps on {self.target}, scheme {self.scheme}, "
+            f"lr {self.learning_rate:g})",
+            f"SRAM planned: {self.planned_sram_bytes:,} B (budget {BUDGET}); measured: {measured}",
+            f"cost per step: {cost}",
+            f"project: {self.project or 'none (no C compiler)'}",
+            f"exported model: {self.exported_model or 'not written'}",
+        ]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _cost(value: float, unit: str) -> str:
+    if unit == "ns":
+        return f"{value / 1e3:,.1f} µs ({unit})"
+    return f"{value:,.0f} {unit}"
 
 
 def digit_splits(seed: int = 0):
@@ -53,41 +119,202 @@ def digit_splits(seed: int = 0):
     return splits
 
 
-def run_demo(pretrain_epochs: int = 5, finetune_epochs: int = 2, lr: float = 0.005,
-             seed: int = 0, show_progress: bool = True, log=print) -> DemoResult:
-    (xa_tr, xa_te, ya_tr, ya_te), (xb_tr, xb_te, yb_tr, yb_te) = digit_splits(seed)
+def float_cnn(seed: int = 0) -> onnx.ModelProto:
+    """The demo's float CNN: ``zoo.small_cnn`` for 8×8 digits, its stride-2 conv padded as TFLite's
+    SAME pads it (after, not before: (0, 0, 1, 1)), so the int8 file computes what was trained."""
+    model = zoo.small_cnn(num_classes=10, input_hw=(8, 8), width=16, seed=seed)
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Conv" and list(attrs["strides"].ints) == [2, 2]:
+            del attrs["pads"].ints[:]
+            attrs["pads"].ints.extend([0, 0, 1, 1])
+    return model
+
+
+def is_demo_folder(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _check_target(target: str) -> None:
+    from . import micro
+
+    if target not in TARGETS:
+        raise InputError(f"unknown demo target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target != "host":  # asked for: its tools must be there (the host falls back to TVM)
+        micro.check_tools(json.loads((micro.TEMPLATES / target / "template.json").read_text()))
+
+
+def _no_compiler() -> str | None:
+    """Why the host project cannot be built here, or None."""
+    missing = [tool for tool in ("cc", "make") if shutil.which(tool) is None]
+    return f"no {' or '.join(missing)} on this machine" if missing else None
+
+
+def _bar(total: int, desc: str, show: bool):
+    return tqdm(total=total, desc=desc, disable=not show, unit="step", leave=False)
+
+
+def _pretrain(seed: int, epochs: int, lr: float, data, show: bool, log):
+    xa_tr, xa_te, ya_tr, ya_te = data
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "digits_cnn.onnx"
-        onnx.save(zoo.small_cnn(num_classes=10, input_hw=(8, 8), width=16, seed=seed), path)
+        onnx.save(float_cnn(seed), path)
         mod, params = load_model(path)
-    optimizer = SGD(lr=lr, momentum=0.9)
-    train_mod = TinyTrain(scheme="full", loss="cross_entropy", optimizer=optimizer)(mod)
-
-    log(f"pretraining a {len(params)}-tensor CNN on digits 0-4 ({len(ya_tr)} samples)")
-    trainer = build(train_mod, params)
-    with tqdm(total=pretrain_epochs * len(ya_tr), desc="pretrain", disable=not show_progress) as bar:
+    log(f"1/6 pretraining a float CNN on digits 0-4 ({len(ya_tr)} samples, {epochs} epochs, host)")
+    trainer = build(TinyTrain(scheme="full", optimizer=SGD(lr=lr, momentum=0.9))(mod), params)
+    with _bar(epochs * len(ya_tr), "pretrain", show) as bar:
         def progress(done: int, total: int, loss: float) -> None:
             bar.update(done - bar.n)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        trainer.fit(xa_tr, ya_tr, epochs=pretrain_epochs, seed=seed, progress=progress)
-    pretrain_acc = trainer.evaluate(xa_te, ya_te)
-    log(f"accuracy on held-out digits 0-4: {pretrain_acc:.1%}")
+        trainer.fit(xa_tr, ya_tr, epochs=epochs, seed=seed, progress=progress)
+    accuracy = trainer.evaluate(xa_te, ya_te)
+    log(f"    float model on held-out digits 0-4: {accuracy:.1%}")
+    return trainer, accuracy
 
-    t0 = time.perf_counter()
-    tuner = build(TinyTrain(scheme="full", optimizer=optimizer)(mod), trainer.params())
-    compile_s = time.perf_counter() - t0
-    before = tuner.evaluate(xb_te, yb_te)
-    log(f"fine-tuning on digits 5-9 ({len(yb_tr)} samples); compiled in {compile_s:.1f} s")
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def run_demo(pretrain_epochs: int = 5, finetune_epochs: int = 2, lr: float = 0.005, seed: int = 0,
+             show_progress: bool = True, log: Callable[[str], None] = print, *,
+             output: str | Path = "tinytrain-demo", target: str = "host", finetune_lr: float = FINETUNE_LR,
+             scheme: str = SCHEME) -> DemoResult:
+    """Run the demo (module docstring) into the folder ``output``; ``lr`` is the pretraining rate
+    (SGD, momentum 0.9), ``finetune_lr`` the device's (plain SGD). Errors before any work: a bad
+    target or missing tool for it, an ``output`` that exists and is not a demo folder."""
+    from .ptq import quantize_tflite
+
+    start = time.perf_counter()
+    _check_target(target)
+    for name, value in (("pretrain_epochs", pretrain_epochs), ("finetune_epochs", finetune_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, not {value!r}")
+    output = files.check_folder(output, is_demo_folder, "tinytrain demo folder")
+    no_cc = _no_compiler() if target == "host" else None
+    (xa_tr, xa_te, ya_tr, ya_te), (xb_tr, xb_te, yb_tr, yb_te) = digit_splits(seed)
+    notes: list[str] = []
+
+    with files.replacing_folder(output, is_demo_folder, "tinytrain demo folder") as tmp:
+        float_trainer, pretrain_acc = _pretrain(seed, pretrain_epochs, lr, (xa_tr, xa_te, ya_tr, ya_te),
+                                                show_progress, log)
+
+        log(f"2/6 quantizing it to int8 ({CALIBRATION_SAMPLES} calibration images)")
+        int8_path = quantize_tflite(float_trainer, xa_tr[:CALIBRATION_SAMPLES], tmp / "digits_int8.tflite")
+        mod, params = load_model(int8_path)
+        xa_te_q, xb_tr_q, xb_te_q = (quantize_input(mod, _nhwc(x)) for x in (xa_te, xb_tr, xb_te))
+        np.savez(tmp / "digits_5-9_train.npz", x=_nhwc(xb_tr), y=yb_tr)
+        np.savez(tmp / "digits_5-9_test.npz", x=_nhwc(xb_te), y=yb_te)
+
+        log(f"3/6 compiling the int8 training step (scheme {scheme}) as C under {BUDGET}")
+        t0 = time.perf_counter()
+        train_mod = TinyTrain(scheme=scheme, loss="cross_entropy", optimizer=SGD(lr=finetune_lr))(mod)
+        artifact = build(train_mod, params, target="c", budget=BUDGET, model=str(int8_path))
+        compile_s = time.perf_counter() - t0
+        memory = artifact.metadata["memory"]
+        log(f"    planned SRAM {memory['planned_sram_bytes']:,} B, flash {memory['flash_bytes']:,} B "
+            f"({compile_s:.1f} s)")
+
+        from . import micro
+
+        project = micro.create_project(artifact, target, tmp / "project")
+        if no_cc:
+            notes.append(f"{no_cc}: the project was made but not built; the fine-tuning ran on TVM's "
+                         "host build (HostTrainer) instead of the C program")
+            log(f"4/6 {notes[-1]}")
+            device = _finetune_tvm(train_mod, params, (xa_te_q, ya_te), (xb_tr_q, yb_tr), (xb_te_q, yb_te),
+                                   finetune_epochs, seed, show_progress, log)
+        else:
+            log(f"4/6 building the {target} project")
+            project.build()
+            device = _finetune_device(project, (xa_te_q, ya_te), (xb_tr_q, yb_tr), (xb_te_q, yb_te),
+                                      finetune_epochs, seed, show_progress, log)
+
+        log("6/6 exporting what it learned to .tflite")
+        exported = _export(project.path, tmp / "digits_tuned.tflite", device.get("params"), notes, log)
+        folder_files = {"project": "project", "exported": exported and "digits_tuned.tflite"}
+        result = DemoResult(
+            pretrain_accuracy=pretrain_acc, int8_accuracy=device["int8_accuracy"],
+            before_accuracy=device["before"], after_accuracy=device["after"],
+            finetune_steps=device["steps"], finetune_epochs=finetune_epochs, scheme=scheme,
+            learning_rate=finetune_lr, target="tvm" if no_cc else target,
+            planned_sram_bytes=int(memory["planned_sram_bytes"]), flash_bytes=int(memory["flash_bytes"]),
+            measured_sram_bytes=device.get("measured_sram"), measured_sram_note=device["sram_note"],
+            cost_per_step=device["cost"], cost_unit=device["unit"],
+            median_step_ms=device["cost"] / 1e6 if device["cost"] is not None and device["unit"] == "ns"
+            else None,
+            compile_seconds=compile_s, seconds=0.0, folder=str(output),
+            project=str(output / folder_files["project"]),
+            int8_model=str(output / "digits_int8.tflite"),
+            exported_model=str(output / folder_files["exported"]) if exported else None, notes=notes)
+        result.seconds = time.perf_counter() - start
+        (tmp / MARKER).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+def _finetune_device(project, digits_0_4, train, test, epochs: int, seed: int, show: bool, log) -> dict:
+    """Steps 4-5 on the device program: the int8 model's accuracy on 0-4 and the stack a step takes
+    (one probe step, then the compiled-in weights back), then ``run`` on 5-9."""
+    from .run import evaluate, run
+
+    with project.session() as dev:
+        int8_acc = evaluate(dev, _dataset(digits_0_4), "cross_entropy")
+        dev.train_step(train[0][0], train[1][0])
+        stack_used, _ = dev.stack()
+        dev.reset()
+    log(f"    int8 model on the device, held-out digits 0-4: {int8_acc:.1%}")
+    sram, note = None, "not measurable on the host: a host process has no fixed memory map"
+    if project.template.get("size_tool"):
+        ram = project.static_ram()
+        sram = ram["data"] + ram["bss"] + stack_used
+        note = f"static RAM {ram['data'] + ram['bss']:,} B (.data + .bss) + stack {stack_used:,} B"
+    log(f"5/6 fine-tuning on the device on digits 5-9 ({len(train[1])} samples, {epochs} epochs)")
+    result = run(project, train, test, epochs=epochs, seed=seed, progress=show,
+                 log=lambda line: log(f"    {line}"))
+    return {"int8_accuracy": int8_acc, "before": result.accuracy_before, "after": result.accuracy_after,
+            "steps": result.steps, "cost": result.cost_per_step, "unit": result.cost_unit,
+            "measured_sram": sram, "sram_note": note}
+
+
+def _dataset(pair):
+    from .data import Dataset
+
+    return Dataset(pair[0], pair[1], "digits")
+
+
+def _finetune_tvm(train_mod, params, digits_0_4, train, test, epochs: int, seed: int, show: bool,
+                  log) -> dict:
+    """Steps 4-5 on TVM's host build of the same training step (no C compiler)."""
+    trainer = build(train_mod, params)
+    int8_acc = trainer.evaluate(*digits_0_4)
+    log(f"    int8 model (TVM host build), held-out digits 0-4: {int8_acc:.1%}")
+    before = trainer.evaluate(*test)
+    log(f"5/6 fine-tuning on TVM's host build on digits 5-9 ({len(train[1])} samples, {epochs} epochs)")
     times: list[float] = []
     rng = np.random.default_rng(seed)
-    with tqdm(total=finetune_epochs * len(yb_tr), desc="fine-tune", disable=not show_progress) as bar:
-        for _ in range(finetune_epochs):
-            for i in rng.permutation(len(yb_tr)):
-                t = time.perf_counter()
-                loss = tuner.step(xb_tr[i], yb_tr[i])
-                times.append(time.perf_counter() - t)
+    with _bar(epochs * len(train[1]), "fine-tune", show) as bar:
+        for _ in range(epochs):
+            for i in rng.permutation(len(train[1])):
+                t = time.perf_counter_ns()
+                loss = trainer.step(train[0][i], train[1][i])
+                times.append(time.perf_counter_ns() - t)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    after = tuner.evaluate(xb_te, yb_te)
-    return DemoResult(pretrain_acc, before, after, len(times),
-                      float(np.median(times) * 1e3), compile_s)
+    after = trainer.evaluate(*test)
+    log(f"    accuracy before {before:.1%}, after {after:.1%}")
+    return {"int8_accuracy": int8_acc, "before": before, "after": after, "steps": len(times),
+            "cost": float(statistics.median(times)), "unit": "ns", "params": trainer.params(),
+            "sram_note": "not measurable: the step ran on TVM's host build, not as the C program"}
+
+
+def _export(project_dir: Path, output: Path, params, notes: list[str], log) -> bool:
+    try:
+        from .export_tuned import export_project
+    except ImportError:
+        notes.append("export skipped: tvm_tinytrain.export_tuned is not in this version")
+        log(f"    {notes[-1]}")
+        return False
+    report = export_project(project_dir, output, params=params)
+    extra = f" ({'; '.join(report.notes)})" if report.notes else ""
+    log(f"    {len(report.tensors)} tensors written back{extra}")
+    return True

@@ -7,7 +7,9 @@ of 0), and check them against LiteRT; ``tvm_tinytrain.ptq`` writes its int8 mode
     ops = [Op(FULLY_CONNECTED, [0, 1, 2], [3], FC_OPTIONS, [(0, "int8", 1)])]   # fused RELU
     data = write_model(tensors, ops, inputs=[0], outputs=[3])
 
-Field slots follow schema.fbs; only the fields a test needs are written.
+Field slots follow schema.fbs; only the fields a file needs are written (the rest read as their
+schema defaults: dilations 1, no quantized bias type). ``conv_options`` and its siblings give an
+operator's options as (slot, kind, value) triples.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from tflite.TensorType import TensorType
 FLOAT32, FLOAT16, INT32, INT8 = TensorType.FLOAT32, TensorType.FLOAT16, TensorType.INT32, TensorType.INT8
 FULLY_CONNECTED, CONV_2D, DEQUANTIZE = (BuiltinOperator.FULLY_CONNECTED, BuiltinOperator.CONV_2D,
                                         BuiltinOperator.DEQUANTIZE)
+DEPTHWISE_CONV_2D, AVERAGE_POOL_2D, RESHAPE = (BuiltinOperator.DEPTHWISE_CONV_2D,
+                                               BuiltinOperator.AVERAGE_POOL_2D, BuiltinOperator.RESHAPE)
 FC_OPTIONS, CONV_OPTIONS = BuiltinOptions.FullyConnectedOptions, BuiltinOptions.Conv2DOptions
+DEPTHWISE_OPTIONS, POOL_OPTIONS = BuiltinOptions.DepthwiseConv2DOptions, BuiltinOptions.Pool2DOptions
+SAME, VALID = 0, 1  # Padding
+NO_ACTIVATION, RELU, RELU6 = 0, 1, 3  # ActivationFunctionType
 
 
 @dataclass
@@ -44,6 +51,29 @@ class Op:
     outputs: list[int]
     options_type: int = 0
     options: list[tuple[int, str, int]] = field(default_factory=list)  # (slot, "int8"|"int32", value)
+
+
+def conv_options(stride: tuple[int, int], fused: int, padding: int = SAME) -> list[tuple[int, str, int]]:
+    """Conv2DOptions: padding, stride_w, stride_h, fused_activation_function."""
+    return [(0, "int8", padding), (1, "int32", stride[1]), (2, "int32", stride[0]), (3, "int8", fused)]
+
+
+def depthwise_options(stride: tuple[int, int], fused: int, padding: int = SAME) -> list[tuple[int, str, int]]:
+    """DepthwiseConv2DOptions: padding, stride_w, stride_h, depth_multiplier 1, fused activation."""
+    return [(0, "int8", padding), (1, "int32", stride[1]), (2, "int32", stride[0]), (3, "int32", 1),
+            (4, "int8", fused)]
+
+
+def pool_options(window: tuple[int, int], stride: tuple[int, int], fused: int = NO_ACTIVATION,
+                 padding: int = VALID) -> list[tuple[int, str, int]]:
+    """Pool2DOptions: padding, stride_w, stride_h, filter_width, filter_height, fused activation."""
+    return [(0, "int8", padding), (1, "int32", stride[1]), (2, "int32", stride[0]), (3, "int32", window[1]),
+            (4, "int32", window[0]), (5, "int8", fused)]
+
+
+def fc_options(fused: int = NO_ACTIVATION) -> list[tuple[int, str, int]]:
+    """FullyConnectedOptions: fused_activation_function (default weights format, flattened output)."""
+    return [(0, "int8", fused)]
 
 
 def _vector(b: flatbuffers.Builder, values, kind: str) -> int:
