@@ -154,7 +154,9 @@ def _bar(total: int, desc: str, show: bool):
     return tqdm(total=total, desc=desc, disable=not show, unit="step", leave=False)
 
 
-def _pretrain(seed: int, epochs: int, lr: float, data, show: bool, log):
+def pretrain(seed: int, epochs: int, lr: float, data, show: bool = False, log=lambda _line: None):
+    """Step 1: ``float_cnn(seed)`` trained on ``data`` = (x_train, x_test, y_train, y_test) with SGD
+    (momentum 0.9); (its HostTrainer, its accuracy on the test part)."""
     xa_tr, xa_te, ya_tr, ya_te = data
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "digits_cnn.onnx"
@@ -196,7 +198,7 @@ def run_demo(pretrain_epochs: int = 5, finetune_epochs: int = 2, lr: float = 0.0
     notes: list[str] = []
 
     with files.replacing_folder(output, is_demo_folder, "tinytrain demo folder") as tmp:
-        float_trainer, pretrain_acc = _pretrain(seed, pretrain_epochs, lr, (xa_tr, xa_te, ya_tr, ya_te),
+        float_trainer, pretrain_acc = pretrain(seed, pretrain_epochs, lr, (xa_tr, xa_te, ya_tr, ya_te),
                                                 show_progress, log)
 
         log(f"2/6 quantizing it to int8 ({CALIBRATION_SAMPLES} calibration images)")
