@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import tvm
@@ -267,7 +268,7 @@ class HostTrainer:
 
 
 def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm",
-          budget: str | int | None = None, model: str = "model"):
+          budget: str | int | None = None, model: str | Path = "model"):
     """Compile a TinyTrain module, like ``tvm.compile``.
 
     ``target="llvm"`` gives a :class:`HostTrainer` (TVM's host build, for search and
@@ -275,6 +276,8 @@ def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = 
     the training step as standalone C over one static arena, to ``export(path)`` and
     build with a template of ``tvm_tinytrain.micro``. ``budget`` (``"256KB"``) makes
     the C build fail, before any C is generated, when the planned SRAM exceeds it.
+    ``model`` names the model in the C; when it is the path of the model file, the artifact
+    keeps a copy of that file (``tvm_tinytrain.export_tuned`` writes the learned values into it).
     """
     if target in ("llvm", "host"):
         if budget is not None:
@@ -283,5 +286,10 @@ def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = 
     if target == "c":
         from .codegen.build import build_c
 
-        return build_c(train_mod, params, budget=budget, model=model)
+        artifact = build_c(train_mod, params, budget=budget, model=str(model))
+        if Path(model).is_file():  # a model file: keep it, for export_tuned to write the learned values into
+            from .source_map import attach_source
+
+            attach_source(artifact, model, params)
+        return artifact
     raise TinyTrainError(f"unknown target {target!r}; choose 'llvm' (TVM's host build) or 'c' (standalone C)")

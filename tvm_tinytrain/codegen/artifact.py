@@ -10,6 +10,10 @@ template project (``tvm_tinytrain.micro``) or a user's own build takes as it is:
     src/tinytrain_math.c         expf / logf, identical on every target
     src/tinytrain_internal.h
     metadata.json                shapes, dtypes, plan, scheme, versions, each file's size
+    source.tflite | source.onnx  the model file compiled, byte for byte (``metadata["source"]``:
+                                 its name, sha256 and which tensor each parameter came from), for
+                                 ``tvm_tinytrain.export_tuned``; binary files are listed in
+                                 ``metadata["binary"]``
 
 ``export`` writes whole or not at all (``tvm_tinytrain.files``); ``load`` refuses an artifact
 with a file missing or cut short.
@@ -54,6 +58,7 @@ def check_export_path(path: str | Path) -> Path:
 class Artifact:
     files: dict[str, str]  # relative path → text
     metadata: dict = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)  # relative path → bytes (the source model)
 
     @property
     def arena_bytes(self) -> int:
@@ -62,7 +67,10 @@ class Artifact:
     def _contents(self) -> dict[str, bytes]:
         """Every file, ``metadata.json`` last, which lists the others' sizes (to tell a truncated copy)."""
         data = {name: text.encode() for name, text in sorted(self.files.items())}
+        data.update(sorted(self.blobs.items()))
         meta = {**self.metadata, "files": {name: len(b) for name, b in data.items()}}
+        if self.blobs:
+            meta["binary"] = sorted(self.blobs)
         return {**data, "metadata.json": (json.dumps(meta, indent=2) + "\n").encode()}
 
     def export(self, path: str | Path) -> Path:
@@ -109,28 +117,34 @@ class Artifact:
         if not isinstance(metadata, dict) or not str(metadata.get("format", "")).startswith(FORMAT):
             raise InputError(f"{path}: metadata.json is not a tvm-tinytrain artifact's")
         sizes = metadata.pop("files", None) or dict.fromkeys(REQUIRED)
+        binary = set(metadata.pop("binary", None) or ())
         missing = sorted(set(sizes) - set(files))
         if missing:
             raise InputError(f"artifact {path} is incomplete: {', '.join(missing)} missing; export it again")
         for name, size in sizes.items():
-            if size is not None and len(files[name].encode()) != size:
-                raise InputError(f"artifact {path} is truncated: {name} has {len(files[name].encode())} "
+            if size is not None and len(files[name]) != size:
+                raise InputError(f"artifact {path} is truncated: {name} has {len(files[name])} "
                                  f"bytes, metadata.json says {size}; export it again")
-        return cls(files, metadata)
+        try:
+            text = {name: data.decode() for name, data in files.items() if name not in binary}
+        except UnicodeDecodeError as err:
+            raise InputError(f"cannot read artifact {path}: a file is not text ({err}); export it again") \
+                from None
+        return cls(text, metadata, {name: files[name] for name in binary if name in files})
 
 
-def _read(path: Path) -> dict[str, str]:
-    """Relative path → text of every file in an artifact folder or ``.tar``."""
-    files: dict[str, str] = {}
+def _read(path: Path) -> dict[str, bytes]:
+    """Relative path → bytes of every file in an artifact folder or ``.tar``."""
+    files: dict[str, bytes] = {}
     if path.is_file() and path.suffix == ".tar":
         with tarfile.open(path, "r:") as tar:  # export writes plain tar
             for member in tar.getmembers():
                 if member.isfile():
-                    files[_safe_name(path, member.name)] = tar.extractfile(member).read().decode()
+                    files[_safe_name(path, member.name)] = tar.extractfile(member).read()
     elif path.is_dir():
         for f in path.rglob("*"):
             if f.is_file():
-                files[f.relative_to(path).as_posix()] = f.read_text()
+                files[f.relative_to(path).as_posix()] = f.read_bytes()
     else:
         raise InputError(f"{path} is not an artifact: export one with "
                          f"build(..., target='c').export(path)")

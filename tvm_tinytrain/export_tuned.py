@@ -1,0 +1,324 @@
+"""What the device learned, written back into the model file it was compiled from.
+
+``export_project(PROJECT, "tuned.tflite")`` reads the trainable parameters off the device (or takes
+them as ``params=``), and writes a copy of the original file (kept in the project at compile time,
+``model/source.tflite`` / ``.onnx``, see ``source_map``) with every layer that learned rewritten:
+
+1. each parameter goes back to its tensor (``metadata["source"]["layers"]``) in the file's layout
+   (TFLite OHWI / depthwise 1HWC, ONNX OIHW, a Gemm / MatMul weight as the file stores it); a weight
+   trained on its first k output channels is that slice written into the whole tensor;
+2. int8 weights and int32 biases are written as the device holds them; a layer given ``2^k`` weight
+   headroom keeps the device's smaller integers and gets its weight and bias scales times ``2^k``;
+3. a float32 parameter whose tensor in the file is int8 / int32 (an int8 model's float classifier,
+   a model trained as its ``--dequantize`` float twin, a weight-only int8 file) is requantized per
+   output channel: ``s = max|w| / 127`` (symmetric), ``q = round(w / s)``, the bias
+   ``round(b / (s_x · s))`` at scale ``s_x · s``; the scales are rewritten (``tflite_patch``
+   grows a per-tensor vector to one per channel); a float file stays float;
+4. everything else (other tensors, operators, metadata, signature defs) is the source's bytes
+   (TFLite) or the source's protobuf fields (ONNX), and the file is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, TinyTrainError
+from .files import check_file, replacing_file
+from .source_map import LAYOUTS, dequantized, from_param, to_param
+
+INT32 = (-(2 ** 31), 2 ** 31 - 1)
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str  # "tflite" or "onnx"
+    tensors: list[str]  # the file's tensors (TFLite) / initializers (ONNX) written
+    notes: list[str] = field(default_factory=list)  # requantized layers, per-tensor fallbacks
+
+    def summary(self) -> str:
+        layers = f"{len(self.tensors)} tensor{'s' if len(self.tensors) != 1 else ''}"
+        extra = f" ({'; '.join(self.notes)})" if self.notes else ""
+        return f"{self.path}: the original {self.format} model with {layers} learned on the device{extra}"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def export_project(project_dir: str | Path, output: str | Path, serial_port: str | None = None,
+                   timeout: float = 30.0, *, params: dict[str, np.ndarray] | None = None) -> ExportReport:
+    """Write the model file of ``project_dir`` with the parameters the device learned to ``output``.
+
+    ``params`` (name → array, as ``Session.params()`` or ``HostTrainer.params()`` return them) skips
+    the device. ``output`` ends in ``.tflite`` for a TFLite source, ``.onnx`` for an ONNX one."""
+    folder, meta = _model_folder(project_dir)
+    source = meta.get("source")
+    if not source:
+        raise InputError(f"{project_dir} was compiled without a copy of its model file (before "
+                         f"tinytrain kept one): compile the model again and make the project again")
+    fmt = source["format"]
+    if Path(str(output)).suffix.lower() != f".{fmt}":
+        raise InputError(f"{output}: the model was a .{fmt} file, so the export is one: name the output "
+                         f"*.{fmt}")
+    check_file(output)
+    try:
+        data = (folder / source["file"]).read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {folder / source['file']} ({err.strerror}): make the project again") \
+            from None
+    if hashlib.sha256(data).hexdigest() != source["sha256"]:
+        raise InputError(f"{folder / source['file']} is not the model the project was compiled from "
+                         "(sha256 differs): make the project again")
+    if params is None:
+        params = _device_params(project_dir, serial_port, timeout)
+    learned = _learned(meta, params)
+    layers = [layer for layer in source["layers"] if _written(layer, learned)]
+    for layer in layers:
+        if layer.get("error"):
+            raise InputError(f"{layer['weight'] or layer['bias']} cannot be written into "
+                             f"{source['name']}: {layer['error']}")
+    writer = _write_tflite if fmt == "tflite" else _write_onnx
+    out, tensors, notes = writer(data, layers, learned)
+    with replacing_file(output) as tmp:
+        tmp.write_bytes(out)
+    return ExportReport(Path(output), fmt, tensors, notes)
+
+
+def _model_folder(project_dir: str | Path) -> tuple[Path, dict]:
+    """The folder holding ``metadata.json`` (a project's ``model/``, or an artifact folder)."""
+    path = Path(project_dir)
+    for folder in (path / "model", path):
+        if (folder / "metadata.json").is_file():
+            try:
+                return folder, json.loads((folder / "metadata.json").read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise InputError(f"cannot read {folder / 'metadata.json'} ({err}); make the project again") \
+                    from None
+    why = "does not exist" if not path.exists() else "is not a tinytrain project (no model/metadata.json)"
+    raise InputError(f"{path} {why}; make one with tinytrain micro create-project")
+
+
+def _device_params(project_dir, serial_port, timeout) -> dict[str, np.ndarray]:
+    """The trainable parameters the device holds now (one session)."""
+    from .micro import open_project
+
+    project = open_project(project_dir)
+    accepted = inspect.signature(project.session).parameters
+    options = {k: v for k, v in (("serial_port", serial_port), ("timeout", timeout)) if k in accepted}
+    if serial_port is not None and "serial_port" not in accepted:
+        raise InputError("this version's sessions have no serial link: drop --serial-port")
+    with project.session(**options) as dev:
+        return dev.params()
+
+
+def _learned(meta: dict, values: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, int | None]]:
+    """Each trainable tensor's learned values: name → (array, k) where k is the number of leading
+    output channels learned (None: the whole tensor). Refuses missing names and inf / NaN."""
+    splits = {str(k): int(v) for k, v in (meta.get("splits") or {}).items()}
+    out = {}
+    for spec in meta["trainable"]:
+        name = spec["name"]
+        base = next((w for w, k in splits.items() if name == f"{w}[:{k}]"), None)
+        if name in values:
+            value = np.asarray(values[name])
+            key, k = (base, splits[base]) if base else (name, None)
+        elif base is not None and base in values:  # HostTrainer.params(): the whole weight
+            value, key, k = np.asarray(values[base]), base, None
+        else:
+            raise InputError(f"params lacks {name}: pass the device's (dev.params()) or the host "
+                             f"trainer's (trainer.params()) parameters")
+        expect = list(spec["shape"]) if k is not None or base is None else None
+        if expect is not None and list(value.shape) != expect:
+            raise InputError(f"{name} has shape {list(value.shape)}; the project's model has {expect}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise InputError(f"{name} holds inf/NaN values: training diverged; lower the learning rate, "
+                             f"reset the parameters (tinytrain micro reset-params) and train again")
+        out[key] = (value, k)
+    return out
+
+
+def _written(layer: dict, learned: dict) -> bool:
+    """A layer that learned, or one whose integers the device holds smaller (weight headroom)."""
+    if layer["weight"] in learned or layer["bias"] in learned:
+        return True
+    return bool(not layer.get("error") and (layer.get("w") or {}).get("headroom"))
+
+
+def _values(binding: dict, name: str | None, learned: dict, stored: np.ndarray, quant) -> np.ndarray:
+    """A parameter's whole values as the device holds them (imported layout and type)."""
+    layout = binding["layout"]
+    if binding["mode"] == "requantize":
+        base = to_param(dequantized(stored, quant, layout), layout)
+    elif binding["mode"] == "int" and binding.get("headroom"):
+        base = np.round(to_param(stored, layout).astype(np.float64) / 2 ** binding["headroom"])
+    else:
+        base = to_param(stored, layout)
+    if name not in learned:
+        return base
+    value, k = learned[name]
+    if k is None:
+        return value.reshape(base.shape)
+    whole = np.array(base, dtype=np.result_type(base.dtype, value.dtype))
+    whole[:k] = value
+    return whole
+
+
+def requantize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along ``axis``: (int8 values, scales = max|w| / 127)."""
+    moved = np.moveaxis(np.asarray(w, np.float64), axis, 0)
+    peak = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
+    scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = scales.size
+    q = np.clip(np.round(np.asarray(w, np.float64) / scales.reshape(shape).astype(np.float64)), -127, 127)
+    return q.astype(np.int8), scales
+
+
+def quantized_bias(b: np.ndarray, input_scale: float, w_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 bias at ``s_x · s_w`` per channel, as converters write it: (values, scales)."""
+    scales = (np.float32(input_scale) * np.asarray(w_scales, np.float32)).astype(np.float32)
+    scales = np.broadcast_to(scales, np.shape(b)).astype(np.float32)
+    q = np.clip(np.round(np.asarray(b, np.float64) / scales.astype(np.float64)), *INT32)
+    return q.astype(np.int32), scales
+
+
+def _channel_scales(quant, channels: int) -> np.ndarray:
+    scale = np.asarray(quant[0], np.float64).reshape(-1)
+    return np.broadcast_to(scale, (channels,)).copy()
+
+
+# ---- TFLite ----------------------------------------------------------------------------------------
+def _write_tflite(data: bytes, layers: list[dict], learned: dict) -> tuple[bytes, list[str], list[str]]:
+    from .tflite_patch import TfliteFile
+
+    f = TfliteFile(data)
+    written, notes = [], []
+    for layer in layers:
+        wb, bb = layer["w"], layer.get("b")
+        w_index = wb["ref"]
+        w_stored, w_quant = f.values(w_index), f.quantization(w_index)
+        weight = _values(wb, layer["weight"], learned, w_stored, w_quant)
+        w_scales = None if w_quant is None else _channel_scales(w_quant, weight.shape[0])
+        try:
+            if wb["mode"] == "requantize":
+                axis = LAYOUTS[wb["layout"]][1]
+                q, w_scales = requantize(from_param(weight, wb["layout"]), axis)
+                f.set_values(w_index, q)
+                f.set_quantization(w_index, w_scales, np.zeros(w_scales.size), axis)
+                notes.append(f"layer {layer['index']} requantized to int8 per channel")
+            else:
+                f.set_values(w_index, from_param(weight, wb["layout"]))
+                if wb.get("headroom"):
+                    w_scales = w_scales * 2 ** wb["headroom"]
+                    f.set_quantization(w_index, w_quant[0] * 2 ** wb["headroom"], w_quant[1], w_quant[2])
+            written.append(f.name(w_index))
+            if bb is None:
+                continue
+            b_index = bb["ref"]
+            b_stored, b_quant = f.values(b_index), f.quantization(b_index)
+            bias = _values(bb, layer["bias"], learned, b_stored, b_quant)
+            if bb["mode"] == "requantize":
+                q, b_scales = quantized_bias(bias, layer["input_scale"], w_scales)
+                f.set_values(b_index, q)
+                f.set_quantization(b_index, b_scales, np.zeros(b_scales.size), 0)
+            else:
+                f.set_values(b_index, bias)
+                if bb.get("headroom"):
+                    f.set_quantization(b_index, b_quant[0] * 2 ** bb["headroom"], b_quant[1], b_quant[2])
+            written.append(f.name(b_index))
+        except TinyTrainError as err:
+            raise InputError(f"layer {layer['index']} ({layer['weight']}): {err}") from None
+    return bytes(f.data), written, notes
+
+
+# ---- ONNX --------------------------------------------------------------------------------------------
+def _write_onnx(data: bytes, layers: list[dict], learned: dict) -> tuple[bytes, list[str], list[str]]:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load_model_from_string(data)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    def put(name: str, values: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values, array(name).dtype), name))
+
+    def set_quant(binding: dict, scales: np.ndarray, axis: int) -> None:
+        """New scale and zero point initializers of a DequantizeLinear (its own, if shared)."""
+        dq = graph.node[binding["dq"]]
+        for slot, key, values in ((1, "scale", scales.astype(np.float32)),
+                                  (2, "zero_point", None)):
+            old = binding.get(key)
+            if old is None:
+                continue
+            if values is None:
+                values = np.zeros(scales.shape, array(old).dtype)
+            if values.size == array(old).size:  # same length: keep the file's shape (0-D per tensor)
+                values = values.reshape(array(old).shape)
+            new = old if users.get(old, 0) <= 1 else f"{old}_tuned_{binding['dq']}"
+            tensor = numpy_helper.from_array(values, new)
+            if new in inits:
+                inits[new].CopyFrom(tensor)
+            else:
+                graph.initializer.append(tensor)
+                inits[new] = graph.initializer[-1]
+            dq.input[slot] = new
+        if scales.size > 1:
+            kept = [a for a in dq.attribute if a.name != "axis"]
+            del dq.attribute[:]
+            dq.attribute.extend([*kept, helper.make_attribute("axis", axis)])
+
+    def quant_of(binding: dict):
+        if binding.get("dq") is None:
+            return None
+        scale = array(binding["scale"]).astype(np.float64).reshape(-1)
+        zero = array(binding["zero_point"]).astype(np.int64).reshape(-1) if binding.get("zero_point") \
+            else np.zeros(1, np.int64)
+        axis = next((a.i for a in graph.node[binding["dq"]].attribute if a.name == "axis"), 1)
+        return scale, np.broadcast_to(zero, scale.shape), axis % max(array(binding["ref"]).ndim, 1)
+
+    written, notes = [], []
+    for layer in layers:
+        wb, bb = layer["w"], layer.get("b")
+        w_quant = quant_of(wb)
+        weight = _values(wb, layer["weight"], learned, array(wb["ref"]), w_quant)
+        w_scales = None if w_quant is None else _channel_scales(w_quant, weight.shape[0])
+        if wb["mode"] == "requantize":
+            axis = LAYOUTS[wb["layout"]][1]
+            q, w_scales = requantize(from_param(weight, wb["layout"]), axis)
+            put(wb["ref"], q)
+            set_quant(wb, w_scales, axis)
+            notes.append(f"layer {layer['index']} requantized to int8 per channel")
+        else:
+            put(wb["ref"], from_param(weight, wb["layout"]))
+            if wb.get("headroom"):
+                w_scales = w_scales * 2 ** wb["headroom"]
+                set_quant(wb, w_quant[0] * 2 ** wb["headroom"], w_quant[2])
+        written.append(wb["ref"])
+        if bb is None:
+            continue
+        b_quant = quant_of(bb)
+        bias = _values(bb, layer["bias"], learned, array(bb["ref"]), b_quant)
+        if bb["mode"] == "requantize":
+            q, b_scales = quantized_bias(bias, layer["input_scale"], w_scales)
+            put(bb["ref"], q)
+            set_quant(bb, b_scales, 0)
+        else:
+            put(bb["ref"], bias.reshape(array(bb["ref"]).shape))
+            if bb.get("headroom"):
+                set_quant(bb, b_quant[0] * 2 ** bb["headroom"], 0)
+        written.append(bb["ref"])
+    return model.SerializeToString(), written, notes
