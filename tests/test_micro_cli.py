@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,14 +38,16 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def quadrants(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """An easy task: the class is the quadrant of the 8x8 image holding a bright square."""
+def patterns(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An easy task: the class is the pattern of the 8x8 image (horizontal stripes, vertical
+    stripes, fine or coarse checkerboard), under noise."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n)
+    i, j = np.mgrid[0:8, 0:8]
+    shapes = [i % 2, j % 2, (i + j) % 2, (i // 4 + j // 4) % 2]
     x = rng.normal(0, 0.3, (n, 1, 8, 8)).astype(np.float32)
-    for i, k in enumerate(y):
-        r, c = divmod(int(k), 2)
-        x[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 2.0
+    for k, c in enumerate(y):
+        x[k, 0] += 2.0 * shapes[c]
     return x, y
 
 
@@ -55,7 +60,7 @@ def work(tmp_path_factory) -> Path:
     train_mod = tt.relay.transform.TinyTrain(scheme="last-k:2", optimizer=tt.SGD(lr=0.1))(mod)
     tt.build(train_mod, params, target="c", budget="64KB").export(root / "model.tar")
     for name, (n, seed) in {"train": (120, 0), "test": (40, 1)}.items():
-        x, y = quadrants(n, seed)
+        x, y = patterns(n, seed)
         np.savez(root / f"{name}.npz", x=x, y=y)
     return root
 
@@ -227,10 +232,6 @@ def test_zephyr_build_without_west_says_what_to_install(work, tmp_path, capsys, 
 
 
 # ---- end to end ----------------------------------------------------------------------------
-def has_persistence() -> bool:
-    return hasattr(micro.Session, "save") and hasattr(micro.Session, "erase_saved")
-
-
 def end_to_end(work, tmp_path, capsys, template: str) -> None:
     proj = tmp_path / template
     code, out, _ = cli(capsys, "micro", "create-project", proj, work / "model.tar", template)
@@ -243,19 +244,18 @@ def end_to_end(work, tmp_path, capsys, template: str) -> None:
     assert code == 0 and "is built" in out
     data = ("--data", work / "train.npz", "--eval", work / "test.npz")
 
-    code, out, err = cli(capsys, "run", proj, *data, "--epochs", "3", "--json")
+    code, out, err = cli(capsys, "run", proj, *data, "--epochs", "3", "--lr", "0.2",
+                         "--lr-schedule", "cosine", "--json")
     assert code == 0, err
     first = json.loads(out)
     assert {"accuracy_before", "accuracy_after", "epochs", "steps", "mean_loss", "cost_per_step", "cost_unit",
             "boot", "saves"} <= set(first)
     assert first["epochs"] == 3 and first["steps"] == 360 and len(first["mean_loss"]) == 3
-    assert first["accuracy_after"] >= first["accuracy_before"] + 0.3 and first["accuracy_after"] >= 0.7, first
+    assert first["accuracy_after"] >= first["accuracy_before"] + 0.3 and first["accuracy_after"] >= 0.6, first
     assert first["mean_loss"][-1] < first["mean_loss"][0]
     unit = {"host": "ns", "qemu_cortex_m7": "instructions"}[template]
     assert first["cost_unit"] == unit and first["cost_per_step"] > 0
     assert "accuracy before" in err and "epoch 3/3" in err  # messages on stderr with --json
-    if not has_persistence():
-        pytest.skip("the device cannot save yet (Session.save)")
     assert first["boot"]["source"] == "compiled-in" and first["saves"] == 3
 
     code, out, err = cli(capsys, "run", proj, *data, "--epochs", "1", "--save-every", "50")
@@ -278,7 +278,6 @@ def test_every_verb_on_the_host_program(work, tmp_path, capsys):
     end_to_end(work, tmp_path, capsys, "host")
 
 
-@pytest.mark.slow
 def test_every_verb_on_qemu(work, tmp_path, capsys):
     require_tools("arm-none-eabi-gcc", "make", "qemu-system-arm")
     end_to_end(work, tmp_path, capsys, "qemu_cortex_m7")
@@ -302,3 +301,30 @@ def test_a_serial_port_that_does_not_exist(work, tmp_path, capsys):
     for verb in (("run", proj, "--data", work / "train.npz"), ("micro", "reset-params", proj)):
         code, _, err = cli(capsys, *verb, "--serial-port", "/dev/ttyNOPE9")
         assert code == 2 and "/dev/ttyNOPE9" in err, err
+
+
+@pytest.mark.xfail(strict=True, reason="the device program shares the terminal's process group, so Ctrl-C "
+                   "kills it too: PipeTransport must start it with start_new_session=True")
+def test_ctrl_c_in_a_terminal_stops_after_the_step_and_saves(work, tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground process group: tinytrain and its device program."""
+    require_tools("cc", "make")
+    proj = micro.create_project(work / "model.tar", "host", tmp_path / "p")
+    proj.build()
+    tinytrain = shutil.which("tinytrain") or str(Path(sys.executable).with_name("tinytrain"))
+    proc = subprocess.Popen([tinytrain, "run", proj.path, "--data", work / "train.npz", "--epochs", "100000",
+                             "--save-every", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2/"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    steps = int(re.search(r"interrupted after (\d+) steps; the device's parameters are saved", out).group(1))
+    assert steps > 240 and "saved 1 time(s)" in out
+    with proj.session() as dev:
+        assert dev.boot.source != "compiled-in" and "continuing from" in dev.boot.message

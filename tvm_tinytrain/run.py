@@ -69,9 +69,7 @@ def _data(value, metadata: dict, name: str) -> Dataset:
 
 
 def _boot(dev) -> dict:
-    boot = getattr(dev, "boot", None)
-    if boot is None:
-        return {"source": "compiled-in", "sequence": None, "message": "compiled-in weights"}
+    boot = dev.boot
     return {"source": boot.source, "sequence": boot.sequence, "message": boot.message}
 
 
@@ -145,7 +143,7 @@ def run(project, data, eval_data=None, *, epochs: int = 1, lr: float | None = No
         evalset = None if eval_data is None else _data(eval_data, metadata, "eval data")
     say = log or (lambda _line: None)
 
-    with _open(project, serial_port, timeout) as dev:
+    with project.session(serial_port=serial_port, timeout=timeout) as dev:
         boot = _boot(dev)
         say(f"device: {boot['message']}")
         result = RunResult(loss=loss, epochs=0, steps=0, mean_loss=[], cost_per_step=None,
@@ -180,13 +178,6 @@ def _checked_counts(epochs, save_every) -> tuple[int, int | None]:
     return int(epochs), None if save_every is None else int(save_every)
 
 
-def _open(project, serial_port, timeout):
-    try:
-        return project.session(serial_port=serial_port, timeout=timeout)
-    except TypeError:  # until Project.session takes serial_port / timeout
-        return project.session()
-
-
 def _fmt(metric: str, value: float) -> str:
     return f"{value:.1%}" if metric == "accuracy" else f"{value:.6g}"
 
@@ -202,9 +193,6 @@ def _train(dev, train: Dataset, result: RunResult, epochs: int, base: float, sch
 
     def save():
         nonlocal unsaved
-        if getattr(dev, "save", None) is None:  # until the device can save
-            unsaved = 0
-            return
         if schedule == "cosine":
             dev.learning_rate = base  # a save keeps the starting rate, not the decayed one
         result.last_save = dev.save()
