@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import require_tools
+from onnx_ops import ort_session
 
 import tvm_tinytrain as tt
 from tvm_tinytrain import micro, zoo
@@ -58,7 +59,7 @@ def work(tmp_path_factory) -> Path:
     onnx.save(zoo.small_cnn(num_classes=CLASSES, input_hw=(8, 8), width=4), root / "m.onnx")
     mod, params = tt.load_model(root / "m.onnx")
     train_mod = tt.relay.transform.TinyTrain(scheme="last-k:2", optimizer=tt.SGD(lr=0.1))(mod)
-    tt.build(train_mod, params, target="c", budget="64KB").export(root / "model.tar")
+    tt.build(train_mod, params, target="c", budget="64KB", model=root / "m.onnx").export(root / "model.tar")
     for name, (n, seed) in {"train": (120, 0), "test": (40, 1)}.items():
         x, y = patterns(n, seed)
         np.savez(root / f"{name}.npz", x=x, y=y)
@@ -264,6 +265,16 @@ def end_to_end(work, tmp_path, capsys, template: str) -> None:
     before = float(re.search(r"accuracy before: ([\d.]+)%", out).group(1)) / 100
     assert before == pytest.approx(first["accuracy_after"], abs=1e-9)  # it continued
     assert re.search(r"cost per step: [\d,]+ " + unit, out) and "saved 3 time(s)" in out
+
+    after = float(re.search(r"accuracy after: +([\d.]+)%", out).group(1)) / 100
+    code, out, err = cli(capsys, "export", proj, "-o", tmp_path / "tuned.onnx")
+    assert code == 0 and out.startswith(f"{tmp_path / 'tuned.onnx'}: the original onnx model"), err
+    test = np.load(work / "test.npz")
+    session = ort_session(tmp_path / "tuned.onnx")
+    top1 = [int(np.argmax(session.run(None, {"input": x[None]})[0])) for x in test["x"]]
+    assert np.mean(np.array(top1) == test["y"]) == pytest.approx(after, abs=1e-9)  # the device's weights
+    code, _, err = cli(capsys, "export", proj, "-o", tmp_path / "tuned.tflite")
+    assert code == 2 and "name the output *.onnx" in err and not (tmp_path / "tuned.tflite").exists()
 
     code, out, _ = cli(capsys, "micro", "reset-params", proj)
     assert code == 0 and "compiled-in" in out

@@ -250,13 +250,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    try:
-        from .export_tuned import export_project
-    except ImportError:
-        raise InputError("tinytrain export is not in this version (tvm_tinytrain.export_tuned is missing)") \
-            from None
+    from .export_tuned import export_project
+
     report = export_project(args.project_dir, args.output, serial_port=args.serial_port, timeout=args.timeout)
-    print(getattr(report, "summary", None) or f"wrote {report.path}")
+    print(report.summary())
     return 0
 
 
