@@ -314,3 +314,48 @@ def test_link_read_has_a_deadline(host):
             link.read(1, time.monotonic() + 0.3)
     finally:
         link.close()
+
+
+def test_serial_transport_over_a_pty_trains_as_the_pipe_does(host):
+    """The serial link against a pseudo-terminal: the host program on the master end, pyserial on
+    the slave's path. The same steps give the same losses and parameters as over a pipe."""
+    import os
+    import subprocess
+
+    from tvm_tinytrain.micro.session import Session
+    from tvm_tinytrain.micro.transport import SerialTransport
+
+    rng = np.random.default_rng(5)
+    xs, ys = rng.standard_normal((4, 1, 1, 8, 8)).astype(np.float32), rng.integers(0, 5, 4)
+    with host.session() as dev:
+        dev.reset()
+        expected = [dev.train_step(x, y) for x, y in zip(xs, ys)], dev.params()
+    master, slave = os.openpty()
+    program = subprocess.Popen([str(host.binary)], stdin=master, stdout=master, cwd=host.path,
+                               env={**os.environ, "TINYTRAIN_SLOTS": str(host.path / "serial.slots")})
+    try:
+        with Session(SerialTransport(os.ttyname(slave), 115200), host.path, "ns", timeout=20) as dev:
+            assert dev.boot.source == "compiled-in"
+            losses = [dev.train_step(x, y) for x, y in zip(xs, ys)]
+            params = dev.params()
+            assert dev.save() == 1
+        assert program.wait(timeout=20) == 0  # 'Q' ended it
+    finally:
+        if program.poll() is None:
+            program.kill()
+        os.close(master)
+        os.close(slave)
+    assert losses == expected[0]
+    assert all(params[n].tobytes() == expected[1][n].tobytes() for n in params)
+
+
+def test_serial_port_that_does_not_exist_is_named(host, monkeypatch):
+    with pytest.raises(DeviceError, match=r"^serial port /dev/ttyNOPE0 does not exist; ports here: "):
+        with host.session(serial_port="/dev/ttyNOPE0"):
+            pass
+    import sys
+
+    monkeypatch.setitem(sys.modules, "serial", None)  # pyserial not installed
+    with pytest.raises(DeviceError, match=r"pip install pyserial"):
+        with host.session(serial_port="/dev/ttyNOPE0"):
+            pass
