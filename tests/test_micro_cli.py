@@ -339,3 +339,78 @@ def test_ctrl_c_in_a_terminal_stops_after_the_step_and_saves(work, tmp_path):
     assert steps > 240 and "saved 1 time(s)" in out
     with proj.session() as dev:
         assert dev.boot.source != "compiled-in" and "continuing from" in dev.boot.message
+
+
+def autoencoder(path: Path, features: int = 16, hidden: int = 4) -> None:
+    """A dense autoencoder (Gemm, Relu, Gemm) with seeded weights, (1, features) in and out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(0, 0.3, (hidden, features)), "b1": np.zeros(hidden),
+               "w2": rng.normal(0, 0.3, (features, hidden)), "b2": np.zeros(features)}
+    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["out"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "ae", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, features])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, features])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def test_an_autoencoder_trains_on_its_own_input(tmp_path, capsys):
+    """No y: the mse model reproduces its input; run reports the eval MSE (the mean anomaly score),
+    which before training equals TVM's host trainer's on the same weights."""
+    require_tools("cc", "make")
+    autoencoder(tmp_path / "ae.onnx")
+    mod, params = tt.load_model(tmp_path / "ae.onnx")
+    train_mod = tt.relay.transform.TinyTrain(scheme="full", loss="mse", optimizer=tt.SGD(lr=0.05))(mod)
+    tt.build(train_mod, params, target="c").export(tmp_path / "ae")
+    rng = np.random.default_rng(1)
+    basis = rng.normal(size=(2, 16))
+    x = (rng.normal(size=(80, 2)) @ basis).astype(np.float32)  # a plane in 16-D: learnable
+    np.savez(tmp_path / "frames.npz", x=x)
+    proj = tmp_path / "p"
+    assert cli(capsys, "micro", "create-project", proj, tmp_path / "ae", "host")[0] == 0
+    assert cli(capsys, "micro", "build", proj)[0] == 0
+    frames = tmp_path / "frames.npz"
+    code, out, err = cli(capsys, "run", proj, "--data", frames, "--eval", frames, "--epochs", "4", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert "accuracy_before" not in result and len(result["mean_loss"]) == 4 and result["steps"] == 320
+    host = tt.build(train_mod, params)
+    reference = np.mean([host.anomaly_score(s[None]) for s in x])
+    assert result["mse_before"] == pytest.approx(reference, rel=1e-4)
+    assert result["mse_after"] < 0.5 * result["mse_before"], result
+    np.savez(tmp_path / "targets.npz", x=x, y=x)  # the same frames with explicit targets y = x
+    code, out, err = cli(capsys, "run", proj, "--data", tmp_path / "targets.npz", "--epochs", "0", "--json")
+    assert code == 0, err
+    again = json.loads(out)  # continued from the save, scored against y instead of the input itself
+    assert again["mse_before"] == again["mse_after"] == pytest.approx(result["mse_after"], rel=1e-6)
+
+
+def test_float_data_for_an_int8_model_is_quantized_on_the_way(work, tmp_path, capsys):
+    """An int8 model given float .npz data scores what it scores on ``tt.quantize_input`` of the same
+    data saved as int8, and what onnxruntime's run of the QDQ file scores (within one sample: the
+    device's classifier is float)."""
+    require_tools("cc", "make")
+    model = zoo.quantize_qdq(zoo.small_cnn(num_classes=CLASSES, input_hw=(8, 8), width=4),
+                             calibration=patterns(32, 5)[0])
+    onnx.save(model, tmp_path / "q.onnx")
+    mod, params = tt.load_model(tmp_path / "q.onnx")
+    train_mod = tt.relay.transform.TinyTrain(scheme="last-layer", optimizer=tt.SGD(lr=0.05))(mod)
+    tt.build(train_mod, params, target="c").export(tmp_path / "q")
+    proj = tmp_path / "p"
+    assert cli(capsys, "micro", "create-project", proj, tmp_path / "q", "host")[0] == 0
+    assert cli(capsys, "micro", "build", proj)[0] == 0
+    test = np.load(work / "test.npz")
+    np.savez(tmp_path / "int8.npz", x=tt.quantize_input(mod, test["x"]), y=test["y"])
+    scores = []
+    for data in (work / "test.npz", tmp_path / "int8.npz"):
+        code, out, err = cli(capsys, "run", proj, "--data", data, "--epochs", "0", "--json")
+        assert code == 0, err
+        scores.append(json.loads(out)["accuracy_before"])
+    assert scores[0] == scores[1]
+    session = ort_session(tmp_path / "q.onnx")
+    top1 = [int(np.argmax(session.run(None, {"input": x[None]})[0])) for x in test["x"]]
+    assert abs(scores[0] - np.mean(np.array(top1) == test["y"])) <= 1 / len(top1) + 1e-9
