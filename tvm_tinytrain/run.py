@@ -73,16 +73,19 @@ def _boot(dev) -> dict:
     return {"source": boot.source, "sequence": boot.sequence, "message": boot.message}
 
 
-def evaluate(dev, data: Dataset, loss: str) -> float:
+def evaluate(dev, data: Dataset, loss: str, progress: bool = False) -> float:
     """Top-1 accuracy (cross_entropy) or mean squared error (mse) of the device on ``data``."""
-    if loss == "cross_entropy":
-        hits = sum(int(np.argmax(dev.predict(x)) == int(y)) for x, y in zip(data.x, data.y))
-        return hits / len(data)
-    if data.y is None:
-        return float(np.mean([dev.anomaly_score(x) for x in data.x]))
-    errs = [np.mean((dev.predict(x).astype(np.float64) - y.astype(np.float64)) ** 2)
-            for x, y in zip(data.x, data.y)]
-    return float(np.mean(errs))
+    from tqdm import tqdm
+
+    scores = []
+    for i in tqdm(range(len(data)), desc="eval", unit="sample", leave=False, disable=not progress):
+        if loss == "cross_entropy":
+            scores.append(float(np.argmax(dev.predict(data.x[i])) == int(data.y[i])))
+        elif data.y is None:
+            scores.append(dev.anomaly_score(data.x[i]))
+        else:
+            scores.append(np.mean((dev.predict(data.x[i]).astype(np.float64) - data.y[i]) ** 2))
+    return float(np.mean(scores))
 
 
 class _StopFlag:
@@ -147,14 +150,15 @@ def run(project, data, eval_data=None, *, epochs: int = 1, lr: float | None = No
         boot = _boot(dev)
         say(f"device: {boot['message']}")
         result = RunResult(loss=loss, epochs=0, steps=0, mean_loss=[], cost_per_step=None,
-                           cost_unit=dev.cost_unit, boot=boot, eval_samples=len(evalset) if evalset else 0)
+                           cost_unit=dev.cost_unit, boot=boot,
+                           eval_samples=0 if evalset is None else len(evalset))
         if lr is not None:
             dev.learning_rate = lr
         base = dev.learning_rate
         result.learning_rate = base
         metric = "accuracy" if loss == "cross_entropy" else "mse"
         if evalset is not None:
-            before = evaluate(dev, evalset, loss)
+            before = evaluate(dev, evalset, loss, progress)
             setattr(result, f"{metric}_before", before)
             say(f"{metric} before: {_fmt(metric, before)} ({len(evalset)} samples of {evalset.name})")
         if epochs:
@@ -162,7 +166,7 @@ def run(project, data, eval_data=None, *, epochs: int = 1, lr: float | None = No
         if evalset is not None:
             after = before if epochs == 0 else None
             if after is None and not result.interrupted:
-                after = evaluate(dev, evalset, loss)
+                after = evaluate(dev, evalset, loss, progress)
             setattr(result, f"{metric}_after", after)
             if after is not None and epochs:
                 say(f"{metric} after:  {_fmt(metric, after)}")
