@@ -214,9 +214,12 @@ def _cmd_flash(args) -> int:
     project.flash(serial_port=args.serial_port)
     if "flash" in project.template:
         print(f"flashed {project.binary} to {project.board or 'the board'}")
-    else:
+    elif "run" in project.template:
         print(f"{project.binary} is built and its runner installed; nothing to flash for template "
               f"{project.template_name} (the program starts with each session)")
+    else:
+        print(f"{project.binary} is built; template {project.template_name} has no flash command: put it "
+              f"on the board with your own tools")
     return 0
 
 
