@@ -33,6 +33,7 @@ from .files import check_file, replacing_file
 from .source_map import LAYOUTS, dequantized, from_param, to_param
 
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
+Written = tuple[bytes, list[str], list[str]]  # (the file, the tensors written, notes)
 
 
 @dataclass
@@ -52,11 +53,15 @@ class ExportReport:
 
 
 def export_project(project_dir: str | Path, output: str | Path, serial_port: str | None = None,
-                   timeout: float = 30.0, *, params: dict[str, np.ndarray] | None = None) -> ExportReport:
+                   timeout: float = 30.0, *, params: dict[str, np.ndarray] | None = None,
+                   samples=None) -> ExportReport:
     """Write the model file of ``project_dir`` with the parameters the device learned to ``output``.
 
     ``params`` (name → array, as ``Session.params()`` or ``HostTrainer.params()`` return them) skips
-    the device. ``output`` ends in ``.tflite`` for a TFLite source, ``.onnx`` for an ONNX one."""
+    the device. ``output`` ends in ``.tflite`` for a TFLite source, ``.onnx`` for an ONNX one.
+    ``samples`` (inputs as the device takes them, e.g. the eval set) calibrate the int8 output range
+    of a requantized classifier on its learned logits; without them the range is the file's widened
+    by a bound that never clips (coarser)."""
     folder, meta = _model_folder(project_dir)
     source = meta.get("source")
     if not source:
@@ -83,11 +88,32 @@ def export_project(project_dir: str | Path, output: str | Path, serial_port: str
         if layer.get("error"):
             raise InputError(f"{layer['weight'] or layer['bias']} cannot be written into "
                              f"{source['name']}: {layer['error']}")
-    writer = _write_tflite if fmt == "tflite" else _write_onnx
-    out, tensors, notes = writer(data, layers, learned)
+    if fmt == "tflite":
+        from .tflite_patch import TfliteFile as File
+    else:
+        from .onnx_patch import OnnxFile as File
+    f = File(data)
+    f.notes = []
+    last = max(layer["index"] for layer in source["layers"])
+    calibration = None if samples is None else (_checked_samples(samples, meta), meta.get("input_quant"))
+    tensors = _write(f, layers, learned, last, calibration)
     with replacing_file(output) as tmp:
-        tmp.write_bytes(out)
-    return ExportReport(Path(output), fmt, tensors, notes)
+        tmp.write_bytes(f.to_bytes())
+    return ExportReport(Path(output), fmt, tensors, f.notes)
+
+
+def _checked_samples(samples, meta: dict) -> np.ndarray:
+    """Calibration samples as the model takes them (its input's shape and dtype), or an InputError."""
+    from .trainer import checked_sample
+
+    spec = meta["input"]
+    xs = np.asarray(samples)
+    size = int(np.prod(spec["shape"]))
+    if xs.size == 0 or xs.size % size:
+        raise InputError(f"samples has shape {list(xs.shape)}; it takes n samples of {spec['shape']} "
+                         f"({spec['dtype']}), as the device does")
+    xs = checked_sample(xs.reshape(-1, *spec["shape"]), spec["dtype"])
+    return xs.reshape(-1, *spec["shape"])
 
 
 def _model_folder(project_dir: str | Path) -> tuple[Path, dict]:
@@ -188,137 +214,102 @@ def quantized_bias(b: np.ndarray, input_scale: float, w_scales: np.ndarray) -> t
     return q.astype(np.int32), scales
 
 
+def range_quantization(lo: float, hi: float) -> tuple[float, int]:
+    """int8 (scale, zero point) of the range ``[lo, hi]`` widened to hold 0, as converters write it."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    return scale, int(np.clip(np.round(-128 - lo / scale), -128, 127))
+
+
+def classifier_output(y_quant, old: dict, new: dict, x_peak: float, features: np.ndarray | None):
+    """The int8 output quantization of a requantized classifier, so its learned logits are not
+    clipped at ±127 (``old`` / ``new``: its weight ``w`` and bias ``b``, real values); None to keep
+    the file's.
+
+    - with ``features`` (the layer's real inputs on calibration samples): the range of the new
+      logits on them;
+    - without: the file's range ``[s(−128 − z), s(127 − z)]`` (calibrated on the old logits) grown on
+      both sides by the most the change can move a logit, ``max_c(Σ|Δw_c|·x_peak + |Δb_c|)``,
+      where ``x_peak`` is the largest |input| the layer's int8 input holds: never clipped, coarser."""
+    w, b = np.asarray(new["w"], np.float64), np.asarray(new["b"], np.float64)
+    if features is not None:
+        logits = features.reshape(len(features), -1) @ w.T + b
+        return range_quantization(logits.min(), logits.max())
+    move = np.abs(w - old["w"]).sum(axis=1) * x_peak + np.abs(b - old["b"])
+    if float(move.max(initial=0.0)) <= 0:
+        return None
+    scale, zero = float(y_quant[0][0]), int(y_quant[1][0])
+    return range_quantization(scale * (-128 - zero) - move.max(), scale * (127 - zero) + move.max())
+
+
 def _channel_scales(quant, channels: int) -> np.ndarray:
     scale = np.asarray(quant[0], np.float64).reshape(-1)
     return np.broadcast_to(scale, (channels,)).copy()
 
 
-# ---- TFLite ----------------------------------------------------------------------------------------
-def _write_tflite(data: bytes, layers: list[dict], learned: dict) -> tuple[bytes, list[str], list[str]]:
-    from .tflite_patch import TfliteFile
-
-    f = TfliteFile(data)
-    written, notes = [], []
+# ---- writing ---------------------------------------------------------------------------------------
+def _write(f, layers: list[dict], learned: dict, last: int, samples) -> list[str]:
+    """Write ``layers`` into ``f`` (a ``tflite_patch.TfliteFile`` or ``onnx_patch.OnnxFile``);
+    the names of the tensors written. ``notes`` of what was requantized go to ``f.notes``."""
+    written, classifier = [], None
     for layer in layers:
         wb, bb = layer["w"], layer.get("b")
-        w_index = wb["ref"]
-        w_stored, w_quant = f.values(w_index), f.quantization(w_index)
+        w_stored, w_quant = f.values(wb["ref"]), f.binding_quantization(wb)
         weight = _values(wb, layer["weight"], learned, w_stored, w_quant)
         w_scales = None if w_quant is None else _channel_scales(w_quant, weight.shape[0])
+        old = {"w": _values(wb, None, learned, w_stored, w_quant), "b": 0.0}
         try:
             if wb["mode"] == "requantize":
                 axis = LAYOUTS[wb["layout"]][1]
                 q, w_scales = requantize(from_param(weight, wb["layout"]), axis)
-                f.set_values(w_index, q)
-                f.set_quantization(w_index, w_scales, np.zeros(w_scales.size), axis)
-                notes.append(f"layer {layer['index']} requantized to int8 per channel")
+                f.set_values(wb["ref"], q)
+                f.set_binding_quantization(wb, w_scales, np.zeros(w_scales.size), axis)
+                f.notes.append(f"layer {layer['index']} requantized to int8 per channel")
             else:
-                f.set_values(w_index, from_param(weight, wb["layout"]))
+                f.set_values(wb["ref"], from_param(weight, wb["layout"]))
                 if wb.get("headroom"):
                     w_scales = w_scales * 2 ** wb["headroom"]
-                    f.set_quantization(w_index, w_quant[0] * 2 ** wb["headroom"], w_quant[1], w_quant[2])
-            written.append(f.name(w_index))
-            if bb is None:
-                continue
-            b_index = bb["ref"]
-            b_stored, b_quant = f.values(b_index), f.quantization(b_index)
-            bias = _values(bb, layer["bias"], learned, b_stored, b_quant)
-            if bb["mode"] == "requantize":
-                q, b_scales = quantized_bias(bias, layer["input_scale"], w_scales)
-                f.set_values(b_index, q)
-                f.set_quantization(b_index, b_scales, np.zeros(b_scales.size), 0)
-            else:
-                f.set_values(b_index, bias)
-                if bb.get("headroom"):
-                    f.set_quantization(b_index, b_quant[0] * 2 ** bb["headroom"], b_quant[1], b_quant[2])
-            written.append(f.name(b_index))
+                    f.set_binding_quantization(wb, w_quant[0] * 2 ** wb["headroom"], w_quant[1], w_quant[2])
+            written.append(f.name(wb["ref"]))
+            new = {"w": to_param(dequantized(f.values(wb["ref"]), f.binding_quantization(wb), wb["layout"]),
+                                 wb["layout"]) if wb["mode"] == "requantize" else weight, "b": 0.0}
+            if bb is not None:
+                b_stored, b_quant = f.values(bb["ref"]), f.binding_quantization(bb)
+                bias = _values(bb, layer["bias"], learned, b_stored, b_quant)
+                old["b"] = _values(bb, None, learned, b_stored, b_quant)
+                if bb["mode"] == "requantize":
+                    q, b_scales = quantized_bias(bias, layer["input_scale"], w_scales)
+                    f.set_values(bb["ref"], q)
+                    f.set_binding_quantization(bb, b_scales, np.zeros(b_scales.size), 0)
+                    new["b"] = q * b_scales.astype(np.float64)
+                else:
+                    f.set_values(bb["ref"], bias)
+                    new["b"] = bias
+                    if bb.get("headroom"):
+                        scales = b_quant[0] * 2 ** bb["headroom"]
+                        f.set_binding_quantization(bb, scales, b_quant[1], b_quant[2])
+                written.append(f.name(bb["ref"]))
         except TinyTrainError as err:
             raise InputError(f"layer {layer['index']} ({layer['weight']}): {err}") from None
-    return bytes(f.data), written, notes
+        if layer["index"] == last and wb["mode"] == "requantize":
+            classifier = (layer, old, new)
+    if classifier is not None and _set_classifier_output(f, *classifier, samples):
+        written.append(f.output_name(classifier[0]))
+    return written
 
 
-# ---- ONNX --------------------------------------------------------------------------------------------
-def _write_onnx(data: bytes, layers: list[dict], learned: dict) -> tuple[bytes, list[str], list[str]]:
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load_model_from_string(data)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-
-    def array(name: str) -> np.ndarray:
-        return numpy_helper.to_array(inits[name])
-
-    def put(name: str, values: np.ndarray) -> None:
-        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values, array(name).dtype), name))
-
-    def set_quant(binding: dict, scales: np.ndarray, axis: int) -> None:
-        """New scale and zero point initializers of a DequantizeLinear (its own, if shared)."""
-        dq = graph.node[binding["dq"]]
-        for slot, key, values in ((1, "scale", scales.astype(np.float32)),
-                                  (2, "zero_point", None)):
-            old = binding.get(key)
-            if old is None:
-                continue
-            if values is None:
-                values = np.zeros(scales.shape, array(old).dtype)
-            if values.size == array(old).size:  # same length: keep the file's shape (0-D per tensor)
-                values = values.reshape(array(old).shape)
-            new = old if users.get(old, 0) <= 1 else f"{old}_tuned_{binding['dq']}"
-            tensor = numpy_helper.from_array(values, new)
-            if new in inits:
-                inits[new].CopyFrom(tensor)
-            else:
-                graph.initializer.append(tensor)
-                inits[new] = graph.initializer[-1]
-            dq.input[slot] = new
-        if scales.size > 1:
-            kept = [a for a in dq.attribute if a.name != "axis"]
-            del dq.attribute[:]
-            dq.attribute.extend([*kept, helper.make_attribute("axis", axis)])
-
-    def quant_of(binding: dict):
-        if binding.get("dq") is None:
-            return None
-        scale = array(binding["scale"]).astype(np.float64).reshape(-1)
-        zero = array(binding["zero_point"]).astype(np.int64).reshape(-1) if binding.get("zero_point") \
-            else np.zeros(1, np.int64)
-        axis = next((a.i for a in graph.node[binding["dq"]].attribute if a.name == "axis"), 1)
-        return scale, np.broadcast_to(zero, scale.shape), axis % max(array(binding["ref"]).ndim, 1)
-
-    written, notes = [], []
-    for layer in layers:
-        wb, bb = layer["w"], layer.get("b")
-        w_quant = quant_of(wb)
-        weight = _values(wb, layer["weight"], learned, array(wb["ref"]), w_quant)
-        w_scales = None if w_quant is None else _channel_scales(w_quant, weight.shape[0])
-        if wb["mode"] == "requantize":
-            axis = LAYOUTS[wb["layout"]][1]
-            q, w_scales = requantize(from_param(weight, wb["layout"]), axis)
-            put(wb["ref"], q)
-            set_quant(wb, w_scales, axis)
-            notes.append(f"layer {layer['index']} requantized to int8 per channel")
-        else:
-            put(wb["ref"], from_param(weight, wb["layout"]))
-            if wb.get("headroom"):
-                w_scales = w_scales * 2 ** wb["headroom"]
-                set_quant(wb, w_quant[0] * 2 ** wb["headroom"], w_quant[2])
-        written.append(wb["ref"])
-        if bb is None:
-            continue
-        b_quant = quant_of(bb)
-        bias = _values(bb, layer["bias"], learned, array(bb["ref"]), b_quant)
-        if bb["mode"] == "requantize":
-            q, b_scales = quantized_bias(bias, layer["input_scale"], w_scales)
-            put(bb["ref"], q)
-            set_quant(bb, b_scales, 0)
-        else:
-            put(bb["ref"], bias.reshape(array(bb["ref"]).shape))
-            if bb.get("headroom"):
-                set_quant(bb, b_quant[0] * 2 ** bb["headroom"], 0)
-        written.append(bb["ref"])
-    return model.SerializeToString(), written, notes
+def _set_classifier_output(f, layer: dict, old: dict, new: dict, samples) -> bool:
+    """A requantized classifier's int8 output quantization, from :func:`classifier_output`;
+    whether it changed."""
+    quant = f.activations(layer)
+    if quant is None:  # a float output needs no range
+        return False
+    (sx, zx, _), y_quant = quant
+    features = None if samples is None else f.layer_inputs(layer, samples)
+    x_peak = float(sx[0]) * max(abs(-128 - int(zx[0])), abs(127 - int(zx[0])))
+    widened = classifier_output(y_quant, old, new, x_peak, features)
+    if widened is not None:
+        f.set_output_quantization(layer, *widened)
+        how = "on the samples" if features is not None else "by the bound (no samples)"
+        f.notes.append(f"its int8 output range set {how} to {widened[0] * 255:.3g} wide")
+    return widened is not None

@@ -119,6 +119,56 @@ class TfliteFile:
         self.model = tflite.Model.GetRootAsModel(self.data, 0)
         self.graph = self.model.Subgraphs(0)
 
+    # ---- what export_tuned writes through (the same as onnx_patch.OnnxFile's) ----------------
+    def to_bytes(self) -> bytes:
+        return bytes(self.data)
+
+    def binding_quantization(self, binding: dict):
+        return self.quantization(binding["ref"])
+
+    def set_binding_quantization(self, binding: dict, scales, zeros, dim: int) -> None:
+        self.set_quantization(binding["ref"], scales, zeros, dim)
+
+    def activations(self, layer: dict):
+        """(input quantization, output quantization) of an int8 layer, or None when it is not one."""
+        op = self.graph.Operators(layer["op"])
+        x, y = self.quantization(op.Inputs(0)), self.quantization(op.Outputs(0))
+        if x is None or y is None or self.dtype(op.Outputs(0)) != np.int8:
+            return None
+        return x, y
+
+    def output_name(self, layer: dict) -> str:
+        return self.name(self.graph.Operators(layer["op"]).Outputs(0))
+
+    def set_output_quantization(self, layer: dict, scale: float, zero: int) -> None:
+        out = self.graph.Operators(layer["op"]).Outputs(0)
+        self.set_quantization(out, [scale], [zero], self.quantization(out)[2])
+
+    def layer_inputs(self, layer: dict, samples: tuple) -> np.ndarray:
+        """The real values entering the layer on each sample (LiteRT's reference kernels)."""
+        try:
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        except ImportError:
+            raise TinyTrainError("samples= runs the model in LiteRT: pip install ai-edge-litert "
+                                 "(tvm-tinytrain[verify])") from None
+        xs, input_quant = samples
+        index = self.graph.Operators(layer["op"]).Inputs(0)
+        interp = Interpreter(model_content=self.to_bytes(), experimental_preserve_all_tensors=True,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+        interp.allocate_tensors()
+        spec = interp.get_input_details()[0]
+        out = []
+        for x in xs:
+            x = np.asarray(x)
+            if spec["dtype"] == np.float32 and x.dtype.kind in "iu" and input_quant:
+                x = (x.astype(np.float32) - input_quant[1]) * np.float32(input_quant[0])
+            interp.set_tensor(spec["index"], x.reshape(spec["shape"]).astype(spec["dtype"]))
+            interp.invoke()
+            out.append(interp.get_tensor(index).copy())
+        values = np.stack(out).astype(np.float64)
+        quant = self.quantization(index)
+        return values if quant is None else (values - quant[1][0]) * quant[0][0]
+
     def _overwrite(self, q, field: int, raw: bytes) -> None:
         start = q._tab.Vector(q._tab.Offset(field))
         self.data[start:start + len(raw)] = raw
