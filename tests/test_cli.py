@@ -110,17 +110,6 @@ def test_summary_user_error_is_one_line(capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("tinytrain: error: ") and "missing.tflite" in err
 
 
-@pytest.mark.slow
-def test_demo_json():
-    proc = subprocess.run([TINYTRAIN, "demo", "--json", "--quiet"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert result["after_accuracy"] > result["before_accuracy"]
-    assert result["after_accuracy"] >= 0.85
-    assert result["finetune_steps"] > 0 and result["median_step_ms"] > 0
-
-
 def test_compile_then_create_project_and_build(small_onnx, tmp_path, capsys):
     from conftest import require_tools
 
