@@ -95,6 +95,30 @@ def test_the_file_holds_tflite_int8_quantization(quantized):
     assert any(t["quantization"][1] != -128 for t in activations)  # the logits: a zero point inside
 
 
+def test_quantizing_the_float_twin_of_its_own_file_gives_it_back(quantized, digits, tmp_path):
+    """The float twin of an int8 file (``dequantize=True``: a float TFLite import, NHWC input, each
+    activation clipped to its int8 range, average pooling) quantized again: the same weights, the
+    same scales where calibration reached the clip, the same answers."""
+    _, _, path = quantized
+    mod, params = tt.load_model(path, dequantize=True)
+    nhwc = digits[0][:300].transpose(0, 2, 3, 1)
+    again = quantize_tflite(mod, nhwc, tmp_path / "again.tflite", params=params)
+    (first, run_first), (second, run_second) = litert_reference(path), litert_reference(again)
+    old = {t["name"]: t for t in first.get_tensor_details()}
+    new = {t["name"]: t for t in second.get_tensor_details()}
+    assert sorted(old) == sorted(new)
+    for name in (n for n in old if n.endswith("/weight")):
+        np.testing.assert_array_equal(second.get_tensor(new[name]["index"]),
+                                      first.get_tensor(old[name]["index"]))
+    assert new["input"]["quantization"] == old["input"]["quantization"]
+    for name in (n for n in old if "/" not in n and old[n]["dtype"] == np.int8):
+        (s_old, z_old), (s_new, z_new) = old[name]["quantization"], new[name]["quantization"]
+        assert s_new == pytest.approx(s_old, rel=0.02) and abs(z_new - z_old) <= 1
+    x = np.clip(np.round(digits[1].transpose(0, 2, 3, 1) * 255) - 128, -128, 127).astype(np.int8)
+    same = [np.argmax(run_first(s[None])) == np.argmax(run_second(s[None])) for s in x]
+    assert np.mean(same) >= 0.97
+
+
 def _loaded(tmp_path, model: onnx.ModelProto):
     path = tmp_path / "float.onnx"
     onnx.save(model, path)

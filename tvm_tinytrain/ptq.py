@@ -6,8 +6,9 @@
     quantize_tflite(trainer, x_calibration, "model_int8.tflite")   # or (mod, path, params=params)
 
 1. Read the float backbone (``predict`` of a trainer, or ``main`` of the module ``load_model``
-   returned) as a chain of layers: conv and depthwise conv (+ bias, + ReLU or ReLU6), global
-   average pooling, flatten, fully connected (+ bias, + ReLU).
+   returned) as a chain of layers: conv and depthwise conv (+ bias, + ReLU, ReLU6 or clip(0, c):
+   a ReLU whose calibrated range stops at c), global average pooling, flatten, fully connected
+   (+ bias, + ReLU).
 2. Run the chain in float64 numpy on the calibration samples; record each layer output's range
    (min and max, widened to hold 0).
 3. Activations int8 with an asymmetric zero point: scale = (max − min) / 255, zero point =
@@ -63,7 +64,7 @@ from .tflite_writer import (
     write_model,
 )
 
-SUPPORTED = "conv2d, depthwise conv2d, relu, clip(0, 6), global mean, flatten, matmul + bias"
+SUPPORTED = "conv2d, depthwise conv2d, relu, clip(0, c), global mean, flatten, matmul + bias"
 _FUSED = {None: NO_ACTIVATION, "relu": RELU, "relu6": RELU6}
 
 
@@ -76,6 +77,7 @@ class _Layer:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     act: str | None = None         # None, "relu" or "relu6"
+    cap: float | None = None       # clip(0, cap): a ReLU whose int8 output range ends at cap
 
 
 class _Chain:
@@ -155,22 +157,36 @@ class _Chain:
             if bias is None or bias.size != self.layers[-1].weight.shape[0]:
                 self._refuse(var.name, "an add that is not a layer's bias (a residual add)")
             self.layers[-1].bias, self.current = bias, var
+        elif op == "clip" and chained and self._repeats_cap(args):
+            self.current = var  # the pool's mean cannot leave the range its input was clipped to
         elif op in ("nn.relu", "clip") and chained and self.layers and self.layers[-1].kind != "pool" \
                 and self.layers[-1].act is None:
-            act = "relu"
+            act, cap = "relu", None
             if op == "clip":
-                bounds = (float(args[1].value), float(args[2].value))
-                if bounds != (0.0, 6.0):
-                    self._refuse(var.name, f"clip{bounds} (only ReLU6, clip(0, 6))")
-                act = "relu6"
-            self.layers[-1].act, self.current = act, var
+                low, cap = float(args[1].value), float(args[2].value)
+                if low != 0.0 or not cap > 0:
+                    self._refuse(var.name, f"clip({low:g}, {cap:g}) (a clip must start at 0: ReLU6, or ReLU "
+                                           "capped by its int8 range)")
+                act = "relu6" if cap == 6.0 else "relu"
+            self.layers[-1].act, self.layers[-1].cap, self.current = act, cap, var
         elif op == "mean" and chained and not self.flat \
                 and sorted(int(a) for a in attrs.axis) == [2, 3]:
             self.layers.append(_Layer("pool", f"pool{len(self.layers)}"))
             self.flat = not bool(attrs.keepdims)
             self.current = var
+        elif op == "nn.avg_pool2d" and chained and not self.flat and _global(args[0], attrs):
+            self.layers.append(_Layer("pool", f"pool{len(self.layers)}"))
+            self.current = var
         else:
             self._refuse(var.name, f"operator {op}" + ("" if chained else " off the chain"))
+
+    def _repeats_cap(self, args) -> bool:
+        """A clip after a global pool with the bounds of the clip before it (an int8 file's float twin)."""
+        if len(self.layers) < 2 or self.layers[-1].kind != "pool" or self.layers[-2].act is None:
+            return False
+        cap = self.layers[-2].cap if self.layers[-2].cap is not None else \
+            (6.0 if self.layers[-2].act == "relu6" else None)
+        return cap is not None and (float(args[1].value), float(args[2].value)) == (0.0, cap)
 
     def _conv(self, var, call) -> None:
         a = call.attrs
@@ -190,6 +206,12 @@ class _Chain:
         self.layers.append(_Layer(kind, self._name(name), weight, None, tuple(int(s) for s in a.strides),
                                   tuple(int(p) for p in a.padding)))
         self.current = var
+
+
+def _global(x, attrs) -> bool:
+    """Whether an avg_pool2d averages the whole image (a float TFLite file's global pooling)."""
+    return [int(d) for d in attrs.pool_size] == [int(d) for d in list(x.ty.shape)[2:]] \
+        and not any(int(p) for p in attrs.padding) and str(attrs.layout) == "NCHW"
 
 
 # ---- step 2: the float forward -----------------------------------------------------------------
@@ -227,7 +249,7 @@ def _forward(layers: list[_Layer], x: np.ndarray) -> list[np.ndarray]:
             if layer.bias is not None:
                 x = x + layer.bias
         if layer.act is not None:
-            x = np.clip(x, 0.0, 6.0 if layer.act == "relu6" else None)
+            x = np.clip(x, 0.0, layer.cap)
         outputs.append(x)
     return outputs
 
