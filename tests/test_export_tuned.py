@@ -365,3 +365,24 @@ def test_vww_int8_sparse_on_the_device(tmp_path):
     report = export_project(tmp_path / "proj", tmp_path / "tuned.tflite", samples=xs)
     assert _top1_agreement(_litert(report.path, xs), predicted) >= 0.99
     _untouched(path, report.path, report.tensors)
+
+
+@pytest.mark.parametrize("build", ["conv_variants", "matmul_add", "batchnorm_folded"])
+def test_float_onnx_layouts_missing_biases_and_folded_batchnorm(tmp_path, build):
+    """A depthwise multiplier, a grouped conv and a conv without bias (which gets one), a MatMul's
+    (in, out) weight and the bias of the Add after it, a BatchNormalization folded into its conv
+    (written folded, the BatchNormalization made an Identity): onnxruntime equals the trainer."""
+    import onnx_ops
+
+    onnx.save(getattr(onnx_ops, build)(), tmp_path / "m.onnx")
+    mod, folder, trainer = _compile(tmp_path / "m.onnx", tmp_path, "full", lr=0.05)
+    xs = RNG.standard_normal((12, 1, 2, 6, 6)).astype(np.float32)
+    for x, y in zip(xs[:6], RNG.integers(0, onnx_ops.CLASSES, 6)):
+        trainer.step(x, y)
+    report = export_project(folder, tmp_path / "tuned.onnx", params=trainer.params())
+    sess = onnx_ops.ort_session(report.path)
+    for x in xs:
+        np.testing.assert_allclose(sess.run(None, {"input": x})[0], trainer.predict(x), rtol=1e-5, atol=1e-5)
+    if build == "batchnorm_folded":
+        assert "BatchNormalization folded" in report.summary()
+        assert "BatchNormalization" not in {n.op_type for n in onnx.load(report.path).graph.node}

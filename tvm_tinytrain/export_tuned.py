@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import InputError, TinyTrainError
 from .files import check_file, replacing_file
-from .source_map import LAYOUTS, dequantized, from_param, to_param
+from .source_map import LAYOUTS, dequantized, folded, from_param, to_param
 
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
 Written = tuple[bytes, list[str], list[str]]  # (the file, the tensors written, notes)
@@ -184,7 +184,7 @@ def _values(binding: dict, name: str | None, learned: dict, stored: np.ndarray, 
     elif binding["mode"] == "int" and binding.get("headroom"):
         base = np.round(to_param(stored, layout).astype(np.float64) / 2 ** binding["headroom"])
     else:
-        base = to_param(stored, layout)
+        base = folded(to_param(stored, layout), binding)
     if name not in learned:
         return base
     value, k = learned[name]
@@ -273,6 +273,8 @@ def _write(f, layers: list[dict], learned: dict, last: int, samples) -> list[str
             written.append(f.name(wb["ref"]))
             new = {"w": to_param(dequantized(f.values(wb["ref"]), f.binding_quantization(wb), wb["layout"]),
                                  wb["layout"]) if wb["mode"] == "requantize" else weight, "b": 0.0}
+            if bb is not None and bb["ref"] is None:  # a bias the file lacks
+                bb["ref"] = f.add_bias(bb["create"], bb["name"], weight.shape[0])
             if bb is not None:
                 b_stored, b_quant = f.values(bb["ref"]), f.binding_quantization(bb)
                 bias = _values(bb, layer["bias"], learned, b_stored, b_quant)
@@ -289,6 +291,9 @@ def _write(f, layers: list[dict], learned: dict, last: int, samples) -> list[str
                         scales = b_quant[0] * 2 ** bb["headroom"]
                         f.set_binding_quantization(bb, scales, b_quant[1], b_quant[2])
                 written.append(f.name(bb["ref"]))
+            if wb.get("bn"):  # written folded: the BatchNormalization goes
+                f.drop_batchnorm(wb["bn"]["node"])
+                f.notes.append(f"layer {layer['index']}'s BatchNormalization folded into it")
         except TinyTrainError as err:
             raise InputError(f"layer {layer['index']} ({layer['weight']}): {err}") from None
         if layer["index"] == last and wb["mode"] == "requantize":

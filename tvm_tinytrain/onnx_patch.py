@@ -55,6 +55,26 @@ class OnnxFile:
             node.input.append("")
         node.input[slot] = new
 
+    def add_bias(self, node_index: int, name: str, channels: int) -> str:
+        """Give a float Conv / Gemm without a bias a bias initializer of zeros; its name."""
+        while name in self.inits:
+            name += "_"
+        node = self.graph.node[node_index]
+        self.graph.initializer.append(numpy_helper.from_array(np.zeros(channels, np.float32), name))
+        self.inits[name] = self.graph.initializer[-1]
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        return name
+
+    def drop_batchnorm(self, node_index: int) -> None:
+        """A BatchNormalization whose affine was written into the layer before it → Identity."""
+        node = self.graph.node[node_index]
+        node.op_type = "Identity"
+        del node.input[1:]
+        del node.output[1:]
+        del node.attribute[:]
+
     @staticmethod
     def _axis(node, default: int = 1) -> int:
         return next((a.i for a in node.attribute if a.name == "axis"), default)

@@ -14,9 +14,12 @@ after it), then checks the pairing against the values the model was compiled fro
 - ``requantize``: an integer tensor whose dequantized values the parameter is (an int8 model's
   float32 classifier, a ``--dequantize`` twin, a weight-only int8 file): written back requantized.
 
-A parameter that matches none (a BatchNormalization folded into a conv, a Gemm's alpha) gets an
-``error``: export refuses to write it, naming it. ``attach_source`` stores the file and this table
-in the artifact (``source.tflite`` / ``source.onnx`` and ``metadata["source"]``).
+A float ONNX layer whose BatchNormalization the reader folded in is paired with the folded values
+(``bn``: export writes them and makes the BatchNormalization an Identity); a float Conv / Gemm
+without a bias gets one (``create``), since the reader trains one. A parameter that matches none (a
+Gemm's alpha, a MatMul's BatchNormalization) gets an ``error``: export refuses to write it, naming
+it. ``attach_source`` stores the file and this table in the artifact (``source.tflite`` /
+``source.onnx`` and ``metadata["source"]``).
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ def _check(entry: dict, layer: dict, params: dict[str, np.ndarray]) -> str | Non
             return f"{name} has shape {list(param.shape)}, the file's tensor {ref} {list(stored.shape)}"
         if param.dtype.kind == "f" and stored.dtype.kind == "f":
             binding["mode"] = "float"
+            if "bn" in layer:  # a BatchNormalization the reader folded in: export folds it too
+                binding["bn"] = layer["bn"]
+                values = folded(values, binding)
             if not _close(values, param):
                 return (f"{name} differs from the file's tensor {ref}: it was computed from several "
                         f"tensors at import (a folded BatchNormalization, a Gemm's alpha / beta)")
@@ -135,6 +141,16 @@ def _check(entry: dict, layer: dict, params: dict[str, np.ndarray]) -> str | Non
         else:
             return f"{name} is {param.dtype}, the file's tensor {ref} {stored.dtype} without scales"
     return None
+
+
+def folded(values: np.ndarray, binding: dict) -> np.ndarray:
+    """A weight (output channels first) or bias with its layer's BatchNormalization folded in, as
+    the ONNX reader folds it: ``w·scale``, ``b·scale + shift``."""
+    bn = binding.get("bn")
+    if bn is None:
+        return values
+    scale = np.asarray(bn["scale"]).reshape(-1, *[1] * (values.ndim - 1))
+    return values * scale + (np.asarray(bn["shift"]) if binding["layout"] == "C" else 0.0)
 
 
 def _shrunk(values: np.ndarray, k: int) -> np.ndarray:
@@ -233,6 +249,20 @@ def _onnx_layers(data: bytes) -> list[dict]:
                 return other[0]
         return None
 
+    def batchnorm_after(out: str, channels: int) -> dict | None:
+        """The inference BatchNormalization alone reading ``out``, as (node, scale, shift)."""
+        chain = readers.get(out, [])
+        if len(chain) != 1 or chain[0][1].op_type != "BatchNormalization" or chain[0][1].input[0] != out:
+            return None
+        index, bn = chain[0]
+        if any(readers.get(o) for o in bn.output[1:] if o) or any(n not in inits for n in bn.input[1:5]):
+            return None
+        gamma, beta, mean, var = (inits[n].astype(np.float64).reshape(-1) for n in bn.input[1:5])
+        if any(v.size != channels for v in (gamma, beta, mean, var)):
+            return None
+        scale = gamma / np.sqrt(var + float(attrs(bn).get("epsilon", 1e-5)))
+        return {"node": index, "scale": scale.tolist(), "shift": (beta - mean * scale).tolist()}
+
     layers = []
     for position, node in enumerate(graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
@@ -247,6 +277,16 @@ def _onnx_layers(data: bytes) -> list[dict]:
             layout, bias = "IO", matmul_bias(node.output[0])
         layer = {"op": position, "input_scale": input_scale(node),
                  "w": tensor(node.input[1], layout, "weight")}
+        stored_w = layer["w"].get("stored")
+        if node.op_type != "MatMul" and "quant" in layer["w"] and layer["w"]["quant"] is None:
+            channels = stored_w.shape[1 if layout == "IO" else 0] if stored_w.ndim >= 2 else 0
+            bn = batchnorm_after(node.output[0], channels)
+            if bn is not None:
+                layer["bn"] = bn
+            if bias is None:  # the reader made a bias of zeros: export adds one to the node
+                layer["b"] = {"binding": {"ref": None, "name": f"{node.name or node.output[0]}.bias",
+                                          "layout": "C", "create": position},
+                              "stored": np.zeros(channels, stored_w.dtype), "quant": None}
         if bias is not None:
             layer["b"] = tensor(bias, "C", "bias")
             if "stored" in layer["b"] and layer["b"]["stored"].ndim != 1:
