@@ -293,7 +293,7 @@ def _finetune_device(project, digits_0_4, train, test, epochs: int, schedule: st
     from .run import evaluate, run
 
     with project.session() as dev:
-        int8_acc = evaluate(dev, _dataset(digits_0_4), "cross_entropy")
+        int8_acc = evaluate(dev, _dataset(digits_0_4), "cross_entropy", progress=show)
         dev.train_step(train[0][0], train[1][0])
         stack_used, _ = dev.stack()
         dev.reset()
@@ -306,6 +306,8 @@ def _finetune_device(project, digits_0_4, train, test, epochs: int, schedule: st
     log(f"5/6 fine-tuning on the device on digits 5-9 ({len(train[1])} samples, {epochs} epochs)")
     result = run(project, train, test, epochs=epochs, seed=seed, progress=show, lr_schedule=schedule,
                  log=lambda line: log(f"    {line}"))
+    if result.interrupted:  # Ctrl-C: run stopped after a step and saved; the demo stops whole
+        raise KeyboardInterrupt
     return {"int8_accuracy": int8_acc, "before_accuracy": result.accuracy_before,
             "after_accuracy": result.accuracy_after, "finetune_steps": result.steps,
             "cost_per_step": result.cost_per_step, "unit": result.cost_unit,
