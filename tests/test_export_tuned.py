@@ -32,6 +32,13 @@ from tvm_tinytrain.tflite_writer import (
 )
 
 RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same numbers whichever tests ran before it."""
+    global RNG
+    RNG = np.random.default_rng(7)
 SPARSE = {"bias": {"last": 3}, "weights": {"3": 0.5}, "classifier": True}  # layer 3: first half of channels
 
 
@@ -88,9 +95,19 @@ def _compile(path, tmp_path, scheme, lr=0.05, **load):
     return mod, folder, tt.build(train_mod, params)
 
 
-def _samples(mod, shape, n, int8: bool):
-    x = RNG.uniform(0, 1, (n, *shape)).astype(np.float32)
-    return (tt.quantize_input(mod, x) if int8 else x), RNG.integers(0, 3 if shape == (1, 6, 6, 2) else 10, n)
+def _samples(mod, shape, n, int8: bool, classes: int = 10):
+    """n samples of ``shape`` with labels: handwritten digits for an 8x8 input (a task a classifier
+    learns with clear margins, so top-1 is not decided by rounding), random ones otherwise."""
+    if shape[1:3] == (8, 8) or shape[2:] == (8, 8):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        keep = digits.target < classes
+        x = (digits.images[keep][:n] / 16.0).reshape(n, *shape).astype(np.float32)
+        y = digits.target[keep][:n]
+    else:
+        x, y = RNG.uniform(0, 1, (n, *shape)).astype(np.float32), RNG.integers(0, classes, n)
+    return (tt.quantize_input(mod, x) if int8 else x), y
 
 
 def _litert(path, xs) -> np.ndarray:
@@ -237,7 +254,7 @@ def test_a_dequantized_twin_is_written_back_requantized(tmp_path):
 def test_float_and_weight_only_tflite(tmp_path, weight_only):
     path = _float_tflite(tmp_path, weight_only)
     mod, folder, trainer = _compile(path, tmp_path, "full", lr=0.05)
-    xs, ys = _samples(mod, (1, 6, 6, 2), 40, int8=False)
+    xs, ys = _samples(mod, (1, 6, 6, 2), 40, int8=False, classes=3)
     for x, y in zip(xs[:20], ys[:20]):
         trainer.step(x, y)
     report = export_project(folder, tmp_path / "tuned.tflite", params=trainer.params())
@@ -260,9 +277,9 @@ def test_qdq_onnx_with_a_float_classifier(tmp_path, headroom):
     onnx.save(qdq, tmp_path / "q.onnx")
     scheme = {"bias": {"last": 3}, "weights": {"3": 1}, "classifier": True}
     mod, folder, trainer = _compile(tmp_path / "q.onnx", tmp_path, scheme, weight_headroom={3: headroom})
-    xs = RNG.standard_normal((120, 1, 1, 8, 8)).astype(np.float32)
+    xs, ys = _samples(mod, (1, 1, 8, 8), 120, int8=False, classes=5)
     xq = tt.quantize_input(mod, xs)
-    for x, y in zip(xq[:40], RNG.integers(0, 5, 40)):
+    for x, y in zip(xq[:40], ys[:40]):
         trainer.step(x, y)
     report = export_project(folder, tmp_path / "tuned.onnx", params=trainer.params(), samples=xq)
     model = onnx.load(report.path)
@@ -308,7 +325,11 @@ def test_bad_input_is_one_line_and_writes_nothing(float_project, tmp_path):
     assert "params lacks" in _one_line(err)
     with pytest.raises(OutputError):
         export_project(folder, tmp_path / "missing" / "t.tflite", params=params)
-    assert not list(tmp_path.iterdir())
+    project = micro.create_project(folder, "host", tmp_path / "proj")
+    with pytest.raises(micro.DeviceError) as err:
+        export_project(project.path, tmp_path / "t.tflite", serial_port=str(tmp_path / "ttyNOPE"))
+    assert "does not exist" in _one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]
 
 
 def test_a_project_compiled_before_the_source_copy_says_to_recompile(float_project, tmp_path):

@@ -14,14 +14,22 @@ them as ``params=``), and writes a copy of the original file (kept in the projec
    output channel: ``s = max|w| / 127`` (symmetric), ``q = round(w / s)``, the bias
    ``round(b / (s_x · s))`` at scale ``s_x · s``; the scales are rewritten (``tflite_patch``
    grows a per-tensor vector to one per channel); a float file stays float;
-4. everything else (other tensors, operators, metadata, signature defs) is the source's bytes
+4. the classifier's int8 output range (calibrated on the old logits) is set again: from the
+   learned logits on ``samples=`` when given (the eval set; LiteRT / onnxruntime compute the
+   features), else the file's range widened by a bound that never clips but is coarser;
+5. a float ONNX layer whose BatchNormalization was folded at import is written folded, the
+   BatchNormalization made an Identity; a float Conv / Gemm without a bias gets the one trained;
+6. everything else (other tensors, operators, metadata, signature defs) is the source's bytes
    (TFLite) or the source's protobuf fields (ONNX), and the file is written whole or not at all.
+
+A model trained as the float twin of an int8 file (``--dequantize``) is written back into the int8
+file, every layer it trained requantized per channel as in 3 (its activations keep the file's
+ranges, which the twin clipped to): the int8 file approximates what was trained, as it did before.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +41,6 @@ from .files import check_file, replacing_file
 from .source_map import LAYOUTS, dequantized, folded, from_param, to_param
 
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
-Written = tuple[bytes, list[str], list[str]]  # (the file, the tensors written, notes)
 
 
 @dataclass
@@ -41,7 +48,7 @@ class ExportReport:
     path: Path
     format: str  # "tflite" or "onnx"
     tensors: list[str]  # the file's tensors (TFLite) / initializers (ONNX) written
-    notes: list[str] = field(default_factory=list)  # requantized layers, per-tensor fallbacks
+    notes: list[str] = field(default_factory=list)  # requantized layers, output range, folded norms
 
     def summary(self) -> str:
         layers = f"{len(self.tensors)} tensor{'s' if len(self.tensors) != 1 else ''}"
@@ -134,12 +141,7 @@ def _device_params(project_dir, serial_port, timeout) -> dict[str, np.ndarray]:
     """The trainable parameters the device holds now (one session)."""
     from .micro import open_project
 
-    project = open_project(project_dir)
-    accepted = inspect.signature(project.session).parameters
-    options = {k: v for k, v in (("serial_port", serial_port), ("timeout", timeout)) if k in accepted}
-    if serial_port is not None and "serial_port" not in accepted:
-        raise InputError("this version's sessions have no serial link: drop --serial-port")
-    with project.session(**options) as dev:
+    with open_project(project_dir).session(serial_port=serial_port, timeout=timeout) as dev:
         return dev.params()
 
 
