@@ -314,8 +314,6 @@ def test_a_serial_port_that_does_not_exist(work, tmp_path, capsys):
         assert code == 2 and "/dev/ttyNOPE9" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="the device program shares the terminal's process group, so Ctrl-C "
-                   "kills it too: PipeTransport must start it with start_new_session=True")
 def test_ctrl_c_in_a_terminal_stops_after_the_step_and_saves(work, tmp_path):
     """A terminal's Ctrl-C reaches the whole foreground process group: tinytrain and its device program."""
     require_tools("cc", "make")

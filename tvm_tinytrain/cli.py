@@ -255,7 +255,14 @@ def _cmd_run(args) -> int:
 def _cmd_export(args) -> int:
     from .export_tuned import export_project
 
-    report = export_project(args.project_dir, args.output, serial_port=args.serial_port, timeout=args.timeout)
+    samples = None
+    if args.samples is not None:
+        from . import micro
+        from .data import load_data
+
+        samples = load_data(args.samples, micro.open_project(args.project_dir).metadata).x
+    report = export_project(args.project_dir, args.output, serial_port=args.serial_port, timeout=args.timeout,
+                            samples=samples)
     print(report.summary())
     return 0
 
@@ -264,15 +271,10 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    result = run_demo(pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs,
-                      lr=args.lr, seed=args.seed, show_progress=not args.quiet, log=log)
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-        return 0
-    print(f"digits 5-9 accuracy before fine-tuning: {result.before_accuracy:.1%}")
-    print(f"digits 5-9 accuracy after fine-tuning:  {result.after_accuracy:.1%} "
-          f"({result.finetune_steps} steps)")
-    print(f"time per training step (host, TVM llvm): {result.median_step_ms:.3f} ms median")
+    result = run_demo(pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs, lr=args.lr,
+                      seed=args.seed, show_progress=not args.quiet, log=log, output=args.output,
+                      target=args.target)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.format())
     return 0
 
 
@@ -333,10 +335,15 @@ def parser() -> argparse.ArgumentParser:
                                    "a small CNN pretrained on 0-4 is fine-tuned on 5-9 with "
                                    "the compile-time training step; prints held-out accuracy "
                                    "before and after, and the time per step.")
-    d.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
+    d.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs on the device (default 3)")
+    d.add_argument("-o", "--output", default="tinytrain-demo",
+                   help="the demo's folder: the int8 model, the project, the data and the exported model "
+                        "(default ./tinytrain-demo; replaced only when a demo made it)")
+    d.add_argument("--target", default="host", choices=["host", "qemu_cortex_m7"],
+                   help="the device: the host program (default) or the emulated Cortex-M7 (needs QEMU)")
     d.add_argument("--pretrain-epochs", type=int, default=5, help="pretraining epochs (default 5)")
     d.add_argument("--lr", type=_learning_rate, default=0.005,
-                   help="SGD (momentum 0.9) learning rate (default 0.005)")
+                   help="pretraining SGD (momentum 0.9) learning rate (default 0.005)")
     d.add_argument("--seed", type=int, default=0, help="data split and weight seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -362,6 +369,9 @@ def parser() -> argparse.ArgumentParser:
                                    "holds them) or .onnx.")
     e.add_argument("project_dir", metavar="PROJECT_DIR", help="a project folder micro create-project made")
     e.add_argument("-o", "--output", required=True, help="the tuned model file, .tflite or .onnx")
+    e.add_argument("--samples", metavar="DATA.npz",
+                   help="inputs (x of an .npz, as for run) that set a requantized int8 classifier's output "
+                        "range from its learned logits; without them a bound that never clips, coarser")
     _device_options(e)
     e.set_defaults(run=_cmd_export)
     return p

@@ -7,7 +7,7 @@
     project.build()
     project.flash()
     with project.session() as dev:
-        loss = dev.train_step(x, y)   # dev.last_cost: instructions on QEMU, µs on the host
+        loss = dev.train_step(x, y)   # dev.last_cost: instructions on QEMU, ns on the host
         logits = dev.predict(x)
         params = dev.params()
 
@@ -23,7 +23,6 @@ The device speaks the framed byte protocol of ``microtvm_projects/common/tinytra
 from ..errors import InputError
 from .project import (
     PROJECT_MARKER,
-    PROTOCOL_VERSION,
     TEMPLATES,
     DeviceError,
     Project,
@@ -38,7 +37,7 @@ from .project import (
     template_info,
     template_names,
 )
-from .session import Session
+from .session import PROTOCOL_VERSION, Session
 
 __all__ = ["PROJECT_MARKER", "PROTOCOL_VERSION", "TEMPLATES", "DeviceError", "InputError", "Project",
            "Session", "TemplateInfo", "TemplateOption", "ToolMissingError", "check_tools", "create_project",

@@ -45,7 +45,6 @@ from ..codegen.artifact import Artifact
 from ..errors import InputError, OutputError, TinyTrainError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "microtvm_projects"
-PROTOCOL_VERSION = 3
 PROJECT_MARKER = ".tinytrain-project"  # in every project create_project makes
 
 

@@ -36,8 +36,10 @@ class PipeTransport:
     def open(self) -> None:
         self._stderr = tempfile.TemporaryFile()
         try:
+            # its own session: a terminal's Ctrl-C is tinytrain's to handle (stop after the step, save)
             self.process = subprocess.Popen(self.cmd, cwd=self.cwd, stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0)
+                                            stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0,
+                                            start_new_session=True)
         except OSError as err:
             raise DeviceError(f"cannot start {' '.join(self.cmd)}: {err.strerror}; build the project first") \
                 from None
