@@ -97,3 +97,14 @@ def require_tools(*names: str) -> None:
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
         pytest.fail(f"{', '.join(missing)} missing; CI must install them (see .ci/run)")
     pytest.skip(f"{', '.join(missing)} not installed")
+
+
+def small_step_artifact(root):
+    """The C artifact of a small CNN's sparse step (SGD with momentum): the device link's tests."""
+    import tvm_tinytrain as tt
+
+    onnx.save(zoo.small_cnn(num_classes=5, input_hw=(8, 8), width=4, seed=1), root / "m.onnx")
+    mod, params = tt.load_model(root / "m.onnx")
+    scheme = {"bias": {"last": 4}, "weights": {"3": 0.5, "4": 1.0}}
+    train_mod = tt.relay.transform.TinyTrain(scheme, optimizer=tt.SGD(lr=0.05, momentum=0.9))(mod)
+    return tt.build(train_mod, params, target="c")

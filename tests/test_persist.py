@@ -15,12 +15,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from conftest import require_tools
 
-import tvm_tinytrain as tt
-from tvm_tinytrain import micro, zoo
+from tests.conftest import small_step_artifact
+from tvm_tinytrain import micro
 
 MAGIC, HEADER, WRITE_BLOCK = 0x54545331, 20, 16
 PAYLOAD_AT = -(-HEADER // WRITE_BLOCK) * WRITE_BLOCK
@@ -34,11 +33,7 @@ DELAY_US = {"host": "200", "qemu_cortex_m7": "10"}
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("persist")
-    onnx.save(zoo.small_cnn(num_classes=5, input_hw=(8, 8), width=4, seed=1), root / "m.onnx")
-    mod, params = tt.load_model(root / "m.onnx")
-    scheme = {"bias": {"last": 4}, "weights": {"3": 0.5, "4": 1.0}}
-    train_mod = tt.relay.transform.TinyTrain(scheme, optimizer=tt.SGD(lr=0.05, momentum=0.9))(mod)
-    return tt.build(train_mod, params, target="c"), root
+    return small_step_artifact(root), root
 
 
 def _project(artifact, template: str, name: str, delay_us: str = "0") -> micro.Project:

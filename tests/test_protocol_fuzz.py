@@ -13,12 +13,11 @@ import time
 import zlib
 
 import numpy as np
-import onnx
 import pytest
 from conftest import require_tools
 
-import tvm_tinytrain as tt
-from tvm_tinytrain import micro, zoo
+from tests.conftest import small_step_artifact
+from tvm_tinytrain import micro
 from tvm_tinytrain.errors import InputError
 from tvm_tinytrain.micro import DeviceError
 from tvm_tinytrain.micro.transport import LinkTimeout, PipeTransport
@@ -30,11 +29,7 @@ FIXED = {"I": 0, "G": 0, "R": 0, "M": 0, "W": 0, "E": 0, "Q": 0, "L": 4}  # payl
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    onnx.save(zoo.small_cnn(num_classes=5, input_hw=(8, 8), width=4, seed=1), root / "m.onnx")
-    mod, params = tt.load_model(root / "m.onnx")
-    scheme = {"bias": {"last": 4}, "weights": {"3": 0.5, "4": 1.0}}
-    train_mod = tt.relay.transform.TinyTrain(scheme, optimizer=tt.SGD(lr=0.05, momentum=0.9))(mod)
-    return tt.build(train_mod, params, target="c"), root
+    return small_step_artifact(root), root
 
 
 @pytest.fixture(scope="module")

@@ -44,4 +44,13 @@ int tinytrain_device_run(void);
 }
 #endif
 
+/* The emulated region of the host and QEMU ports (make FLASH_DELAY_US=, WRITE_BLOCK=): a delay per
+ * programmed block, so a test can cut a save short, and the program granularity. */
+#ifndef TINYTRAIN_FLASH_DELAY_US
+#define TINYTRAIN_FLASH_DELAY_US 0
+#endif
+#ifndef TINYTRAIN_WRITE_BLOCK
+#define TINYTRAIN_WRITE_BLOCK 16
+#endif
+
 #endif

@@ -14,13 +14,6 @@
 #include "tinytrain_persist.h"
 #include "tinytrain_port.h"
 
-#ifndef TINYTRAIN_FLASH_DELAY_US
-#define TINYTRAIN_FLASH_DELAY_US 0
-#endif
-#ifndef TINYTRAIN_WRITE_BLOCK
-#define TINYTRAIN_WRITE_BLOCK 16
-#endif
-
 int tinytrain_port_read(void* buf, size_t n) { return fread(buf, 1, n, stdin) == n ? 0 : -1; }
 
 int tinytrain_port_write(const void* buf, size_t n) { return fwrite(buf, 1, n, stdout) == n ? 0 : -1; }

@@ -9,13 +9,6 @@
 #include "tinytrain_persist.h"
 #include "tinytrain_port.h"
 
-#ifndef TINYTRAIN_FLASH_DELAY_US
-#define TINYTRAIN_FLASH_DELAY_US 0
-#endif
-#ifndef TINYTRAIN_WRITE_BLOCK
-#define TINYTRAIN_WRITE_BLOCK 16
-#endif
-
 uint32_t tinytrain_stack_used(void);
 uint32_t tinytrain_stack_reserved(void);
 
