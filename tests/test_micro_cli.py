@@ -275,6 +275,12 @@ def end_to_end(work, tmp_path, capsys, template: str) -> None:
     assert np.mean(np.array(top1) == test["y"]) == pytest.approx(after, abs=1e-9)  # the device's weights
     code, _, err = cli(capsys, "export", proj, "-o", tmp_path / "tuned.tflite")
     assert code == 2 and "name the output *.onnx" in err and not (tmp_path / "tuned.tflite").exists()
+    code, _, err = cli(capsys, "export", proj, "-o", tmp_path / "s.onnx", "--samples", work / "test.npz")
+    assert code == 0, err  # the samples read as run reads data; a float classifier needs no range
+    assert np.array_equal(onnx.load(tmp_path / "s.onnx").graph.initializer[0].raw_data,
+                          onnx.load(tmp_path / "tuned.onnx").graph.initializer[0].raw_data)
+    code, _, err = cli(capsys, "export", proj, "-o", tmp_path / "n.onnx", "--samples", tmp_path / "none.npz")
+    assert code == 2 and "none.npz" in err and not (tmp_path / "n.onnx").exists()
 
     code, out, _ = cli(capsys, "micro", "reset-params", proj)
     assert code == 0 and "compiled-in" in out
