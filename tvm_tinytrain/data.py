@@ -5,7 +5,7 @@ of shape ``(1, 8, 8, 1)`` it is ``(N, 8, 8, 1)`` (``(N, 1, 8, 8, 1)`` is read to
 integer class per sample for a ``cross_entropy`` model, a target shaped like the output for an
 ``mse`` model, and is left out for an autoencoder (an ``mse`` model trained on its own input).
 Float data for an int8 model is quantized with the model's input scale and zero point
-(``metadata["input_quant"]``, TFLite's rounding, as :func:`tvm_tinytrain.quantize_input`).
+(``metadata["input_quant"]``, TFLite's rounding: :func:`tvm_tinytrain.quantize.quantized`).
 
 Everything that would make a step wrong is refused before a sample is sent, one line each
 (:class:`InputError` naming the file and the way out).
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .quantize import quantized
 
 
 @dataclass
@@ -109,10 +110,7 @@ def _quantize(x: np.ndarray, quant, dtype: np.dtype, name: str) -> np.ndarray:
     if quant is None:
         raise InputError(f"{name}: x is {x.dtype} data and the model takes {dtype} without an input "
                          "scale; save the model's integer input")
-    scale, zero = float(quant[0]), int(quant[1])
-    info = np.iinfo(dtype)
-    q = np.round(x.astype(np.float32) / np.float32(scale)) + zero
-    return np.clip(q, info.min, info.max).astype(dtype)
+    return quantized(x, quant, dtype)
 
 
 def _check_finite(a: np.ndarray, what: str, name: str) -> None:

@@ -41,15 +41,22 @@ def reconstruction_target(x, output_shape: tuple[int, ...], quant: tuple[float, 
     return target.astype(np.float32).reshape(output_shape)
 
 
+def quantized(x_float, quant: tuple[float, int], dtype=np.int8) -> np.ndarray:
+    """``clip(round(x / scale) + zero)`` in ``dtype``'s range: TFLite's quantization with (scale, zero)."""
+    scale, zero = float(quant[0]), int(quant[1])
+    info = np.iinfo(dtype)
+    q = np.round(np.asarray(x_float, np.float32) / np.float32(scale)) + zero
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
 def quantize_input(model, x_float) -> np.ndarray:
     """``clip(round(x / scale) + zero, -128, 127)`` as int8, TFLite's quantization of
     the model's input. Works on any array shape (one sample or a stack)."""
     quant = input_quantization(model)
     if quant is None:
         raise InputError("this model takes float input: pass the data as it is, no quantize_input")
-    x = np.asarray(x_float, np.float32)
     scale, zero = quant
-    q = np.clip(np.round(x / np.float32(scale)) + zero, -128, 127).astype(np.int8)
+    q = quantized(x_float, quant)
     if q.size and int(q.max()) - int(q.min()) < 16:
         lo, hi = (-128 - zero) * scale, (127 - zero) * scale
         warnings.warn(
