@@ -1,0 +1,1 @@
+"""The sparse-update scheme search: contribution analysis, then an evolutionary search under a budget."""
