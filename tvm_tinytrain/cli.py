@@ -1,5 +1,5 @@
-"""The ``tinytrain`` command: ``summary``, ``memory``, ``compile``, ``verify``, ``demo``; the device
-verbs ``micro create-project / list-templates / build / flash / reset-params``, ``run`` and ``export``.
+"""The ``tinytrain`` command: ``summary``, ``memory``, ``compile``, ``search``, ``verify``, ``demo``; the
+device verbs ``micro create-project / list-templates / build / flash / reset-params``, ``run`` and ``export``.
 
 Every user error prints one line, ``tinytrain: error: ...``, and exits 2.
 """
@@ -12,6 +12,7 @@ import math
 import sys
 
 from .errors import InputError, TinyTrainError
+from .search import command as search_command
 
 EPILOG = """examples:
   tinytrain demo                         pretrain on digits 0-4, fine-tune on 5-9
@@ -19,6 +20,8 @@ EPILOG = """examples:
   tinytrain summary model.onnx --json    the same, for scripts
   tinytrain memory model.tflite --scheme last-k:4 --plot mem.png
   tinytrain compile model.onnx --scheme last-k:4 --budget 256KB -o model.tar
+  tinytrain search model.tflite --data train.npz --budget 100KB -o scheme.json --jobs 2
+  tinytrain compile model.tflite --scheme scheme.json --budget 256KB -o model.tar
   tinytrain micro create-project proj model.tar qemu_cortex_m7
   tinytrain micro build proj && tinytrain micro flash proj
   tinytrain run proj --data train.npz --eval test.npz --epochs 3
@@ -26,11 +29,13 @@ EPILOG = """examples:
 """
 
 
-def _step_options(parser) -> None:
+def _step_options(parser, scheme: bool = True) -> None:
     """The options of every command that builds a training step."""
     parser.add_argument("model", help="path to a .tflite or .onnx file")
-    parser.add_argument("--scheme", default="full",
-                        help="full, last-layer, bias-only, last-k:N or a .json scheme (default full)")
+    if scheme:
+        parser.add_argument("--scheme", default="full",
+                            help="full, last-layer, bias-only, last-k:N, a .json scheme (default full), or "
+                                 "auto: search one on --data under --budget first (tinytrain search, cached)")
     parser.add_argument("--no-qas", action="store_true",
                         help="int8 models: train without Quantization-Aware Scaling (to compare)")
     parser.add_argument("--int8-classifier", action="store_true",
@@ -96,9 +101,11 @@ def _cmd_memory(args) -> int:
     from .files import check_file
     from .memory_report import memory_report
     from .relay.transform import TinyTrain
+    from .search.command import resolve_auto
 
     if args.plot is not None:
         check_file(args.plot)  # before the minutes the plan may take
+    resolve_auto(args, log=lambda line: print(line, file=sys.stderr))
     mod, _ = _load(args)
     train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder, qas=not args.no_qas)(mod)
     report = memory_report(train_mod, compare_tvm=not args.no_tvm)
@@ -139,9 +146,11 @@ def _optimizer(args):
 def _cmd_compile(args) -> int:
     from .codegen.artifact import check_export_path
     from .relay.transform import TinyTrain
+    from .search.command import resolve_auto
     from .trainer import build
 
     check_export_path(args.output)  # before the build, which can take minutes
+    resolve_auto(args)
     mod, params = _load(args)
     train_mod = TinyTrain(scheme=args.scheme, loss=args.loss, optimizer=_optimizer(args),
                           qas=not args.no_qas)(mod)
@@ -313,6 +322,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--no-tvm", action="store_true", help="skip TVM's own planner figure")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.add_argument("--plot", metavar="FILE", help="write a PNG of live bytes per kernel")
+    _auto_options(m, budget=True)
     m.set_defaults(run=_cmd_memory)
     c = sub.add_parser("compile", help="emit the training step as standalone C (an artifact)",
                        description="Build the training step of MODEL under a scheme and emit it as C: "
@@ -329,6 +339,7 @@ def parser() -> argparse.ArgumentParser:
                    help="SGD learning rate the device starts with (default 0.01); a schedule changes it "
                         "between steps with tinytrain_set_learning_rate()")
     c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum in [0, 1) (default 0)")
+    _auto_options(c, budget=False)
     c.set_defaults(run=_cmd_compile)
     d = sub.add_parser("demo", help="pretrain on digits 0-4, fine-tune on 5-9, report accuracy",
                        description="Transfer learning on scikit-learn's handwritten digits: "
@@ -361,6 +372,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     v.add_argument("--json", action="store_true", help="print the report as one JSON object")
     v.set_defaults(run=_cmd_verify)
+    search_command.add_parser(sub, _step_options)
     _micro_parsers(sub)
     _run_parser(sub)
     e = sub.add_parser("export", help="write the device's learned parameters into the model file",
@@ -375,6 +387,15 @@ def parser() -> argparse.ArgumentParser:
     _device_options(e)
     e.set_defaults(run=_cmd_export)
     return p
+
+
+def _auto_options(parser, budget: bool) -> None:
+    """The options of ``--scheme auto`` (the search's), in their own group of the help."""
+    group = parser.add_argument_group("--scheme auto (a search first; see tinytrain search --help)")
+    search_command.data_option(group, required=False)
+    if budget:
+        group.add_argument("--budget", help="the SRAM budget the searched scheme must fit, like 100KB")
+    search_command.search_options(group)
 
 
 def _device_options(parser) -> None:

@@ -6,6 +6,9 @@ A scheme is a preset name, a dict, or a path to a JSON file::
      "weights": {"21": 1.0, "24": 1.0, "36": 0.125, "39": 0.25},
      "classifier": true}
 
+A scheme file from ``tinytrain search`` also holds, under ``"search"``, what the search measured
+(planned memory, gains); reading the scheme ignores it.
+
 Layers are the conv and linear layers numbered from the input (``tinytrain
 summary``). A weight ratio r updates the first ⌈r·C_out⌉ output channels.
 Presets: ``full``, ``last-layer`` (the classifier), ``bias-only`` (every bias
@@ -28,6 +31,7 @@ from .layers import Layer
 
 PRESETS = ("full", "last-layer", "bias-only", "last-k:N")
 KEYS = {"bias", "weights", "classifier"}
+NOTES = {"search"}  # what tinytrain search measured, kept in its scheme files and ignored here
 
 
 def check_form(scheme) -> None:
@@ -157,7 +161,7 @@ def resolve(scheme, layers: list[Layer]) -> dict[str, int | None]:
     """Parameter name → channels to update (None = all), weights before biases per layer."""
     spec = load(scheme, len(layers))
     n = len(layers)
-    unknown = {str(key) for key in spec} - KEYS
+    unknown = {str(key) for key in spec} - KEYS - NOTES
     if unknown:
         raise SchemeError(
             f"scheme has unknown key(s) {', '.join(sorted(unknown))}; keys: bias, weights, classifier"
