@@ -9,8 +9,9 @@ holds (``.data`` + ``.bss`` from the linker) plus the stack's high-water mark re
 
 Default data: scikit-learn's handwritten digits (``load_digits``: 8×8, 10 classes, 70 / 30 split),
 for a model with an 8×8 one-channel input; ``--data`` / ``--eval`` take ``.npz`` files (``x``,
-``y``) in the model file's own layout. Default model: ``zoo.small_cnn`` for the digits, untrained,
-its full training step under a 256 KB budget.
+``y``) in the model file's own layout, or folders of one sub-folder of images per class (read by
+:func:`tvm_tinytrain.data.load_data`, as ``tinytrain run`` reads them). Default model:
+``zoo.small_cnn`` for the digits, untrained, its full training step under a 256 KB budget.
 
     python benchmarks/nucleo.py [--json]                                          QEMU, ~1 min
     python benchmarks/nucleo.py --serial-port /dev/ttyACM0 --board nucleo_f746zg  a board (Zephyr)
@@ -70,13 +71,15 @@ def compile_artifact(args, work: Path) -> Artifact:
 
 
 def data_sets(args, metadata: dict):
-    """(train, eval) as (x, y) pairs or .npz paths for :func:`run` (which checks them)."""
+    """(train, eval) as (x, y) pairs, or .npz / image-folder paths, for :func:`run` (which reads and
+    checks them)."""
     if args.data:
         return args.data, args.eval
     shape = tuple(metadata["input"]["shape"])
     if int(np.prod(shape)) != 64 or metadata["output"]["shape"][-1] < 10:
         raise TinyTrainError(f"the model takes {shape} with {metadata['output']['shape'][-1]} classes; the "
-                             "default digits are 8x8 with 10 classes: give --data (and --eval) .npz files")
+                             "default digits are 8x8 with 10 classes: give --data (and --eval) .npz files or "
+                             "image folders")
     (x_tr, y_tr), (x_te, y_te) = digits(args.seed)
     x_tr, y_tr = x_tr[:args.limit], y_tr[:args.limit]
     sample = shape[1:] if shape[0] == 1 else shape  # one channel: NCHW and NHWC hold the same bytes
@@ -184,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
     p.add_argument("--budget", default="256KB", help="SRAM budget of the compiled step (default 256KB)")
-    p.add_argument("--data", help=".npz with x and y to train on (default: the digits' training split)")
-    p.add_argument("--eval", help=".npz with x and y to evaluate on (with --data)")
+    p.add_argument("--data", help=".npz with x and y, or a folder of one sub-folder of images per class, to "
+                                  "train on (default: the digits' training split)")
+    p.add_argument("--eval", help="data to evaluate on, the same formats (with --data)")
     p.add_argument("--epochs", type=int, default=2, help="epochs over the training data (default 2)")
     p.add_argument("--limit", type=int, help="train on the first N samples of the digits' training split")
     p.add_argument("--project-dir", help="where to make the project (replaced if it is one; default: a "
