@@ -106,6 +106,22 @@ def test_int8_model_gets_the_input_quantization(folder):
     assert d.x.max() == 127 and d.x.min() < -80  # some pixels clipped, the range is used
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """An 8-bit image k and its 16-bit copy 257·k (PNG, PGM) read alike (within the 8-bit resize's
+    rounding), in both channel counts; Pillow's own conversion to L would make the copies white."""
+    pixels = np.random.default_rng(3).integers(0, 256, (SIZE[1], SIZE[0]), dtype=np.uint8)
+    for suffix in (".png", ".pgm"):
+        (tmp_path / suffix[1:]).mkdir()
+        Image.fromarray(pixels).save(tmp_path / suffix[1:] / f"8{suffix}")
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / suffix[1:] / f"16{suffix}")
+        assert Image.open(tmp_path / suffix[1:] / f"16{suffix}").mode.startswith("I")
+    for shape in ((1, 6, 5, 1), (1, 6, 5, 3)):
+        x = load_data(tmp_path, metadata(shape)).x[:, 0]
+        assert x.shape == (4, 6, 5, shape[-1]) and x.max() < 1
+        for eight, sixteen in ((x[1], x[0]), (x[3], x[2])):  # "16..." sorts before "8..."
+            np.testing.assert_allclose(sixteen, eight, atol=1.5 / 255)
+
+
 def test_ambiguous_layout(folder):
     """(1, 3, 3, 3): NHWC (TFLite's) unless the metadata says NCHW or the file was ONNX."""
     nhwc = load_data(folder, metadata((1, 3, 3, 3))).x

@@ -262,13 +262,18 @@ def _class_folders(path: Path, name: str) -> list[tuple[str, list[Path]]]:
 
 def _read_image(file: Path, mode: str, size: tuple[int, int], name: str) -> np.ndarray:
     """``file`` upright, in ``mode`` (L or RGB), resized to ``size`` (width, height) bilinearly, as
-    float32 in [0, 1] of shape (height, width, channels)."""
+    float32 in [0, 1] of shape (height, width, channels). A 16-bit grayscale image (PNG, PGM: Pillow's
+    modes I;16 and I) is scaled from 0..65535, not clipped at 255 as Pillow's conversion to L would."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(file) as image:
-            image = ImageOps.exif_transpose(image).convert(mode)
-            image = image.resize(size, Image.Resampling.BILINEAR)
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):
+                image = Image.fromarray(np.asarray(image, np.float32) / np.float32(65535))  # mode F
+                pixels = np.asarray(image.resize(size, Image.Resampling.BILINEAR), np.float32)[..., None]
+                return np.repeat(pixels, 3 if mode == "RGB" else 1, axis=2)
+            image = image.convert(mode).resize(size, Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         raise InputError(f"{name}: cannot read image {file} ({err}); fix or remove the file") from None
     pixels = np.asarray(image, np.float32) / np.float32(255)
