@@ -1,0 +1,202 @@
+"""tvm_tinytrain.search.jobs: the search's jobs in this process, in local processes and on Ray.
+
+Toy workers stand in for the search's: each job's value is job² + 1 (the reference, computed
+here), and each result also says which process answered and how many set-ups that process ran.
+"""
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tvm_tinytrain.errors import InputError, TinyTrainError
+from tvm_tinytrain.search.jobs import parse_address, run_jobs
+
+JOBS = list(range(8))
+
+
+def expected(job):
+    return job * job + 1
+
+
+class ToyError(TinyTrainError):
+    """A TinyTrainError whose __init__ does not take its message (pickle alone cannot rebuild it)."""
+
+    def __init__(self, what: str, job):
+        self.what, self.job = what, job
+        super().__init__(f"toy {what} failed at job {job}; give it another job")
+
+
+_setups = 0  # set-ups run in this process
+
+
+@dataclass
+class Toy:
+    fail_at: int | None = None  # the job that raises ToyError
+    fail_setup: bool = False
+    slow: float = 0.0  # seconds every job but job 0 takes
+    pid_dir: str | None = None  # each worker's process leaves a file named by its pid here
+
+    def __call__(self):
+        return ToyWorker(self)
+
+
+class ToyWorker:
+    def __init__(self, spec: Toy):
+        global _setups
+        _setups += 1
+        if spec.pid_dir:
+            Path(spec.pid_dir, str(os.getpid())).touch()
+        if spec.fail_setup:
+            raise ToyError("set-up", None)
+        self.spec = spec
+
+    def run(self, job):
+        if job == self.spec.fail_at:
+            raise ToyError("job", job)
+        if job:
+            time.sleep(self.spec.slow)
+        return {"value": expected(job), "pid": os.getpid(), "setups": _setups}
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def worker_pids(pid_dir) -> list[int]:
+    return [int(p.name) for p in Path(pid_dir).iterdir()]
+
+
+def wait_gone(pids, seconds=10.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def run_recorded(spec, **options):
+    seen = []
+    results = run_jobs(spec, JOBS, on_result=lambda i, job, r: seen.append((i, job, r["value"])), **options)
+    return results, seen
+
+
+def check_results(results, seen, processes: int):
+    assert [r["value"] for r in results] == [expected(j) for j in JOBS]
+    assert sorted(seen) == [(i, j, expected(j)) for i, j in enumerate(JOBS)]  # each job once
+    per_process = {}
+    for r in results:
+        per_process.setdefault(r["pid"], set()).add(r["setups"])
+    assert all(setups == {1} for setups in per_process.values()), per_process  # one set-up each
+    assert 1 <= len(per_process) <= processes
+    return set(per_process)
+
+
+def test_in_process_and_two_processes_agree():
+    global _setups
+    _setups = 0
+    one, seen = run_recorded(Toy(), n_jobs=1)
+    assert check_results(one, seen, 1) == {os.getpid()}  # no subprocess at all
+    two, seen = run_recorded(Toy(), n_jobs=2)
+    assert os.getpid() not in check_results(two, seen, 2)
+    assert [r["value"] for r in two] == [r["value"] for r in one]
+
+
+@pytest.mark.parametrize("spec", [Toy(fail_at=3), Toy(fail_setup=True)], ids=["job", "set-up"])
+def test_worker_error_comes_back_as_itself_and_stops_the_pool(spec, tmp_path):
+    spec.pid_dir, spec.slow = str(tmp_path), 0.2
+    with pytest.raises(ToyError) as caught:
+        run_jobs(spec, JOBS, n_jobs=2)
+    assert type(caught.value) is ToyError
+    what, job = ("set-up", None) if spec.fail_setup else ("job", 3)
+    assert str(caught.value) == f"toy {what} failed at job {job}; give it another job"
+    assert (caught.value.what, caught.value.job) == (what, job)
+    assert "raise ToyError" in str(caught.value.__cause__)  # the worker's own traceback
+    pids = worker_pids(tmp_path)
+    assert pids and os.getpid() not in pids
+    assert not wait_gone(pids, 0), "worker processes outlived run_jobs"
+
+
+def test_ctrl_c_stops_the_processes_at_once_and_keeps_what_finished(tmp_path):
+    seen = []
+
+    def on_result(index, job, result):
+        seen.append(index)
+        raise KeyboardInterrupt  # as if Ctrl-C came while the parent handled job 0
+
+    spec = Toy(slow=60.0, pid_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(spec, JOBS, n_jobs=2, on_result=on_result)
+    stopped = time.monotonic()
+    assert seen == [0]  # job 0 is fast, every other job takes a minute
+    pids = worker_pids(tmp_path)
+    assert pids and not wait_gone(pids, 0)
+    assert time.monotonic() - stopped < 1
+
+
+@pytest.mark.parametrize("address, parsed", [
+    ("local", ("local", None, None)),
+    ("10.0.0.5:6379", ("gcs", "10.0.0.5", 6379)),
+    ("head.example:6380", ("gcs", "head.example", 6380)),
+    ("ray://head.example", ("client", "head.example", 10001)),
+    ("ray://head.example:10002", ("client", "head.example", 10002)),
+    ("[::1]:6379", ("gcs", "::1", 6379)),
+])
+def test_address_forms(address, parsed):
+    assert parse_address(address) == parsed
+
+
+@pytest.mark.parametrize("address", ["", "head", "head:", "head:port", "head:70000", "http://head:8265",
+                                     "ray://", "ray://head:x", "auto"])
+def test_bad_address_names_the_accepted_forms(address):
+    with pytest.raises(InputError, match=r"is not one of HOST:PORT .* ray://HOST\[:PORT\] .* \"local\"") as e:
+        run_jobs(Toy(), JOBS, ray_address=address)
+    assert "\n" not in str(e.value)
+
+
+def test_without_ray_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    with pytest.raises(InputError, match=r'pip install "tvm-tinytrain\[cluster\]"'):
+        run_jobs(Toy(), JOBS, ray_address="local")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_address_fails_fast_and_names_it():
+    pytest.importorskip("ray") if not os.environ.get("CI") else None
+    with socket.socket() as silent:  # a port that accepts and never answers: not a Ray head
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        quiet = f"127.0.0.1:{silent.getsockname()[1]}"
+        for address in [f"127.0.0.1:{free_port()}", "no-such-host.invalid:6379", quiet,
+                        f"ray://127.0.0.1:{free_port()}"]:
+            start = time.monotonic()
+            with pytest.raises(InputError) as e:
+                run_jobs(Toy(), JOBS, ray_address=address)
+            assert time.monotonic() - start < 15, address
+            assert address in str(e.value) and "\n" not in str(e.value)
+
+
+def test_local_ray_runtime_gives_the_local_results_and_errors(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
+    # Ray's workers import this file's toy classes: they inherit the environment of ray.init
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    spec = Toy(pid_dir=str(tmp_path / "ok"))
+    Path(spec.pid_dir).mkdir()
+    results, seen = run_recorded(spec, n_jobs=2, ray_address="local")
+    pids = check_results(results, seen, 2)
+    assert pids.isdisjoint({os.getpid()})
+    assert [r["value"] for r in results] == [r["value"] for r in run_jobs(Toy(), JOBS, n_jobs=1)]
+    assert not ray.is_initialized()  # the runtime started for the call was shut down
+    assert not wait_gone(worker_pids(spec.pid_dir)), "Ray workers outlived run_jobs"
