@@ -1,0 +1,163 @@
+"""The search's memory model: the planner's total SRAM of a scheme, as a sum calibrated on a few plans.
+
+The exact figure is the planner's (``tinytrain memory``'s total SRAM, :func:`planned_total`), a few
+seconds per scheme: too slow for the thousands of candidates a search weighs. So::
+
+    cost(k, ratios) = A[k] + Σ_i W[(i, r_i)]        W[(i, r)] = P_i(r) + a_i(r)
+
+1. ``A[k]``: the planner's total of the biases of the last k layers + the classifier (k = 0: the
+   classifier alone), for each measured k;
+2. ``P_i(r)``: the exact bytes of layer i's trainable weight slice at ratio r (the channels
+   ``scheme.resolve`` gives) and of its optimizer state (as ``relay_passes.optimizer`` makes it);
+3. ``a_i(r)``: what else the planner needs to train that slice (arena, rollback copy) =
+   plan(all biases + W_i at r) − A[N] − P_i(r). Signed: training a slice can also shrink the
+   arena (a frozen chain no longer run in bands, a gradient no longer kept whole).
+
+Exact for the calibrated schemes themselves; for several layers at once it assumes their extras add
+up, which the planner's peak does not promise, so a search's answer is always planned again
+(``evolution.fit_to_planner``). A ratio left out of calibration borrows a_i of the layer's nearest
+calibrated ratio (in channels): a guess, re-checked the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..layers import Layer
+
+RATIOS = (0.125, 0.25, 0.5, 1.0)
+
+
+def scheme_of(k: int, ratios: dict[int, float] | None = None) -> dict:
+    """The scheme dict of the biases of the last ``k`` layers, the classifier and ``ratios``
+    (layer → ratio of its output channels); the same dicts as ``contribution.bias_scheme`` and
+    ``weight_scheme``, so a plan cached under one is found under the other."""
+    scheme: dict = {"bias": {"last": k}} if k else {}
+    if ratios:
+        scheme["weights"] = {str(i): float(r) for i, r in sorted(ratios.items())}
+    scheme["classifier"] = True
+    return scheme
+
+
+def key(scheme: dict) -> str:
+    """A scheme's canonical JSON: the key of the ``plans`` mapping."""
+    return json.dumps(scheme, sort_keys=True)
+
+
+def parse(scheme: dict) -> tuple[int, dict[int, float]]:
+    """The inverse of :func:`scheme_of`: (k, {layer: ratio})."""
+    k = int((scheme.get("bias") or {}).get("last", 0))
+    return k, {int(i): float(r) for i, r in (scheme.get("weights") or {}).items()}
+
+
+def calibration_schemes(ks, layers_idx, num_layers: int, ratios=RATIOS) -> list[dict]:
+    """The schemes :func:`fit` needs planned: each bias depth k (and k = num_layers, the bias-only
+    figure every a_i is measured against), then all biases + each layer's weights at each ratio."""
+    schemes = [scheme_of(k) for k in sorted({*ks, num_layers})]
+    schemes += [scheme_of(num_layers, {i: r}) for i in layers_idx for r in ratios]
+    return schemes
+
+
+def trained_channels(layer: Layer, ratio: float) -> int:
+    """The output channels a ratio trains, rounded as ``scheme.resolve`` rounds them."""
+    from relay_passes.sparse_update import rounded_channels
+
+    channels = math.ceil(ratio * layer.out_channels - 1e-9)
+    return min(layer.out_channels, rounded_channels(layer.weight_shape, layer.groups, channels))
+
+
+def slice_bytes(layer: Layer, ratio: float, dtype: str, optimizer) -> int:
+    """P_i(r): the trainable slice (its own dtype: an int8 weight is 1 byte) and its optimizer state
+    (float32 for an integer weight, else the weight's dtype; a state named ``*pow`` is one scalar, as
+    ``relay_passes.optimizer._state_type`` makes it)."""
+    elements = trained_channels(layer, ratio) * int(np.prod(layer.weight_shape[1:]))
+    size = np.dtype(dtype).itemsize
+    state_size = 4 if dtype in ("int8", "int32") else size
+    state = 0
+    for name in optimizer.state(layer.weight):
+        state += state_size if name.endswith("pow") else elements * state_size
+    return elements * size + state
+
+
+@dataclass
+class MemoryModel:
+    base: dict[int, int]  # k -> A[k], the planner's total for bias-last-k + classifier
+    weight: dict[tuple[int, float], int]  # (layer, ratio) -> P_i(r) + a_i(r)
+
+    def cost(self, k: int, ratios: dict[int, float]) -> int:
+        """The modelled total SRAM, bytes, of bias-last-k + the classifier + ``ratios``."""
+        if k not in self.base:
+            raise KeyError(f"bias depth {k} was not calibrated; calibrated: {sorted(self.base)}")
+        total = self.base[k]
+        for i, r in ratios.items():
+            if (i, r) not in self.weight:
+                raise KeyError(f"layer {i} at ratio {r:g} was not calibrated")
+            total += self.weight[(i, r)]
+        return total
+
+    def as_dict(self) -> dict:
+        return {"base": {str(k): v for k, v in sorted(self.base.items())},
+                "weight": [[i, r, v] for (i, r), v in sorted(self.weight.items())]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MemoryModel:
+        return cls({int(k): int(v) for k, v in data["base"].items()},
+                   {(int(i), float(r)): int(v) for i, r, v in data["weight"]})
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> MemoryModel:
+        return cls.from_dict(json.loads(text))
+
+
+def fit(plans: dict[str, int], ks, layers: list[Layer], ratios, optimizer, *, dtypes: dict[str, str],
+        layers_idx=None) -> MemoryModel:
+    """The model from the planner's totals of :func:`calibration_schemes` (``plans``: canonical JSON →
+    bytes). ``dtypes``: parameter name → dtype (:func:`param_dtypes`); ``layers_idx``: the candidate
+    layers (default: all but the classifier). A (layer, ratio) whose plan is missing borrows a_i of
+    the layer's nearest planned ratio; a layer with no plan at all is left out."""
+    n = len(layers)
+    missing = [k for k in sorted({*ks, n}) if key(scheme_of(k)) not in plans]
+    if missing:
+        raise KeyError(f"no plan of bias depth(s) {missing}: plan calibration_schemes() first")
+    base = {k: int(plans[key(scheme_of(k))]) for k in sorted({*ks, n})}
+    layers_idx = range(n - 1) if layers_idx is None else layers_idx
+    weight: dict[tuple[int, float], int] = {}
+    for i in layers_idx:
+        layer = layers[i]
+        dtype = dtypes[layer.weight]
+        extra = {}  # ratio -> a_i(r), for the planned ratios
+        for r in ratios:
+            total = plans.get(key(scheme_of(n, {i: r})))
+            if total is not None:
+                extra[r] = int(total) - base[n] - slice_bytes(layer, r, dtype, optimizer)
+        if not extra:
+            continue
+        for r in ratios:
+            channels = trained_channels(layer, r)
+            nearest = min(extra, key=lambda p: (abs(trained_channels(layer, p) - channels), p))
+            weight[(i, float(r))] = slice_bytes(layer, r, dtype, optimizer) + extra[nearest]
+    return MemoryModel(base, weight)
+
+
+def param_dtypes(mod) -> dict[str, str]:
+    """Parameter name → dtype of a backbone (``load_model``'s module)."""
+    from ..layers import backbone
+
+    return {p.name: str(p.ty.dtype) for p in backbone(mod).params[1:]}
+
+
+def planned_total(mod, scheme, *, qas: bool = True, optimizer=None, loss: str = "cross_entropy") -> int:
+    """The planner's total SRAM of one training step of ``scheme``, bytes: ``tinytrain memory``'s
+    "total SRAM" (arena + trainable + optimizer state + rollback copy)."""
+    from ..memory_report import memory_report
+    from ..relay.transform import TinyTrain
+
+    train_mod = TinyTrain(scheme=scheme, loss=loss, optimizer=optimizer, qas=qas)(mod)
+    return memory_report(train_mod, compare_tvm=False).total_sram_bytes
