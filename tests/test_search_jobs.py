@@ -5,6 +5,7 @@ here), and each result also says which process answered and how many set-ups tha
 """
 
 import os
+import pickle
 import socket
 import sys
 import time
@@ -173,8 +174,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def need_ray():
+    """Ray, or a skip; under CI a missing Ray is a failure."""
+    if os.environ.get("CI"):
+        import ray
+
+        return ray
+    return pytest.importorskip("ray")
+
+
 def test_unreachable_address_fails_fast_and_names_it():
-    pytest.importorskip("ray") if not os.environ.get("CI") else None
+    need_ray()
     with socket.socket() as silent:  # a port that accepts and never answers: not a Ray head
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -188,8 +198,8 @@ def test_unreachable_address_fails_fast_and_names_it():
             assert address in str(e.value) and "\n" not in str(e.value)
 
 
-def test_local_ray_runtime_gives_the_local_results_and_errors(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
+def test_local_ray_runtime_gives_the_local_results(tmp_path, monkeypatch):
+    ray = need_ray()
     # Ray's workers import this file's toy classes: they inherit the environment of ray.init
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
     spec = Toy(pid_dir=str(tmp_path / "ok"))
@@ -200,3 +210,27 @@ def test_local_ray_runtime_gives_the_local_results_and_errors(tmp_path, monkeypa
     assert [r["value"] for r in results] == [r["value"] for r in run_jobs(Toy(), JOBS, n_jobs=1)]
     assert not ray.is_initialized()  # the runtime started for the call was shut down
     assert not wait_gone(worker_pids(spec.pid_dir)), "Ray workers outlived run_jobs"
+
+
+class Unpicklable(Exception):
+    pass
+
+
+def test_an_exception_pickle_cannot_carry_still_comes_back_with_its_message():
+    from tvm_tinytrain.search.jobs import _Host
+
+    host = _Host(pickle.dumps(Toy(fail_at=3)))
+    index, ok, failure = pickle.loads(pickle.dumps(host.run(5, 3)))  # as a pool sends it home
+    assert (index, ok) == (5, False)
+    error = failure.error()
+    assert type(error) is ToyError and error.job == 3 and str(error).startswith("toy job failed at job 3")
+
+    def raise_unpicklable(job):
+        error = Unpicklable("carries a lambda")
+        error.callback = lambda: None
+        raise error
+
+    host.worker.run = raise_unpicklable
+    error = pickle.loads(pickle.dumps(host.run(6, 0)))[2].error()
+    assert type(error) is RuntimeError and str(error) == "Unpicklable: carries a lambda"
+    assert "raise error" in str(error.__cause__)

@@ -95,8 +95,10 @@ class RemoteTraceback(Exception):
 
 @dataclass
 class _Failure:
-    """An exception raised in a worker, in a form that always pickles."""
+    """An exception raised in a worker, in a form that always pickles: the exception itself when
+    pickle can rebuild it, else its class, args (its message) and attributes."""
 
+    exception: BaseException | None
     kind: type
     args: tuple
     state: dict
@@ -105,18 +107,22 @@ class _Failure:
     @classmethod
     def of(cls, error: Exception) -> _Failure:
         trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        failure = cls(type(error), error.args, dict(vars(error)), trace)
-        try:
-            pickle.loads(pickle.dumps(failure))
-        except Exception:
-            failure = cls(RuntimeError, (f"{type(error).__name__}: {error}",), {}, trace)
-        return failure
+        for failure in (cls(error, type(error), (), {}, trace),
+                        cls(None, type(error), error.args, dict(vars(error)), trace)):
+            try:
+                pickle.loads(pickle.dumps(failure))
+                return failure
+            except Exception:
+                pass
+        return cls(None, RuntimeError, (f"{type(error).__name__}: {error}",), {}, trace)
 
     def error(self) -> BaseException:
-        """The exception again: its class, its args (its message), its attributes."""
-        error = self.kind.__new__(self.kind, *self.args)  # __new__, not __init__: args are the message
-        error.args = self.args
-        error.__dict__.update(self.state)
+        """The exception again, its worker's traceback as its cause."""
+        error = self.exception
+        if error is None:  # __new__, not __init__, which may not take the message
+            error = self.kind.__new__(self.kind, *self.args)
+            error.args = self.args
+            error.__dict__.update(self.state)
         error.__cause__ = RemoteTraceback(self.trace)
         return error
 
@@ -287,14 +293,20 @@ def _connect(ray, address: str, where: tuple, n_jobs: int | None) -> None:
     # the pre-check passed, so one or two tries are enough (Ray's default: 20 tries of ~35 s each)
     saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "3")
+    ray_log = logging.getLogger("ray.client_builder")
+    level = ray_log.level
     try:
-        target = f"ray://{host}:{port}" if kind == "client" else f"{_bracketed(host)}:{port}"
-        ray.init(address=target, **({} if kind == "client" else quiet))
+        if kind == "client":  # its options go to the cluster's ray.init; its notes to a logger
+            ray_log.setLevel(logging.WARNING)
+            ray.init(address=f"ray://{_bracketed(host)}:{port}", log_to_driver=False)
+        else:
+            ray.init(address=f"{_bracketed(host)}:{port}", **quiet)
     except Exception as error:
         hint = ("" if os.environ.get("RAY_AUTH_MODE") else
                 " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token)")
         raise InputError(f"cannot connect to the Ray cluster at {address}: {_summary(error)}{hint}") from None
     finally:
+        ray_log.setLevel(level)
         if saved is None:
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
 
