@@ -9,12 +9,13 @@ jobs. Nothing is distributed by hand:
    fork do not mix);
 3. or, with a Ray address, one Ray actor per worker, fed by ``ray.util.ActorPool``.
 
-Where a job runs, its exception (or its worker's set-up's) is caught and sent home as its class,
-its ``args``, its attributes and the worker's traceback; the caller gets that class back with its
-own message (a one-line :class:`~tvm_tinytrain.errors.TinyTrainError` stays one line), after every
-worker has been stopped. Ctrl-C stops the workers at once; what ``on_result`` was given stays given.
+Where a job runs, its exception (or its worker's set-up's) is caught and sent home with the
+worker's traceback (as itself if pickle can carry it, else as its class, ``args`` and
+attributes); the caller gets that class back with its own message (a one-line
+:class:`~tvm_tinytrain.errors.TinyTrainError` stays one line), after every worker has been
+stopped. Ctrl-C stops the workers at once; what ``on_result`` was given stays given.
 Not guaranteed: a worker that dies outright (a crash in TVM, out of memory) comes back as a
-``RuntimeError`` naming it, not as an exception of its own.
+``RuntimeError`` saying so, not as an exception of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import socket
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -185,8 +187,8 @@ def _run_in_processes(make_worker: Callable, jobs: list, n: int, deliver: Callab
             done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             try:
                 outcomes = [future.result() for future in done]
-            except futures.process.BrokenProcessPool as error:
-                raise RuntimeError(f"a search worker process died ({error})") from None
+            except BrokenProcessPool as error:
+                raise RuntimeError(f"a worker process died ({error})") from None
             _raise_failures(outcomes, deliver)
         finished = True
     finally:
@@ -263,7 +265,7 @@ def _run_on_ray(make_worker: Callable, jobs: list, n_jobs: int | None, address: 
             except ray.exceptions.RayTaskError as error:
                 raise _unwrap(error) from None
             except ray.exceptions.RayActorError as error:
-                raise RuntimeError(f"a Ray worker on {address} died: {_summary(error)}") from None
+                raise RuntimeError(f"a Ray worker died (Ray at {address}): {_summary(error)}") from None
             _raise_failures([outcome], deliver)
     finally:
         for actor in actors:
