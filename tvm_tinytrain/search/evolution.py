@@ -14,7 +14,7 @@ up, as in the paper); its cost comes from a cost function (the calibrated ``Memo
 
 Deterministic for a seed. It does not promise the optimum (the problem is a knapsack); the tests
 compare it with :func:`exhaustive` on small random instances. :func:`fit_to_planner` plans the winner
-with the real planner and searches again under a smaller budget while the model was too optimistic.
+with the real planner and searches again, under a budget corrected by the planner's verdict.
 """
 
 from __future__ import annotations
@@ -263,14 +263,19 @@ def exhaustive(bias_gain: dict[int, float], weight_gain: dict[tuple[int, float],
 
 def fit_to_planner(bias_gain: dict[int, float], weight_gain: dict[tuple[int, float], float], cost: Cost,
                    budget: int, plan: Callable[[dict], int], *, plans: dict[str, int] | None = None,
-                   rounds: int = 5, **search) -> tuple[Candidate | None, int]:
-    """Search with ``cost``, then plan the winner (``plan(scheme) -> bytes``); while the planner says it
-    does not fit, search again with the budget lowered by the overshoot (at most ``rounds`` times).
-    Returns (the best candidate the planner says fits, the number of winners planned): the best of the
-    re-checked winners and of ``plans`` (canonical JSON → bytes, e.g. the calibration's: the bias-only
-    schemes among them), its ``cost`` the planner's figure; None when no planned scheme fits."""
+                   rounds: int = 5, slack: float = 0.02, **search) -> tuple[Candidate | None, int]:
+    """Search with ``cost``, plan the winner (``plan(scheme) -> bytes``), and search again while the
+    planner disagrees: with the search's budget lowered by the overshoot when the winner does not fit,
+    raised by what it spares when it fits with more than ``slack`` of the budget left (the model can
+    also be pessimistic: the arena is a peak, not a sum). At most ``rounds`` winners; a winner found
+    again ends the loop.
+
+    Returns (the best scheme the planner says fits, the number of winners checked): the best of the
+    winners and of ``plans`` (canonical JSON → bytes, e.g. the calibration's, with its bias-only
+    schemes) by gain, its ``cost`` the planner's figure; None when no planned scheme fits. Each scheme
+    is planned once (``plans`` are not planned again)."""
     known = dict(plans or {})
-    limit, checked = budget, 0
+    limit, checked, winners = budget, 0, set()
     for _ in range(rounds):
         winner = evolve(bias_gain, weight_gain, cost, limit, **search)
         if winner is None:
@@ -279,9 +284,10 @@ def fit_to_planner(bias_gain: dict[int, float], weight_gain: dict[tuple[int, flo
         s = key(winner.scheme())
         if s not in known:
             known[s] = int(plan(winner.scheme()))
-        if known[s] <= budget:
+        if known[s] <= budget and (budget - known[s] <= slack * budget or s in winners):
             break
-        limit -= known[s] - budget
+        winners.add(s)
+        limit += budget - known[s]
     return _best_planned(bias_gain, weight_gain, known, budget), checked
 
 

@@ -55,11 +55,17 @@ def parse(scheme: dict) -> tuple[int, dict[int, float]]:
 
 
 def calibration_schemes(ks, layers_idx, num_layers: int, ratios=RATIOS) -> list[dict]:
-    """The schemes :func:`fit` needs planned: each bias depth k (and k = num_layers, the bias-only
-    figure every a_i is measured against), then all biases + each layer's weights at each ratio."""
-    schemes = [scheme_of(k) for k in sorted({*ks, num_layers})]
+    """The schemes :func:`fit` needs planned: each bias depth k, with k = 0 (the classifier alone, the
+    smallest trainable scheme) and k = num_layers (bias-only, what every a_i is measured against)
+    always among them; then all biases + each layer's weights at each ratio."""
+    schemes = [scheme_of(k) for k in depths(ks, num_layers)]
     schemes += [scheme_of(num_layers, {i: r}) for i in layers_idx for r in ratios]
     return schemes
+
+
+def depths(ks, num_layers: int) -> list[int]:
+    """The bias depths the model knows: ``ks``, 0 and ``num_layers``."""
+    return sorted({0, *ks, num_layers})
 
 
 def trained_channels(layer: Layer, ratio: float) -> int:
@@ -123,10 +129,10 @@ def fit(plans: dict[str, int], ks, layers: list[Layer], ratios, optimizer, *, dt
     layers (default: all but the classifier). A (layer, ratio) whose plan is missing borrows a_i of
     the layer's nearest planned ratio; a layer with no plan at all is left out."""
     n = len(layers)
-    missing = [k for k in sorted({*ks, n}) if key(scheme_of(k)) not in plans]
+    missing = [k for k in depths(ks, n) if key(scheme_of(k)) not in plans]
     if missing:
         raise KeyError(f"no plan of bias depth(s) {missing}: plan calibration_schemes() first")
-    base = {k: int(plans[key(scheme_of(k))]) for k in sorted({*ks, n})}
+    base = {k: int(plans[key(scheme_of(k))]) for k in depths(ks, n)}
     layers_idx = range(n - 1) if layers_idx is None else layers_idx
     weight: dict[tuple[int, float], int] = {}
     for i in layers_idx:
