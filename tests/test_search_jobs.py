@@ -6,8 +6,12 @@ here), and each result also says which process answered and how many set-ups tha
 
 import os
 import pickle
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,3 +238,43 @@ def test_an_exception_pickle_cannot_carry_still_comes_back_with_its_message():
     error = pickle.loads(pickle.dumps(host.run(6, 0)))[2].error()
     assert type(error) is RuntimeError and str(error) == "Unpicklable: carries a lambda"
     assert "raise error" in str(error.__cause__)
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_running_cluster_is_used_and_left_running(monkeypatch):
+    ray = need_ray()
+    gcs = free_port()
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    log = Path(temp, "start.log")
+    with log.open("w") as out:  # in its own session, so that stopping it stops only what it started
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
+             "--include-dashboard=false", f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+             f"--temp-dir={temp}"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            start_new_session=True)
+    try:
+        assert head.wait(timeout=120) == 0, log.read_text()
+        results, seen = run_recorded(Toy(), n_jobs=2, ray_address=f"127.0.0.1:{gcs}")
+        check_results(results, seen, 2)
+        assert not ray.is_initialized()  # disconnected
+        with socket.create_connection(("127.0.0.1", gcs), timeout=5):
+            pass  # the cluster still runs: run_jobs only disconnected
+    finally:
+        for pid in session_pids(head.pid):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
