@@ -2,6 +2,10 @@
 
 Used for accuracy runs, the scheme search and as the numerical reference of
 the C path. Samples come in the model file's own layout and dtype, batch 1.
+
+For the scheme search, one build serves many schemes: ``export_library`` / ``library=`` skip
+the compile, and ``mask`` keeps the updates of the parameters (and output channels) a scheme
+trains and drops the rest (``tvm_tinytrain.search.masks``).
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ def nonfinite_message(step: int, tensor: str, count: int, lr: float) -> str:
 class HostTrainer:
     """``step(x, y) -> loss``, ``predict(x)``, ``evaluate(xs, ys)``, ``params()``."""
 
-    def __init__(self, train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm"):
+    def __init__(self, train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm",
+                 library: str | Path | None = None):
+        """``library``: a file ``export_library`` wrote for this same ``train_mod``, loaded
+        instead of compiling (``compile_seconds`` is then 0)."""
         names = {gv.name_hint for gv in train_mod.get_global_vars()}
         if not {"train_step", "predict"} <= names:
             raise TinyTrainError(
@@ -111,9 +118,13 @@ class HostTrainer:
         self.num_classes = self.output_shape[-1]
         self.device = tvm.cpu()
         t0 = time.perf_counter()
-        self.executable = tvm.compile(train_mod, target=target)
-        self.compile_seconds = time.perf_counter() - t0
-        self.vm = relax.VirtualMachine(self.executable, self.device)
+        if library is None:
+            self.executable = tvm.compile(train_mod, target=target)
+            self.compile_seconds = time.perf_counter() - t0
+            self.vm = relax.VirtualMachine(self.executable, self.device)
+        else:
+            self.executable, self.vm = _load_library(library, step, predict, self.device)
+            self.compile_seconds = 0.0
         dtypes = {p.name: str(p.ty.dtype) for p in predict.params[1:]}
         self._values = {n: tvm.runtime.tensor(np.asarray(params[n], dtypes[n]), self.device)
                         for n in self.param_names}
@@ -123,13 +134,76 @@ class HostTrainer:
             shape = tuple(int(d) for d in var.ty.shape)
             fill = np.full(shape, float(init[name]), np.float32)
             self._values[name] = tvm.runtime.tensor(fill, self.device)
+        if library is not None:
+            self._probe(library)
         self._initial = {n: v.numpy() for n, v in self._values.items()}
         self.steps_done = 0  # training steps applied
+        self._mask: dict[str, int | None] | None = None
+        self._kept: dict[str, int | None] = {}  # output name → rows kept (None: all, 0: none)
+
+    def _probe(self, library) -> None:
+        """Run the loaded ``predict`` once on a zero sample: a library built for a model whose
+        parameters have other shapes fails here, in one line, and not in the first step."""
+        x = tvm.runtime.tensor(np.zeros(self.input_shape, self.input_dtype), self.device)
+        try:
+            out = self.vm["predict"](x, *[self._values[n] for n in self.param_names])
+            shape = tuple(out.shape)
+        except Exception as err:  # TVM names the argument whose shape or dtype differs
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" when calling")[0]
+            raise TinyTrainError(f"library {library} was built for another model ({first[:160]}); "
+                                 "rebuild it from this module") from None
+        if shape != self.output_shape:
+            raise TinyTrainError(f"library {library} was built for another model (its predict gives "
+                                 f"{shape}, this module {self.output_shape}); rebuild it from this module")
+
+    def export_library(self, path: str | Path) -> Path:
+        """Write the compiled step to ``path`` (a shared library) for ``HostTrainer(..., library=path)``."""
+        self.executable.export_library(str(path))
+        return Path(path)
 
     def reset(self) -> None:
         """Back to the parameters it was built with and a fresh optimizer state (no recompile)."""
         self._values = {n: tvm.runtime.tensor(v, self.device) for n, v in self._initial.items()}
         self.steps_done = 0
+
+    # ---- update mask -------------------------------------------------------
+    @property
+    def mask(self) -> dict[str, int | None] | None:
+        """Which updates a step keeps: ``{trainable name: channels | None}``, or None (all).
+
+        A trainable parameter not in the mask keeps its value and its optimizer state; one
+        with k channels takes the update of its first k output channels (rows along axis 0,
+        the output channels of every conv, depthwise and linear weight inside) and of their
+        optimizer state, the other rows as they were; None takes the whole update. The
+        learning rate is not masked."""
+        return None if self._mask is None else dict(self._mask)
+
+    @mask.setter
+    def mask(self, mask: dict[str, int | None] | None) -> None:
+        if mask is None:
+            self._mask, self._kept = None, {}
+            return
+        if not isinstance(mask, dict):
+            raise InputError(f"mask must be a dict {{trainable name: channels or None}} or None, "
+                             f"not {type(mask).__name__}")
+        checked: dict[str, int | None] = {}
+        for name, channels in dict(mask).items():
+            if name not in self.trainable:
+                more = " ..." if len(self.trainable) > 6 else ""
+                raise InputError(f"mask names {name!r}, which this step does not train; it trains "
+                                 f"{', '.join(self.trainable[:6])}{more}")
+            rows = int(self._values[name].shape[0]) if self._values[name].shape else 1
+            if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int)
+                                         or not 1 <= channels <= rows):
+                raise InputError(f"mask of {name!r} is {channels!r}; give None (all) or a number of "
+                                 f"output channels in 1..{rows}")
+            checked[name] = None if channels == rows else channels
+        kept = {name: checked.get(name, 0) for name in self.trainable}
+        for state in self.updated_state:
+            owner, _ = state.rsplit(".", 1)  # optimizer state is named "<parameter>.<kind>"
+            rows = kept[owner]
+            kept[state] = None if rows and not self._values[state].shape else rows  # a scalar: whole
+        self._mask, self._kept = checked, kept
 
     # ---- input checks ------------------------------------------------------
     def _sample(self, x) -> tvm.runtime.Tensor:
@@ -181,16 +255,28 @@ class HostTrainer:
         return self._apply(self.vm["train_step"](*args))
 
     def _apply(self, out) -> float:
-        """Keep a step's new parameters and state, or raise NonFiniteError and keep the old ones."""
+        """Keep a step's new parameters and state (what the mask keeps of them), or raise
+        NonFiniteError and keep the old ones."""
         names = ("loss", *self.trainable, *self.updated_state)
+        updates = {}
         for name, value in zip(names, out, strict=True):
-            bad = int(np.size(value.numpy()) - np.count_nonzero(np.isfinite(value.numpy())))
+            rows = self._kept.get(name)  # None: all (no mask, the loss), 0: none, k: rows [:k]
+            if rows == 0:
+                continue
+            new = value.numpy()
+            kept = new if rows is None else new[:rows]
+            bad = int(kept.size - np.count_nonzero(np.isfinite(kept)))
             if bad:
                 raise NonFiniteError(nonfinite_message(self.steps_done, name, bad, self.learning_rate))
-        for name, value in zip(names[1:], list(out)[1:]):
-            self._values[name] = value
+            if rows is not None:  # a partial update: the first rows new, the rest as they were
+                merged = self._values[name].numpy()
+                merged[:rows] = new[:rows]
+                value = tvm.runtime.tensor(merged, self.device)
+            updates[name] = value
+        loss = float(updates.pop("loss").numpy())
+        self._values.update(updates)
         self.steps_done += 1
-        return float(out[0].numpy())
+        return loss
 
     def predict(self, x) -> np.ndarray:
         """The logits for one sample, shape (1, classes)."""
@@ -265,6 +351,34 @@ class HostTrainer:
             head, tail = values.pop(trainable_slice_name(name, k)), values.pop(frozen_slice_name(name, k))
             values[name] = np.concatenate([head, tail])
         return values
+
+
+def _load_library(path: str | Path, step: relax.Function, predict: relax.Function, device):
+    """(module, VM) of a library ``export_library`` wrote for a module with this ``step`` and
+    ``predict``, or a TinyTrainError naming the file and the way out."""
+    if not Path(path).is_file():
+        raise TinyTrainError(f"library {path} does not exist; write it with HostTrainer.export_library")
+    try:
+        module = tvm.runtime.load_module(str(path))
+        vm = relax.VirtualMachine(module, device)
+    except Exception as err:  # TVM's loader raises several kinds: one line with the last of its text
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise TinyTrainError(f"library {path} is not a training step HostTrainer.export_library "
+                             f"wrote ({last[:160]}); rebuild it") from None
+    for name, func in (("train_step", step), ("predict", predict)):
+        expected = [p.name for p in func.params]
+        try:
+            arity = int(vm._get_function_arity(name))
+            got = [str(vm._get_function_param_name(name, i)) for i in range(arity)]
+        except Exception:
+            raise TinyTrainError(f"library {path} has no function {name}: it is not a training step "
+                                 "HostTrainer.export_library wrote; rebuild it") from None
+        if got != expected:
+            diff = next((f"{g!r} where the module has {e!r}" for g, e in zip(got, expected) if g != e),
+                        f"{len(got)} parameters where the module has {len(expected)}")
+            raise TinyTrainError(f"library {path} was built for another model or scheme ({name} takes "
+                                 f"{diff}): rebuild it from this module")
+    return module, vm
 
 
 def build(train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm",
