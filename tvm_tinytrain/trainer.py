@@ -175,7 +175,7 @@ class HostTrainer:
         with k channels takes the update of its first k output channels (rows along axis 0,
         the output channels of every conv, depthwise and linear weight inside) and of their
         optimizer state, the other rows as they were; None takes the whole update. The
-        learning rate is not masked."""
+        learning rate is not masked; ``reset()`` keeps the mask."""
         return None if self._mask is None else dict(self._mask)
 
     @mask.setter
