@@ -257,13 +257,16 @@ def test_a_running_cluster_is_used_and_left_running(monkeypatch):
     ray = need_ray()
     gcs = free_port()
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+    # token authentication on both sides (a local runtime turns it on for this whole process)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    ray_command = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_command, "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     log = Path(temp, "start.log")
     with log.open("w") as out:  # in its own session, so that stopping it stops only what it started
         head = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
+            [ray_command, "start", "--head", f"--port={gcs}", "--num-cpus=2",
              "--include-dashboard=false", f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
              f"--temp-dir={temp}"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
             start_new_session=True)
