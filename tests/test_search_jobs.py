@@ -4,6 +4,7 @@ Toy workers stand in for the search's: each job's value is job² + 1 (the refere
 here), and each result also says which process answered and how many set-ups that process ran.
 """
 
+import json
 import os
 import pickle
 import shutil
@@ -252,31 +253,44 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+DRIVER = """
+import json, sys
+import ray
+from test_search_jobs import JOBS, Toy
+from tvm_tinytrain.search.jobs import run_jobs
+seen = []
+results = run_jobs(Toy(), JOBS, n_jobs=2, ray_address=sys.argv[1],
+                   on_result=lambda i, job, r: seen.append((i, job, r["value"])))
+print(json.dumps({"results": results, "seen": seen, "connected": ray.is_initialized()}))
+"""
+
+
 @pytest.mark.slow
-def test_a_running_cluster_is_used_and_left_running(monkeypatch):
-    ray = need_ray()
+def test_a_running_cluster_is_used_and_left_running():
+    need_ray()
     gcs = free_port()
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    # token authentication on both sides (a local runtime turns it on for this whole process)
+    # token authentication on both sides; the driver is a fresh process, as Ray's auth mode is per process
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     ray_command = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray_command, "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     log = Path(temp, "start.log")
     with log.open("w") as out:  # in its own session, so that stopping it stops only what it started
         head = subprocess.Popen(
-            [ray_command, "start", "--head", f"--port={gcs}", "--num-cpus=2",
-             "--include-dashboard=false", f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
-             f"--temp-dir={temp}"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True)
+            [ray_command, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
+             f"--ray-client-server-port={free_port()}", "--disable-usage-stats", f"--temp-dir={temp}"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     try:
         assert head.wait(timeout=120) == 0, log.read_text()
-        results, seen = run_recorded(Toy(), n_jobs=2, ray_address=f"127.0.0.1:{gcs}")
-        check_results(results, seen, 2)
-        assert not ray.is_initialized()  # disconnected
+        driver = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{gcs}"], env=env, text=True,
+                                capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert driver.returncode == 0, driver.stderr
+        answer = json.loads(driver.stdout.splitlines()[-1])
+        check_results(answer["results"], [tuple(s) for s in answer["seen"]], 2)
+        assert not answer["connected"]  # disconnected
         with socket.create_connection(("127.0.0.1", gcs), timeout=5):
-            pass  # the cluster still runs: run_jobs only disconnected
+            pass  # the cluster still runs
     finally:
         for pid in session_pids(head.pid):
             os.kill(pid, signal.SIGKILL)
