@@ -256,17 +256,21 @@ def session_pids(sid: int) -> list[int]:
 DRIVER = """
 import json, sys
 import ray
-from test_search_jobs import JOBS, Toy
+from test_search_jobs import JOBS, Toy, ToyError
 from tvm_tinytrain.search.jobs import run_jobs
+try:
+    run_jobs(Toy(fail_at=3), JOBS, n_jobs=2, ray_address=sys.argv[1])
+except ToyError as error:  # its own class, through Ray
+    failed = [type(error).__name__, str(error), error.job]
 seen = []
 results = run_jobs(Toy(), JOBS, n_jobs=2, ray_address=sys.argv[1],
                    on_result=lambda i, job, r: seen.append((i, job, r["value"])))
-print(json.dumps({"results": results, "seen": seen, "connected": ray.is_initialized()}))
+print(json.dumps({"results": results, "seen": seen, "connected": ray.is_initialized(), "failed": failed}))
 """
 
 
 @pytest.mark.slow
-def test_a_running_cluster_is_used_and_left_running():
+def test_a_running_cluster_is_used_and_left_running_and_errors_come_through():
     need_ray()
     gcs = free_port()
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
@@ -289,6 +293,7 @@ def test_a_running_cluster_is_used_and_left_running():
         answer = json.loads(driver.stdout.splitlines()[-1])
         check_results(answer["results"], [tuple(s) for s in answer["seen"]], 2)
         assert not answer["connected"]  # disconnected
+        assert answer["failed"] == ["ToyError", "toy job failed at job 3; give it another job", 3]
         with socket.create_connection(("127.0.0.1", gcs), timeout=5):
             pass  # the cluster still runs
     finally:
