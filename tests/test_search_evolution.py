@@ -24,8 +24,9 @@ RATIOS = mm.RATIOS
 
 
 def instance(seed: int, layers: int = 5, ks=(0, 2, 4, 6)):
-    """Random gains (some negative) and an additive model with signed extras, and a budget between
-    below the cheapest candidate and above most of them."""
+    """Random gains (some negative), a model with signed extras (its reach rule makes it not
+    additive: a deep weight prices the candidate at a deeper bias depth), and a budget between below
+    the cheapest candidate and above most of them."""
     rng = np.random.default_rng(seed)
     bias_gain = {k: 0.0 if k == 0 else float(rng.uniform(-0.02, 0.1)) for k in ks}
     base = {k: int(10_000 + 3_000 * j + rng.integers(0, 2_000)) for j, k in enumerate(ks)}
@@ -35,7 +36,8 @@ def instance(seed: int, layers: int = 5, ks=(0, 2, 4, 6)):
         for r in RATIOS:
             weight_gain[(i, r)] = float(rng.uniform(-0.01, 0.05) * (0.5 + r))
             weight[(i, r)] = int(size * r + rng.integers(-300, 3_000))
-    return bias_gain, weight_gain, mm.MemoryModel(base, weight), int(rng.uniform(9_000, 35_000))
+    model = mm.MemoryModel(base, weight, num_layers=max(ks))
+    return bias_gain, weight_gain, model, int(rng.uniform(9_000, 35_000))
 
 
 def test_evolve_finds_the_exhaustive_optimum():
@@ -94,7 +96,7 @@ def big_instance(seed: int = 0, layers: int = 30):
     weight_gain = {(i, r): float(rng.uniform(-0.01, 0.05)) for i in range(layers) for r in RATIOS}
     weight = {(i, r): int(rng.integers(300, 20_000) * r + rng.integers(-200, 2_000))
               for i in range(layers) for r in RATIOS}
-    return bias_gain, weight_gain, mm.MemoryModel(base, weight)
+    return bias_gain, weight_gain, mm.MemoryModel(base, weight, num_layers=31)
 
 
 def test_evolve_is_deterministic_per_seed_and_fast():
@@ -125,11 +127,10 @@ def test_fit_to_planner_with_a_planner_10_percent_over_the_model():
     got, rounds = fit_to_planner(bias_gain, weight_gain, model.cost, budget, plan, plans=calibration)
     assert got is not None and got.cost == plan(got.scheme()) <= budget
     assert 2 <= rounds <= 5 and len(calls) - 1 <= rounds  # each winner planned once (+ the check above)
-    # the true optimum by the planner (exhaustive over the planner's figures): close to it, and
-    # no worse than the best bias-only scheme that fits
+    # the true optimum by the planner (exhaustive over the planner's figures): a planner that is the
+    # model scaled is matched in one step (the search's budget scales the winner's cost)
     truth = exhaustive(bias_gain, weight_gain, lambda k, r: int(1.1 * model.cost(k, r)), budget)
-    assert got.gain <= truth.gain + 1e-12
-    assert got.gain >= max(bias_gain[k] for k, a in model.base.items() if 1.1 * a <= budget)
+    assert got.gain == pytest.approx(truth.gain, abs=1e-12)
 
 
 def test_fit_to_planner_falls_back_on_the_best_planned_scheme():
@@ -157,7 +158,6 @@ def test_fit_to_planner_takes_a_winner_that_fits_at_once():
 
 def test_fit_to_planner_uses_what_a_pessimistic_model_leaves():
     """The planner needs 30 % less than the model says: the budget the search sees is raised."""
-    better = 0
     for seed in range(6):
         bias_gain, weight_gain, model, _ = instance(20 + seed)
         budget = 25_000
@@ -166,10 +166,8 @@ def test_fit_to_planner_uses_what_a_pessimistic_model_leaves():
         got, rounds = fit_to_planner(bias_gain, weight_gain, model.cost, budget,
                                      lambda s, p=planner: p(*mm.parse(s)))
         truth = exhaustive(bias_gain, weight_gain, planner, budget)
-        assert got.cost == planner(got.k, got.ratios) <= budget and rounds >= 2
-        assert alone.gain <= got.gain <= truth.gain + 1e-12
-        better += got.gain > alone.gain + 1e-9
-    assert better >= 4
+        assert got.cost == planner(got.k, got.ratios) <= budget and 2 <= rounds <= 3
+        assert got.gain == pytest.approx(truth.gain, abs=1e-12) and got.gain > alone.gain
 
 
 # the memory model
@@ -190,15 +188,18 @@ def test_slice_bytes_by_hand():
     assert mm.slice_bytes(depthwise, 0.05, "float16", tt.SGD(lr=0.1, momentum=0.5)) == 3 * 9 * (2 + 2)
 
 
-def test_cost_is_base_plus_the_weights_and_round_trips():
-    model = mm.MemoryModel({0: 1000, 3: 1500}, {(0, 0.5): 300, (2, 1.0): -40, (2, 0.125): 7})
+def test_cost_is_the_base_at_the_reach_plus_the_weights_and_round_trips():
+    model = mm.MemoryModel({0: 1000, 3: 1500, 6: 2500, 8: 4000},
+                           {(5, 0.5): 300, (6, 1.0): -40, (6, 0.125): 7, (1, 1.0): 90}, num_layers=8)
     assert model.cost(3, {}) == 1500
-    assert model.cost(3, {0: 0.5, 2: 1.0}) == 1500 + 300 - 40
-    assert model.cost(0, {2: 0.125}) == 1007
+    assert model.cost(3, {5: 0.5, 6: 1.0}) == 1500 + 300 - 40  # layers 5, 6: reach 3, 2 <= 3
+    assert model.cost(0, {6: 0.125}) == 1500 + 7  # reach 2: priced at depth 3, the next calibrated
+    assert model.cost(0, {5: 0.5, 1: 1.0}) == 4000 + 300 + 90  # layer 1: reach 7 -> depth 8
+    assert model.depth(6, {1: 1.0}) == 8 and model.depth(6, {5: 0.5}) == 6
     with pytest.raises(KeyError, match="bias depth 1"):
         model.cost(1, {})
-    with pytest.raises(KeyError, match="layer 0 at ratio 0.25"):
-        model.cost(0, {0: 0.25})
+    with pytest.raises(KeyError, match="layer 5 at ratio 0.25"):
+        model.cost(0, {5: 0.25})
     again = mm.MemoryModel.from_json(model.to_json())
     assert again == model and mm.MemoryModel.from_dict(model.as_dict()) == model
 
@@ -206,30 +207,33 @@ def test_cost_is_base_plus_the_weights_and_round_trips():
 def test_calibration_schemes_and_keys():
     schemes = mm.calibration_schemes([2], [1, 3], num_layers=5)
     keys = [mm.key(s) for s in schemes]
-    assert len(set(keys)) == len(keys) == 3 + 2 * 4  # k = 2, 0 (classifier) and 5 (all biases); 2 x 4
+    # depths 0 (classifier), 2, 4 (layer 1's reach), 5 (all biases); 2 layers x 4 ratios at their reach
+    assert len(set(keys)) == len(keys) == 4 + 2 * 4
     assert {"classifier": True} in schemes and {"bias": {"last": 5}, "classifier": True} in schemes
-    assert {"bias": {"last": 5}, "weights": {"3": 0.125}, "classifier": True} in schemes
+    assert {"bias": {"last": 4}, "weights": {"1": 0.125}, "classifier": True} in schemes
+    assert {"bias": {"last": 2}, "weights": {"3": 1.0}, "classifier": True} in schemes
     assert all(mm.parse(s) == (s.get("bias", {}).get("last", 0),
                                {int(i): r for i, r in s.get("weights", {}).items()}) for s in schemes)
-    from tvm_tinytrain.search import contribution  # the analysis' runs plan under the same keys
+    from tvm_tinytrain.search import contribution  # the analysis plans its smallest need the same way
 
     assert mm.key(contribution.bias_scheme(0)) == mm.key(mm.scheme_of(0))
     assert mm.key(contribution.bias_scheme(2)) == mm.key(mm.scheme_of(2))
-    assert mm.key(contribution.weight_scheme(5, 3, 0.25)) == mm.key(mm.scheme_of(5, {3: 0.25}))
 
 
-def test_fit_recovers_an_additive_truth():
+def test_fit_recovers_the_truth_it_was_planned_from():
     layers = [conv(0, (8, 1, 3, 3)), conv(1, (16, 8, 3, 3)), conv(2, (16, 1, 3, 3), groups=16),
               conv(3, (10, 16, 1, 1))]
     dtypes = {layer.weight: "int8" for layer in layers}
     optimizer = tt.SGD(lr=0.1, momentum=0.9)
-    base = {0: 5000, 1: 5100, 4: 5600}
+    base = {0: 5000, 1: 5100, 2: 5200, 3: 5300, 4: 5600}
     truth = {(i, r): 100 * i + int(1000 * r) - 50 for i in range(3) for r in RATIOS}
     plans = {mm.key(mm.scheme_of(k)): a for k, a in base.items()}
-    plans.update({mm.key(mm.scheme_of(4, {i: r})): base[4] + w for (i, r), w in truth.items()
+    plans.update({mm.key(mm.scheme_of(4 - i, {i: r})): base[4 - i] + w for (i, r), w in truth.items()
                   if (i, r) != (1, 0.25)})  # one ratio not planned: it borrows its neighbour's extra
+    unplanned = mm.key(mm.scheme_of(3, {1: 0.25}))
+    assert set(plans) == {mm.key(s) for s in mm.calibration_schemes([1], range(3), 4)} - {unplanned}
     model = mm.fit(plans, [1], layers, RATIOS, optimizer, dtypes=dtypes)
-    assert model.base == base
+    assert model.base == base and model.num_layers == 4
     assert set(model.weight) == set(truth)  # not the classifier (layer 3)
     assert {ir: w for ir, w in model.weight.items() if ir != (1, 0.25)} == {
         ir: w for ir, w in truth.items() if ir != (1, 0.25)}
@@ -237,8 +241,12 @@ def test_fit_recovers_an_additive_truth():
     assert p[0.125] == 2 * 72 * 5 and p[0.25] == 4 * 72 * 5
     extra_at_eighth = truth[(1, 0.125)] - p[0.125]  # 2 channels: nearer to 4 than 8 (at 0.5)
     assert model.weight[(1, 0.25)] == p[0.25] + extra_at_eighth
+    for (i, r), w in truth.items():  # exact on what was planned
+        if (i, r) != (1, 0.25):
+            assert model.cost(*mm.parse(mm.scheme_of(4 - i, {i: r}))) == base[4 - i] + w
+    del plans[mm.key(mm.scheme_of(2))]
     with pytest.raises(KeyError, match=r"bias depth\(s\) \[2\]"):
-        mm.fit(plans, [0, 1, 2], layers, RATIOS, optimizer, dtypes=dtypes)
+        mm.fit(plans, [1], layers, RATIOS, optimizer, dtypes=dtypes)
 
 
 # against the real planner, on a small CNN
@@ -281,8 +289,8 @@ def test_slice_bytes_are_the_planners_trainable_and_state_bytes(tmp_path, int8):
 
 def test_the_calibrated_model_against_the_planner(tmp_path):
     """Exact on the schemes it was calibrated on; on two layers at once (their extras assumed to add
-    up, while the arena is a peak) the scheme below measured -1,040 B of 10,052 B (-10.3 %): asserted
-    within 15 %."""
+    up, while the arena is a peak) the two schemes below measured -48 B of 10,052 B (-0.5 %) and
+    -688 B of 13,188 B (-5.2 %): asserted within 10 %."""
     path = tmp_path / "small.onnx"
     onnx.save(small_cnn(), path)
     mod, _ = tt.load_model(path)
@@ -296,8 +304,8 @@ def test_the_calibrated_model_against_the_planner(tmp_path):
     model = mm.fit(plans, ks, layers, ratios, optimizer, dtypes=mm.param_dtypes(mod), layers_idx=idx)
     for s in schemes:
         assert model.cost(*mm.parse(s)) == plans[mm.key(s)]
-    two = {0: 1.0, 3: 0.25}
-    truth = plan(mm.scheme_of(2, two)).total_sram_bytes
-    error = model.cost(2, two) - truth
-    print(f"bias 2 + {two}: planner {truth} B, model {model.cost(2, two)} B ({100 * error / truth:+.1f} %)")
-    assert abs(error) <= 0.15 * truth
+    for k, two in [(2, {0: 1.0, 3: 0.25}), (5, {0: 0.25, 3: 1.0})]:
+        truth = plan(mm.scheme_of(k, two)).total_sram_bytes
+        error = model.cost(k, two) - truth
+        print(f"bias {k} + {two}: planner {truth} B, model {truth + error} B ({100 * error / truth:+.1f} %)")
+        assert abs(error) <= 0.10 * truth

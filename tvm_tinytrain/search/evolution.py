@@ -206,6 +206,8 @@ def evolve(bias_gain: dict[int, float], weight_gain: dict[tuple[int, float], flo
     bytes at once: a child rarely crosses it alone); each of those is climbed at the end.
     ``mutation``: the chance of each gene changing (default: one gene per child on average); the
     search stops early when the best of every depth stayed the same for ``patience`` generations."""
+    if not bias_gain:
+        raise ValueError("evolve needs the gain of at least one bias depth (bias_gain is empty)")
     space = _Space(bias_gain, weight_gain, cost, budget)
     rnd = random.Random(seed)
     sizes, n = space.sizes, len(space.sizes)
@@ -265,10 +267,11 @@ def fit_to_planner(bias_gain: dict[int, float], weight_gain: dict[tuple[int, flo
                    budget: int, plan: Callable[[dict], int], *, plans: dict[str, int] | None = None,
                    rounds: int = 5, slack: float = 0.02, **search) -> tuple[Candidate | None, int]:
     """Search with ``cost``, plan the winner (``plan(scheme) -> bytes``), and search again while the
-    planner disagrees: with the search's budget lowered by the overshoot when the winner does not fit,
-    raised by what it spares when it fits with more than ``slack`` of the budget left (the model can
-    also be pessimistic: the arena is a peak, not a sum). At most ``rounds`` winners; a winner found
-    again ends the loop.
+    planner disagrees, with the search's budget set to the winner's modelled cost × budget / planned:
+    below it when the winner does not fit, above it when it fits with more than ``slack`` of the
+    budget left (the model can also be pessimistic: the arena is a peak, not a sum). Scaled rather
+    than lowered by the overshoot, so that a model off by more than the budget itself still leaves
+    something to search. At most ``rounds`` winners; a winner found again ends the loop.
 
     Returns (the best scheme the planner says fits, the number of winners checked): the best of the
     winners and of ``plans`` (canonical JSON → bytes, e.g. the calibration's, with its bias-only
@@ -287,7 +290,9 @@ def fit_to_planner(bias_gain: dict[int, float], weight_gain: dict[tuple[int, flo
         if known[s] <= budget and (budget - known[s] <= slack * budget or s in winners):
             break
         winners.add(s)
-        limit += budget - known[s]
+        limit = int(winner.cost * budget / max(known[s], 1))  # the winner's cost, as the planner sees it
+        if known[s] > budget:
+            limit = min(limit, winner.cost - 1)
     return _best_planned(bias_gain, weight_gain, known, budget), checked
 
 

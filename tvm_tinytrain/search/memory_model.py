@@ -3,20 +3,24 @@
 The exact figure is the planner's (``tinytrain memory``'s total SRAM, :func:`planned_total`), a few
 seconds per scheme: too slow for the thousands of candidates a search weighs. So::
 
-    cost(k, ratios) = A[k] + Σ_i W[(i, r_i)]        W[(i, r)] = P_i(r) + a_i(r)
+    cost(k, ratios) = A[max(k, N − min i)] + Σ_i W[(i, r_i)]        W[(i, r)] = P_i(r) + a_i(r)
 
-1. ``A[k]``: the planner's total of the biases of the last k layers + the classifier (k = 0: the
-   classifier alone), for each measured k;
+1. ``A[d]``: the planner's total of the biases of the last d layers + the classifier (d = 0: the
+   classifier alone). A weight of layer i needs the backward pass to reach layer i, as the biases of
+   the last N − i layers do: the depth that prices a candidate is the deeper of its bias depth and
+   its deepest weight's ``N − i`` (without it, a weight far below a shallow bias depth looked cheap:
+   ResNet-8 int8, bias 3 + weights of layers 3-8 modelled 60 KB, planned 147 KB; with it, 140 KB);
 2. ``P_i(r)``: the exact bytes of layer i's trainable weight slice at ratio r (the channels
    ``scheme.resolve`` gives) and of its optimizer state (as ``relay_passes.optimizer`` makes it);
-3. ``a_i(r)``: what else the planner needs to train that slice (arena, rollback copy) =
-   plan(all biases + W_i at r) − A[N] − P_i(r). Signed: training a slice can also shrink the
-   arena (a frozen chain no longer run in bands, a gradient no longer kept whole).
+3. ``a_i(r)``: what else the planner needs to train that slice (arena, rollback copy), measured where
+   the backward pass just reaches layer i: plan(biases of the last N − i layers + W_i at r) − A[N − i]
+   − P_i(r). Signed: training a slice can also shrink the arena.
 
 Exact for the calibrated schemes themselves; for several layers at once it assumes their extras add
-up, which the planner's peak does not promise, so a search's answer is always planned again
-(``evolution.fit_to_planner``). A ratio left out of calibration borrows a_i of the layer's nearest
-calibrated ratio (in channels): a guess, re-checked the same way.
+up, which the planner's peak does not promise (ResNet-8 and VWW int8: within about −20 % .. +60 %),
+so a search's answer is always planned again (``evolution.fit_to_planner``). A ratio left out of
+calibration borrows a_i of the layer's nearest calibrated ratio (in channels): a guess, re-checked
+the same way. A depth left out of calibration is priced at the next deeper calibrated one.
 """
 
 from __future__ import annotations
@@ -55,17 +59,17 @@ def parse(scheme: dict) -> tuple[int, dict[int, float]]:
 
 
 def calibration_schemes(ks, layers_idx, num_layers: int, ratios=RATIOS) -> list[dict]:
-    """The schemes :func:`fit` needs planned: each bias depth k, with k = 0 (the classifier alone, the
-    smallest trainable scheme) and k = num_layers (bias-only, what every a_i is measured against)
-    always among them; then all biases + each layer's weights at each ratio."""
-    schemes = [scheme_of(k) for k in depths(ks, num_layers)]
-    schemes += [scheme_of(num_layers, {i: r}) for i in layers_idx for r in ratios]
+    """The schemes :func:`fit` needs planned: the bias depths (``ks``, 0 — the classifier alone, the
+    smallest trainable scheme —, ``num_layers`` and each candidate layer's reach ``num_layers − i``),
+    then each candidate layer's weights at each ratio with the biases down to that layer."""
+    schemes = [scheme_of(k) for k in depths(ks, num_layers, layers_idx)]
+    schemes += [scheme_of(num_layers - i, {i: r}) for i in layers_idx for r in ratios]
     return schemes
 
 
-def depths(ks, num_layers: int) -> list[int]:
-    """The bias depths the model knows: ``ks``, 0 and ``num_layers``."""
-    return sorted({0, *ks, num_layers})
+def depths(ks, num_layers: int, layers_idx=()) -> list[int]:
+    """The bias depths the model is calibrated on: ``ks``, 0, ``num_layers`` and each layer's reach."""
+    return sorted({0, *ks, num_layers, *(num_layers - i for i in layers_idx)})
 
 
 def trained_channels(layer: Layer, ratio: float) -> int:
@@ -91,14 +95,23 @@ def slice_bytes(layer: Layer, ratio: float, dtype: str, optimizer) -> int:
 
 @dataclass
 class MemoryModel:
-    base: dict[int, int]  # k -> A[k], the planner's total for bias-last-k + classifier
+    base: dict[int, int]  # d -> A[d], the planner's total for bias-last-d + classifier
     weight: dict[tuple[int, float], int]  # (layer, ratio) -> P_i(r) + a_i(r)
+    num_layers: int  # N: layer i's weights need the depth N - i
+
+    def depth(self, k: int, ratios: dict[int, float]) -> int:
+        """The calibrated depth that prices a candidate: ``k``, or the next calibrated depth at or
+        past its deepest weight's reach when that is deeper."""
+        if k not in self.base:
+            raise KeyError(f"bias depth {k} was not calibrated; calibrated: {sorted(self.base)}")
+        reach = self.num_layers - min(ratios) if ratios else 0
+        if reach <= k:
+            return k
+        return min((d for d in self.base if d >= reach), default=max(self.base))
 
     def cost(self, k: int, ratios: dict[int, float]) -> int:
         """The modelled total SRAM, bytes, of bias-last-k + the classifier + ``ratios``."""
-        if k not in self.base:
-            raise KeyError(f"bias depth {k} was not calibrated; calibrated: {sorted(self.base)}")
-        total = self.base[k]
+        total = self.base[self.depth(k, ratios)]
         for i, r in ratios.items():
             if (i, r) not in self.weight:
                 raise KeyError(f"layer {i} at ratio {r:g} was not calibrated")
@@ -107,12 +120,13 @@ class MemoryModel:
 
     def as_dict(self) -> dict:
         return {"base": {str(k): v for k, v in sorted(self.base.items())},
-                "weight": [[i, r, v] for (i, r), v in sorted(self.weight.items())]}
+                "weight": [[i, r, v] for (i, r), v in sorted(self.weight.items())],
+                "num_layers": self.num_layers}
 
     @classmethod
     def from_dict(cls, data: dict) -> MemoryModel:
         return cls({int(k): int(v) for k, v in data["base"].items()},
-                   {(int(i), float(r)): int(v) for i, r, v in data["weight"]})
+                   {(int(i), float(r)): int(v) for i, r, v in data["weight"]}, int(data["num_layers"]))
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict())
@@ -125,31 +139,32 @@ class MemoryModel:
 def fit(plans: dict[str, int], ks, layers: list[Layer], ratios, optimizer, *, dtypes: dict[str, str],
         layers_idx=None) -> MemoryModel:
     """The model from the planner's totals of :func:`calibration_schemes` (``plans``: canonical JSON →
-    bytes). ``dtypes``: parameter name → dtype (:func:`param_dtypes`); ``layers_idx``: the candidate
-    layers (default: all but the classifier). A (layer, ratio) whose plan is missing borrows a_i of
-    the layer's nearest planned ratio; a layer with no plan at all is left out."""
+    bytes; the same ``ks`` and ``layers_idx``). ``dtypes``: parameter name → dtype
+    (:func:`param_dtypes`); ``layers_idx``: the candidate layers (default: all but the classifier). A
+    (layer, ratio) whose plan is missing borrows a_i of the layer's nearest planned ratio; a layer
+    with no plan at all is left out."""
     n = len(layers)
-    missing = [k for k in depths(ks, n) if key(scheme_of(k)) not in plans]
+    layers_idx = list(range(n - 1) if layers_idx is None else layers_idx)
+    missing = [k for k in depths(ks, n, layers_idx) if key(scheme_of(k)) not in plans]
     if missing:
         raise KeyError(f"no plan of bias depth(s) {missing}: plan calibration_schemes() first")
-    base = {k: int(plans[key(scheme_of(k))]) for k in depths(ks, n)}
-    layers_idx = range(n - 1) if layers_idx is None else layers_idx
+    base = {k: int(plans[key(scheme_of(k))]) for k in depths(ks, n, layers_idx)}
     weight: dict[tuple[int, float], int] = {}
     for i in layers_idx:
         layer = layers[i]
         dtype = dtypes[layer.weight]
         extra = {}  # ratio -> a_i(r), for the planned ratios
         for r in ratios:
-            total = plans.get(key(scheme_of(n, {i: r})))
+            total = plans.get(key(scheme_of(n - i, {i: r})))
             if total is not None:
-                extra[r] = int(total) - base[n] - slice_bytes(layer, r, dtype, optimizer)
+                extra[r] = int(total) - base[n - i] - slice_bytes(layer, r, dtype, optimizer)
         if not extra:
             continue
         for r in ratios:
             channels = trained_channels(layer, r)
             nearest = min(extra, key=lambda p: (abs(trained_channels(layer, p) - channels), p))
             weight[(i, float(r))] = slice_bytes(layer, r, dtype, optimizer) + extra[nearest]
-    return MemoryModel(base, weight)
+    return MemoryModel(base, weight, n)
 
 
 def param_dtypes(mod) -> dict[str, str]:
