@@ -197,10 +197,12 @@ def test_unreachable_address_fails_fast_and_names_it():
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         quiet = f"127.0.0.1:{silent.getsockname()[1]}"
-        for address in [f"127.0.0.1:{free_port()}", "no-such-host.invalid:6379", quiet,
-                        f"ray://127.0.0.1:{free_port()}"]:
+        for address, why in [(f"127.0.0.1:{free_port()}", "nothing answers"),
+                             ("no-such-host.invalid:6379", "cannot find host no-such-host.invalid"),
+                             (quiet, "is not a Ray cluster"),
+                             (f"ray://127.0.0.1:{free_port()}", "nothing answers")]:
             start = time.monotonic()
-            with pytest.raises(InputError) as e:
+            with pytest.raises(InputError, match=why) as e:
                 run_jobs(Toy(), JOBS, ray_address=address)
             assert time.monotonic() - start < 15, address
             assert address in str(e.value) and "\n" not in str(e.value)

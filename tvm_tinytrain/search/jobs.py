@@ -245,10 +245,10 @@ def _run_on_ray(make_worker: Callable, jobs: list, n_jobs: int | None, address: 
 
     factory = _dumps(make_worker, ray.cloudpickle.dumps)  # by value what lives in __main__
     connected_here = not ray.is_initialized()
-    if connected_here:
-        _connect(ray, address, where, n_jobs)
     actors = []
     try:
+        if connected_here:
+            _connect(ray, address, where, n_jobs)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < 1:
             raise InputError(f"the Ray cluster at {address} has no CPU to run a worker on")
@@ -335,21 +335,25 @@ def _check_answers(address: str, host: str, port: int) -> None:
         why = found[0] if found else f"no answer in {CONNECT_TIMEOUT:.0f} s"
         raise InputError(f"Ray address {address}: cannot find host {host} ({why})")
     family, kind, proto, _, sockaddr = found[0][0]
-    try:
-        with socket.socket(family, kind, proto) as sock:
-            sock.settimeout(CONNECT_TIMEOUT)
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
             sock.connect(sockaddr)
-            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
-                sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
-                frame = sock.recv(9)
-                if len(frame) < 4 or frame[3] != 4:  # an HTTP/2 server opens with a SETTINGS frame
-                    raise InputError(
-                        f"Ray address {address}: {host}:{port} answers but is not a Ray cluster; give "
-                        f"its head's GCS port (6379 unless `ray start --port` said otherwise) or "
-                        f"ray://HOST:{CLIENT_PORT} for Ray Client")
-    except OSError as error:
-        raise InputError(f"Ray address {address}: nothing answers at {host}:{port} ({error}); is the "
-                         f"cluster up (`ray start --head`) and the port open?") from None
+        except OSError as error:
+            raise InputError(f"Ray address {address}: nothing answers at {host}:{port} ({error}); is the "
+                             f"cluster up (`ray start --head`) and the port open?") from None
+        if os.environ.get("RAY_USE_TLS", "0").lower() not in ("0", "false", ""):
+            return  # TLS first: no plain HTTP/2 to look for
+        try:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            frame = sock.recv(9)
+        except OSError:
+            frame = b""
+        if len(frame) < 4 or frame[3] != 4:  # an HTTP/2 server opens with a SETTINGS frame
+            raise InputError(
+                f"Ray address {address}: {host}:{port} takes connections but is not a Ray cluster; give "
+                f"its head's GCS port (6379 unless `ray start --port` said otherwise), or "
+                f"ray://HOST:{CLIENT_PORT} for Ray Client")
 
 
 def _unwrap(error) -> BaseException:
