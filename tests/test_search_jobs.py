@@ -115,17 +115,14 @@ def test_in_process_and_two_processes_agree():
     assert [r["value"] for r in two] == [r["value"] for r in one]
 
 
-@pytest.mark.parametrize("where", ["job", "set-up"])
-def test_worker_error_comes_back_as_itself_and_stops_the_pool(where, tmp_path):
-    spec = Toy(fail_at=3 if where == "job" else None, fail_setup=where == "set-up", slow=1.0,
-               pid_dir=str(tmp_path))
+def test_worker_error_comes_back_as_itself_and_stops_the_pool(tmp_path):
     seen = []
     with pytest.raises(ToyError) as caught:
-        run_jobs(spec, JOBS, n_jobs=2, on_result=lambda i, job, r: seen.append(i))
+        run_jobs(Toy(fail_at=3, slow=1.0, pid_dir=str(tmp_path)), JOBS, n_jobs=2,
+                 on_result=lambda i, job, r: seen.append(i))
     assert type(caught.value) is ToyError
-    job = 3 if where == "job" else None
-    assert str(caught.value) == f"toy {where} failed at job {job}; give it another job"
-    assert (caught.value.what, caught.value.job) == (where, job)
+    assert str(caught.value) == "toy job failed at job 3; give it another job"
+    assert (caught.value.what, caught.value.job) == ("job", 3)
     assert "raise ToyError" in str(caught.value.__cause__)  # the worker's own traceback
     assert len(seen) <= 4  # stopped at the failure: jobs 4-7 would take 2 s more
     pids = worker_pids(tmp_path)
@@ -226,11 +223,18 @@ class Unpicklable(Exception):
     pass
 
 
-def test_an_exception_pickle_cannot_carry_still_comes_back_with_its_message():
+def test_a_failing_set_up_and_an_exception_pickle_cannot_carry_come_back_with_their_message():
     from tvm_tinytrain.search.jobs import _Host
 
+    # what a pool's process or a Ray actor sends home, without starting one
+    set_up = _Host(pickle.dumps(Toy(fail_setup=True)))
+    index, ok, failure = pickle.loads(pickle.dumps(set_up.run(0, 0)))
+    error = failure.error()
+    assert (index, ok, type(error), error.what) == (0, False, ToyError, "set-up")
+    assert str(error) == "toy set-up failed at job None; give it another job"
+
     host = _Host(pickle.dumps(Toy(fail_at=3)))
-    index, ok, failure = pickle.loads(pickle.dumps(host.run(5, 3)))  # as a pool sends it home
+    index, ok, failure = pickle.loads(pickle.dumps(host.run(5, 3)))
     assert (index, ok) == (5, False)
     error = failure.error()
     assert type(error) is ToyError and error.job == 3 and str(error).startswith("toy job failed at job 3")
