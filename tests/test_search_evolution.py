@@ -43,7 +43,7 @@ def instance(seed: int, layers: int = 5, ks=(0, 2, 4, 6)):
 def test_evolve_finds_the_exhaustive_optimum():
     found = 0
     for seed in range(22):
-        layers = 6 if seed % 11 == 0 else 5  # 6 layers: 5^6 * 4 = 62,500 candidates
+        layers = 6 if seed == 0 else 5  # 6 layers: 5^6 * 4 = 62,500 candidates
         bias_gain, weight_gain, model, budget = instance(seed, layers)
         best = exhaustive(bias_gain, weight_gain, model.cost, budget)
         got = evolve(bias_gain, weight_gain, model.cost, budget, seed=seed)
@@ -158,7 +158,7 @@ def test_fit_to_planner_takes_a_winner_that_fits_at_once():
 
 def test_fit_to_planner_uses_what_a_pessimistic_model_leaves():
     """The planner needs 30 % less than the model says: the budget the search sees is raised."""
-    for seed in range(6):
+    for seed in range(4):
         bias_gain, weight_gain, model, _ = instance(20 + seed)
         budget = 25_000
         planner = lambda k, r, model=model: int(0.7 * model.cost(k, r))  # noqa: E731
@@ -280,11 +280,10 @@ def test_slice_bytes_are_the_planners_trainable_and_state_bytes(tmp_path, int8):
     plan = reports(mod, optimizer)
     n = len(layers)
     bias_only = plan(mm.scheme_of(n))
-    for i, r in [(1, 0.25), (2, 1.0)]:
-        report = plan(mm.scheme_of(n, {i: r}))
-        planner = (report.trainable_bytes + report.state_bytes
-                   - bias_only.trainable_bytes - bias_only.state_bytes)
-        assert mm.slice_bytes(layers[i], r, dtypes[layers[i].weight], optimizer) == planner
+    i, r = (1, 0.25) if int8 else (2, 1.0)  # a slice of a conv; a whole depthwise conv
+    report = plan(mm.scheme_of(n, {i: r}))
+    planner = report.trainable_bytes + report.state_bytes - bias_only.trainable_bytes - bias_only.state_bytes
+    assert mm.slice_bytes(layers[i], r, dtypes[layers[i].weight], optimizer) == planner > 0
 
 
 def test_the_calibrated_model_against_the_planner(tmp_path):
