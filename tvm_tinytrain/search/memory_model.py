@@ -28,10 +28,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..layers import Layer
+if TYPE_CHECKING:  # the search itself runs without TVM
+    from ..layers import Layer
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)
 
@@ -62,6 +64,7 @@ def calibration_schemes(ks, layers_idx, num_layers: int, ratios=RATIOS) -> list[
     """The schemes :func:`fit` needs planned: the bias depths (``ks``, 0 — the classifier alone, the
     smallest trainable scheme —, ``num_layers`` and each candidate layer's reach ``num_layers − i``),
     then each candidate layer's weights at each ratio with the biases down to that layer."""
+    layers_idx = list(layers_idx)
     schemes = [scheme_of(k) for k in depths(ks, num_layers, layers_idx)]
     schemes += [scheme_of(num_layers - i, {i: r}) for i in layers_idx for r in ratios]
     return schemes
