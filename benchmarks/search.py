@@ -72,9 +72,8 @@ def task_data(key: str):
 
 
 def planned(path: Path, scheme) -> int:
-    from tvm_tinytrain.search.memory_model import planned_total
-
     import tvm_tinytrain as tt
+    from tvm_tinytrain.search.memory_model import planned_total
     from tvm_tinytrain.search.worker import optimizer_of
 
     mod, _ = tt.load_model(str(path))
@@ -90,36 +89,21 @@ def best_last_k(path: Path, num_layers: int, budget: int) -> tuple[int, int] | N
     return None
 
 
-def union(schemes: list[dict], num_layers: int) -> dict:
-    """The smallest scheme that trains everything any of ``schemes`` trains."""
-    from tvm_tinytrain.scheme import load
-
-    ratios: dict[str, float] = {}
-    last = 0
-    for s in schemes:
-        d = load(s, num_layers)
-        last = max(last, (d.get("bias") or {}).get("last", 0))
-        for i, r in (d.get("weights") or {}).items():
-            ratios[str(i)] = max(ratios.get(str(i), 0), r)
-    return {"bias": {"last": last}, "weights": ratios, "classifier": True}
-
-
 def evaluate(path: Path, schemes: dict[str, dict], train, test, steps: int, seeds: int, jobs: int) -> dict:
     """name → test accuracies over the seeds, every scheme a mask on one union build."""
-    from tvm_tinytrain.search.jobs import run_jobs
-
     import tvm_tinytrain as tt
     from tvm_tinytrain.data import dataset, model_metadata
     from tvm_tinytrain.layers import layer_table
+    from tvm_tinytrain.search.jobs import run_jobs
+    from tvm_tinytrain.search.masks import union_scheme
     from tvm_tinytrain.search.worker import WorkerSpec, union_module
     from tvm_tinytrain.trainer import HostTrainer
 
     mod, params = tt.load_model(str(path))
-    n = len(layer_table(mod))
     meta = model_metadata(mod)
     tr, te = dataset(*train, meta), dataset(*test, meta)
     step_options = {"qas": True, "lr": LR, "momentum": MOMENTUM}
-    shared = union(list(schemes.values()), n)
+    shared = union_scheme(list(schemes.values()), layer_table(mod))
     t0 = time.perf_counter()
     trainer = HostTrainer(union_module(mod, shared, step_options), params)
     lib = Path(f"/tmp/search-bench-{path.stem}.so")

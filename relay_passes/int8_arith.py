@@ -103,11 +103,18 @@ def integer_step(w, delta, index, shape, lo: float, hi: float, rounding: str) ->
         def u32(v):
             return tirx.const(v, "uint32")
 
-        h = tirx.reinterpret("uint32", delta) ^ (flat_index(shape, index).astype("uint32") * u32(0x9E3779B9))
+        def times(a, c: int):
+            # a·c mod 2^32, computed in 64 bits: TVM's LLVM backend marks a uint32 multiply `nuw`
+            # (no unsigned wrap), so LLVM may compute a product that wraps as it likes; it did, for
+            # some weight shapes. C wraps uint32 legally; both give these bits.
+            wide = a.astype("uint64") * tirx.const(c, "uint64")
+            return (wide & tirx.const(0xFFFFFFFF, "uint64")).astype("uint32")
+
+        h = tirx.reinterpret("uint32", delta) ^ times(flat_index(shape, index).astype("uint32"), 0x9E3779B9)
         h = h ^ (h >> u32(16))
-        h = h * u32(0x7FEB352D)
+        h = times(h, 0x7FEB352D)
         h = h ^ (h >> u32(15))
-        h = h * u32(0x846CA68B)
+        h = times(h, 0x846CA68B)
         h = h ^ (h >> u32(16))
         uniform = (h >> u32(8)).astype("float32") * tirx.const(1.0 / (1 << 24), "float32")
         new = tirx.floor(value + uniform)

@@ -107,7 +107,8 @@ def _cmd_memory(args) -> int:
         check_file(args.plot)  # before the minutes the plan may take
     resolve_auto(args, log=lambda line: print(line, file=sys.stderr))
     mod, _ = _load(args)
-    train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder, qas=not args.no_qas)(mod)
+    train_mod = TinyTrain(scheme=args.scheme, reorder=not args.no_reorder, qas=not args.no_qas,
+                          optimizer=_optimizer(args))(mod)
     report = memory_report(train_mod, compare_tvm=not args.no_tvm)
     if args.plot is not None:
         report.plan.plot_png(args.plot, f"{args.model} — scheme {args.scheme}")
@@ -322,6 +323,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--no-tvm", action="store_true", help="skip TVM's own planner figure")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.add_argument("--plot", metavar="FILE", help="write a PNG of live bytes per kernel")
+    search_command.optimizer_options(m)
     _auto_options(m, budget=True)
     m.set_defaults(run=_cmd_memory)
     c = sub.add_parser("compile", help="emit the training step as standalone C (an artifact)",
@@ -335,10 +337,7 @@ def parser() -> argparse.ArgumentParser:
                         "folder must be empty or an artifact)")
     c.add_argument("--budget", help="SRAM budget, like 256KB; the build fails when the plan needs more")
     c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
-    c.add_argument("--lr", type=float, default=0.01,
-                   help="SGD learning rate the device starts with (default 0.01); a schedule changes it "
-                        "between steps with tinytrain_set_learning_rate()")
-    c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum in [0, 1) (default 0)")
+    search_command.optimizer_options(c)
     _auto_options(c, budget=False)
     c.set_defaults(run=_cmd_compile)
     d = sub.add_parser("demo", help="pretrain on digits 0-4, fine-tune on 5-9, report accuracy",
@@ -458,7 +457,7 @@ def _micro_parsers(sub) -> None:
 
 
 def _run_parser(sub) -> None:
-    r = sub.add_parser("run", help="train a project's device on an .npz data set",
+    r = sub.add_parser("run", help="train a project's device on an .npz or a folder of images",
                        description="Stream the samples of --data to PROJECT_DIR's device (host program, "
                                    "QEMU, or a board on --serial-port) for --epochs epochs, saving its "
                                    "parameters as it goes; print the eval accuracy (or MSE) before and "
@@ -466,12 +465,13 @@ def _run_parser(sub) -> None:
                                    "device boots from its last save: a second run continues the first. "
                                    "Ctrl-C stops after the current step, saves and exits 130.")
     r.add_argument("project_dir", metavar="PROJECT_DIR", help="a project folder micro create-project made")
-    r.add_argument("--data", required=True, metavar="TRAIN.npz",
-                   help="training data: x (samples in the model file's own layout, stacked) and y (one "
-                        "integer class each; omitted for an autoencoder); float x for an int8 model is "
-                        "quantized with its input scale")
-    r.add_argument("--eval", metavar="TEST.npz", help="evaluation data, the same format; measured before "
-                                                      "and after training")
+    r.add_argument("--data", required=True, metavar="TRAIN",
+                   help="training data: an .npz with x (samples in the model file's own layout, stacked) "
+                        "and y (one integer class each; omitted for an autoencoder), or a folder with one "
+                        "sub-folder of images per class; float data for an int8 model is quantized with "
+                        "its input scale")
+    r.add_argument("--eval", metavar="TEST", help="evaluation data, the same formats; measured before "
+                                                  "and after training")
     r.add_argument("--epochs", type=int, default=1, help="passes over --data (default 1); 0 only evaluates "
                                                           "(--eval, else --data)")
     r.add_argument("--lr", type=float, help="set the device's learning rate (kept in its saves); default: "

@@ -65,7 +65,8 @@ def _data(value, metadata: dict, name: str) -> Dataset:
         return load_data(value, metadata, None)
     if isinstance(value, tuple) and len(value) == 2:
         return dataset(value[0], value[1], metadata, name)
-    raise InputError(f"{name} must be an .npz path, a Dataset or an (x, y) tuple, not {type(value).__name__}")
+    raise InputError(f"{name} must be an .npz or image-folder path, a Dataset or an (x, y) tuple, not "
+                     f"{type(value).__name__}")
 
 
 def _boot(dev) -> dict:

@@ -55,6 +55,10 @@ class Cache:
     def path(self, kind: str, key: str, suffix: str = ".json") -> Path:
         return self.root / kind / f"{key}{suffix}"
 
+    def has(self, kind: str, key: str) -> bool:
+        """Whether ``get`` would find a value (not counted as a hit or a miss)."""
+        return self.enabled and self.path(kind, key).is_file()
+
     def get(self, kind: str, key: str):
         path = self.path(kind, key)
         if self.enabled and path.is_file():

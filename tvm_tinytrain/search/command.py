@@ -31,19 +31,26 @@ def data_option(parser, required: bool = True) -> None:
                              "float data for an int8 model is quantized with its input scale")
 
 
+def optimizer_options(parser) -> None:
+    """The SGD of the training step: what the runs fine-tune with, and what the plans count (momentum
+    keeps one float32 per trained value in SRAM)."""
+    parser.add_argument("--lr", type=float, default=0.01,
+                        help="SGD learning rate (default 0.01); the search's runs decay it by a cosine")
+    parser.add_argument("--momentum", type=float, default=0.0,
+                        help="SGD momentum in [0, 1) (default 0); > 0 keeps a float32 per trained value in "
+                             "SRAM, which the plans count")
+
+
 def search_options(parser) -> None:
     """The options that change what the search measures or how it runs (``search``, ``--scheme auto``)."""
     parser.add_argument("--val-split", type=float, default=0.2, metavar="F",
                         help="fraction of each class held out to score the runs (default 0.2)")
     parser.add_argument("--steps", type=int, default=200, metavar="S",
                         help="training samples per fine-tuning run (default 200)")
-    parser.add_argument("--search-lr", type=float, default=3e-3, metavar="LR",
-                        help="the runs' SGD learning rate, decayed by a cosine (default 0.003)")
-    parser.add_argument("--search-momentum", type=float, default=0.9, metavar="M",
-                        help="the runs' SGD momentum (default 0.9)")
     parser.add_argument("--seed", type=int, default=0, help="validation split and sample order (default 0)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="fine-tune in N local processes (default 1); with --ray, N Ray workers")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="plan and fine-tune in N local processes (default 1: this one); with --ray, N "
+                             "Ray workers (default: one per CPU of the cluster)")
     parser.add_argument("--ray", metavar="ADDRESS",
                         help="run the jobs on a Ray cluster: HOST:PORT, ray://HOST:PORT, or local (a Ray "
                              'runtime on this machine); needs pip install "tvm-tinytrain[cluster]"')
@@ -60,6 +67,7 @@ def add_parser(sub, step_options) -> None:
                        description=DESCRIPTION, epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     step_options(s, scheme=False)
+    optimizer_options(s)
     data_option(s)
     s.add_argument("--budget", required=True, help="total SRAM of the training step, like 100KB")
     s.add_argument("-o", "--output", required=True, type=Path, metavar="SCHEME.json",
@@ -74,8 +82,8 @@ def _search(args, log):
     from .scheme_search import search_scheme
 
     return search_scheme(
-        args.model, args.data, args.budget, val_split=args.val_split, steps=args.steps, lr=args.search_lr,
-        momentum=args.search_momentum, seed=args.seed, qas=not args.no_qas,
+        args.model, args.data, args.budget, val_split=args.val_split, steps=args.steps, lr=args.lr,
+        momentum=args.momentum, seed=args.seed, qas=not args.no_qas,
         int8_classifier=args.int8_classifier,
         dequantize=args.dequantize, headroom=args.headroom, jobs=args.jobs, ray=args.ray,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=sys.stderr.isatty(), log=log)

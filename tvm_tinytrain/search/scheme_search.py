@@ -17,9 +17,12 @@ processes (``jobs``) or a Ray cluster (``ray``) through :func:`.jobs.run_jobs`.
 
 from __future__ import annotations
 
-import json
+import multiprocessing
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +31,10 @@ import numpy as np
 from ..errors import InputError
 from .cache import Cache, digest
 from .contribution import RATIOS, bias_depths, bias_runs, bias_scheme, gains, weight_runs
-from .worker import WorkerSpec, union_module
+from .worker import WorkerSpec
 
 UNION = "full"
+CALIBRATED_RATIOS = (0.125, 1.0)  # planned per layer; the ratios between borrow the nearest one's extra
 
 
 @dataclass
@@ -123,17 +127,19 @@ class _Measure:
         return values
 
 
-def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 200, lr: float = 3e-3,
-                  momentum: float = 0.9, seed: int = 0, qas: bool = True, int8_classifier: bool = False,
-                  dequantize: bool = False, headroom: dict | None = None, jobs: int = 1,
+def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 200, lr: float = 0.01,
+                  momentum: float = 0.0, seed: int = 0, qas: bool = True, int8_classifier: bool = False,
+                  dequantize: bool = False, headroom: dict | None = None, jobs: int | None = None,
                   ray: str | None = None, cache_dir=None, use_cache: bool = True, progress: bool = True,
                   log: Callable[[str], None] = lambda line: None) -> SearchResult:
     """Contribution analysis and evolutionary search for ``model`` on ``data`` under ``budget``.
 
     ``data``: an ``.npz`` (x, y), a folder of one sub-folder of images per class, or an ``(x, y)`` pair;
     ``val_split`` of each class is held out to score the runs. Each run trains ``steps`` samples at
-    ``lr`` (SGD, ``momentum``) under cosine decay. ``jobs`` local processes, or ``ray`` (an address, or
-    ``"local"``) for a Ray cluster."""
+    ``lr`` (SGD, ``momentum``) under cosine decay. ``jobs`` local processes (default 1: this process),
+    or ``ray`` (an address, or ``"local"``) for a Ray cluster, with ``jobs`` workers (default: one per
+    CPU of the cluster). Worker processes are spawned: a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard."""
     from .. import __version__
     from ..codegen.budget import parse_budget
     from ..data import dataset, load_data, model_metadata
@@ -141,7 +147,7 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
     from ..layers import layer_table
     from ..scheme import resolve
     from . import evolution
-    from .memory_model import calibration_schemes, fit, planned_total
+    from .memory_model import calibration_schemes, fit, key, param_dtypes, planned_total
     from .worker import optimizer_of
 
     start = time.perf_counter()
@@ -151,8 +157,12 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
         raise InputError("the scheme search needs a budget (--budget 100KB)")
     if steps < 1:
         raise InputError(f"--steps must be at least 1, not {steps}")
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise InputError(f"--jobs must be at least 1, not {jobs}")
+    if ray is not None:
+        from .jobs import parse_address
+
+        parse_address(ray)  # its form, before any work; whether it answers, when the first job goes
     load_options = {"float_classifier": not int8_classifier, "dequantize": dequantize,
                     "weight_headroom": dict(headroom or {})}
     mod, params = load_model(model, **load_options)
@@ -189,6 +199,12 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
             measure.fresh["plan"] += 1
         return int(value)
 
+    step = _SharedStep(cache, model_key, spec(), log)
+    keyed_bias = [(digest("run", run_key, _canonical(resolve(run.scheme, layers))), run.scheme)
+                  for run in bias_runs(n)]
+    if not all(cache.has("finetune", k) for k, _ in keyed_bias):
+        step.start()  # the runs will need it: build it while the plans run
+
     # 1. plans
     t = time.perf_counter()
     smallest = plan_here(bias_scheme(0))
@@ -196,11 +212,11 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
         raise InputError(f"budget {budget_bytes / 1024:,.1f} KB is below the smallest trainable scheme: the "
                          f"classifier alone needs {smallest:,} B ({smallest / 1024:,.1f} KB) planned; raise "
                          "--budget")
-    ks = bias_depths(n)
-    calibration = calibration_schemes(ks, list(range(n - 1)), n)
+    ks = [0, *bias_depths(n)]  # 0: the classifier alone
+    calibration = calibration_schemes(ks, list(range(n - 1)), n, CALIBRATED_RATIOS)
     planned = measure.many("plan", [(plan_key(s), s) for s in calibration], spec, "planning")
-    plans = {json.dumps(s, sort_keys=True): int(v) for s, v in zip(calibration, planned)}
-    memory = fit(plans, ks, layers, RATIOS, optimizer_of(step_options))
+    plans = {key(s): int(v) for s, v in zip(calibration, planned)}
+    memory = fit(plans, ks, layers, RATIOS, optimizer_of(step_options), dtypes=param_dtypes(mod))
     seconds["plan"] = time.perf_counter() - t
 
     # 2. runs: the classifier, bias:K, and the (layer, ratio) that could fit
@@ -217,8 +233,7 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
     keyed = [(digest("run", run_key, _canonical(resolve(run.scheme, layers))), run.scheme) for run in runs]
 
     def finetune_spec() -> WorkerSpec:
-        library = _shared_step(cache, model_key, mod, params, step_options, log)
-        return spec(library=library, train=(ds.x[train], ds.y[train]), val=(ds.x[val], ds.y[val]),
+        return spec(library=step.library(), train=(ds.x[train], ds.y[train]), val=(ds.x[val], ds.y[val]),
                     steps=steps, seed=seed)
 
     log(f"fine-tuning {len(runs)} runs of {steps} steps ({len(candidates)} (layer, ratio) candidates under "
@@ -230,32 +245,69 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
 
     # 3. search, re-checked by the planner
     t = time.perf_counter()
-    best = evolution.fit_to_planner(bias_gain, weight_gain, memory, budget_bytes, plan_here, seed=seed)
+    best, rechecks = evolution.fit_to_planner(bias_gain, weight_gain, memory.cost, budget_bytes, plan_here,
+                                              plans=plans, seed=seed)
     seconds["search"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
-    scheme = best.scheme(n)
     counts = {"runs": len(runs), "runs_fine_tuned": measure.fresh["finetune"],
               "runs_from_cache": len(runs) - measure.fresh["finetune"], "plans": measure.fresh["plan"],
-              "cache_hits": cache.hits, "cache_misses": cache.misses, "rechecks": best.rechecks}
+              "cache_hits": cache.hits, "cache_misses": cache.misses, "rechecks": rechecks}
     return SearchResult(
-        scheme=scheme, planned_sram_bytes=best.planned, estimated_sram_bytes=best.cost,
+        scheme=best.scheme(), planned_sram_bytes=best.cost,
+        estimated_sram_bytes=memory.cost(best.k, best.ratios),
         budget_bytes=budget_bytes, gain=best.gain, smallest_sram_bytes=smallest,
         runs={run.name: {"scheme": run.scheme, **res} for run, res in zip(runs, results)},
         bias_gain=bias_gain, weight_gain=weight_gain, counts=counts, seconds=seconds, settings=settings)
 
 
-def _shared_step(cache: Cache, model_key: str, mod, params, step_options: dict, log) -> bytes:
-    """The compiled training step every run shares (``UNION`` trainable): from the cache, else built."""
-    from ..trainer import HostTrainer
+class _SharedStep:
+    """The compiled training step every run shares (``UNION`` trainable): read from the cache, or built
+    once — in a process of its own started early (:meth:`start`), so that the build overlaps the plans
+    (Relax's block builder is not thread-safe: a thread could not build while this process plans)."""
 
-    path = cache.path("step", digest("step", model_key, UNION, step_options), ".so")
-    if not (cache.enabled and path.is_file()):
-        log("building the shared training step (once per model and settings; cached)")
-        t = time.perf_counter()
-        trainer = HostTrainer(union_module(mod, UNION, step_options), params)
-        staging = path.with_name(f".build-{path.name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cache: Cache, model_key: str, spec: WorkerSpec, log):
+        self.spec, self.log = spec, log
+        self._tmp = None
+        if cache.enabled:
+            self.path = cache.path("step", digest("step", model_key, UNION, spec.step_options["qas"],
+                                                  spec.step_options["momentum"]), ".so")
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tinytrain-step-")
+            self.path = Path(self._tmp.name) / "step.so"
+        self._pool = self._future = None
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self._future is None and not self.path.is_file():
+            self.log("building the shared training step in the background (once per model and settings; "
+                     "cached)")
+            self._t0 = time.perf_counter()
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._future = self._pool.submit(build_shared_step, self.spec, str(self.path))
+
+    def library(self) -> bytes:
+        self.start()
+        if self._future is not None:
+            try:
+                self._future.result()
+            finally:
+                self._pool.shutdown(cancel_futures=True)
+                self._future = None
+            self.log(f"  the shared training step is built ({time.perf_counter() - self._t0:.0f} s)")
+        return self.path.read_bytes()
+
+
+def build_shared_step(spec: WorkerSpec, path: str) -> None:
+    """Compile ``spec``'s shared step and write it to ``path`` (through a temporary name)."""
+    from .worker import SearchWorker
+
+    worker = SearchWorker(spec)
+    trainer = worker.build_trainer()
+    path = Path(path)
+    staging = path.with_name(f".build-{os.getpid()}-{path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
         trainer.export_library(staging)
         staging.replace(path)
-        log(f"  built in {time.perf_counter() - t:.0f} s")
-    return path.read_bytes()
+    finally:
+        staging.unlink(missing_ok=True)

@@ -65,12 +65,16 @@ class SearchWorker:
         self.layers = layer_table(self.mod)
         self.trainer = None
         if spec.library is not None:
-            from ..trainer import HostTrainer
-
             library = Path(self._dir.name) / "step.so"
             library.write_bytes(spec.library)
-            train_mod = union_module(self.mod, spec.union, spec.step_options)
-            self.trainer = HostTrainer(train_mod, self.params, library=library)
+            self.trainer = self.build_trainer(library)
+
+    def build_trainer(self, library: Path | None = None):
+        """The shared step's HostTrainer: compiled here, or loaded from ``library``."""
+        from ..trainer import HostTrainer
+
+        train_mod = union_module(self.mod, self.spec.union, self.spec.step_options)
+        return HostTrainer(train_mod, self.params, library=library)
 
     def run(self, job: tuple[str, dict]):
         kind, scheme = job
