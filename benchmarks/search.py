@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tvm_tinytrain.errors import InputError
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import MODELS, SHARED_MODELS, load_data, log  # noqa: E402
 
@@ -134,8 +136,14 @@ def run_model(key: str, args) -> dict:
     searches = []
     for budget_kb in budgets + budgets[:1]:
         t0 = time.perf_counter()
-        result = search_scheme(path, train, budget_kb * KB, steps=args.steps, lr=LR, momentum=MOMENTUM,
-                               jobs=args.jobs, cache_dir=cache, progress=False, log=log)
+        try:
+            result = search_scheme(path, train, budget_kb * KB, steps=args.steps, lr=LR, momentum=MOMENTUM,
+                                   jobs=args.jobs, cache_dir=cache, progress=False, log=log)
+        except InputError as err:  # a budget below the classifier alone
+            log(f"{key} {budget_kb} KB: {err}")
+            searches.append({"budget_kb": budget_kb, "wall_s": time.perf_counter() - t0, "result": None,
+                             "error": str(err)})
+            continue
         wall = time.perf_counter() - t0
         log(f"{key} {budget_kb} KB: {result.scheme} {result.planned_sram_bytes:,} B, {wall:.0f} s, "
             f"{result.counts}")
@@ -147,6 +155,9 @@ def run_model(key: str, args) -> dict:
     bias_only = planned(path, "bias-only")
     for s in searches[:len(budgets)]:
         budget = s["budget_kb"] * KB
+        if s["result"] is None:
+            rows.append({"budget_kb": s["budget_kb"], "error": s["error"], "bias_only_bytes": bias_only})
+            continue
         schemes[f"searched@{s['budget_kb']}"] = s["result"].scheme
         lk = best_last_k(path, n, budget)
         if lk:
@@ -157,7 +168,8 @@ def run_model(key: str, args) -> dict:
                      "counts": s["result"].counts, "seconds": s["result"].seconds})
     accuracy = evaluate(path, schemes, train, test, args.steps_train, args.seeds, args.jobs)
     return {"model": key, "layers": n, "rows": rows, "accuracy": accuracy,
-            "cached_wall_s": searches[-1]["wall_s"], "cached_counts": searches[-1]["result"].counts}
+            "cached_wall_s": searches[-1]["wall_s"],
+            "cached_counts": searches[-1]["result"].counts if searches[-1]["result"] else {}}
 
 
 def _acc(values: list[float]) -> str:
@@ -173,6 +185,10 @@ def markdown(results: list[dict], args) -> str:
     for res in results:
         acc = res["accuracy"]
         for row in res["rows"]:
+            if "error" in row:
+                lines.append(f"| {res['model']} | {row['budget_kb']} KB | nothing fits: {row['error']} |"
+                             " | | | | | |")
+                continue
             lk = row["last_k"]
             last_k = acc["last-k:" + str(lk[0])] if lk else None
             lk_cell = (f"k={lk[0]}: {_acc(last_k)}", f"{lk[1] / KB:.1f}") if lk else ("none fits", "")
@@ -188,7 +204,8 @@ def markdown(results: list[dict], args) -> str:
     lines += ["", "Schemes:"]
     for res in results:
         for row in res["rows"]:
-            lines.append(f"- {res['model']} {row['budget_kb']} KB: `{json.dumps(row['searched'])}`")
+            if "searched" in row:
+                lines.append(f"- {res['model']} {row['budget_kb']} KB: `{json.dumps(row['searched'])}`")
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,9 @@
 """``search_scheme``: a model file, the user's data and a budget → the sparse-update scheme to train.
 
 1. **Plan** (the memory planner, ``tinytrain memory``'s figure): the classifier alone (below the budget,
-   nothing can train: the error names that need), every ``bias:K``, and bias-only plus each layer's
-   weights at 1/8 — the points :mod:`.memory_model` is calibrated on.
+   nothing can train: the error names that need), the biases down to every depth, and each layer's
+   weights at 1/8 and whole with the biases down to it — the points :mod:`.memory_model` is
+   calibrated on.
 2. **Measure** (:mod:`.contribution`): fine-tune the classifier alone, each ``bias:K``, and bias-only
    plus each (layer, ratio) the calibrated model says could fit, on the training split; score each on
    the validation split. All runs share one compiled training step (every parameter trainable, a mask
