@@ -148,7 +148,7 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
     from ..layers import layer_table
     from ..scheme import resolve
     from . import evolution
-    from .memory_model import calibration_schemes, fit, key, param_dtypes, planned_total
+    from .memory_model import calibration_schemes, fit, key, param_dtypes, planned_total, scheme_of
     from .worker import optimizer_of
 
     start = time.perf_counter()
@@ -214,16 +214,23 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
                          f"classifier alone needs {smallest:,} B ({smallest / 1024:,.1f} KB) planned; raise "
                          "--budget")
     ks = [0, *bias_depths(n)]  # 0: the classifier alone
-    calibration = calibration_schemes(ks, list(range(n - 1)), n, CALIBRATED_RATIOS)
-    planned = measure.many("plan", [(plan_key(s), s) for s in calibration], spec, "planning")
+    # first the biases down to every depth; then the weights only of the layers whose backward (the
+    # biases down to them) fits: training a layer's weights needs at least that
+    depth_schemes = [scheme_of(k) for k in range(n + 1)]
+    planned = measure.many("plan", [(plan_key(s), s) for s in depth_schemes], spec, "planning depths")
+    reach = dict(zip(range(n + 1), planned))
+    layers_idx = [i for i in range(n - 1) if reach[n - i] <= budget_bytes]
+    calibration = calibration_schemes(ks, layers_idx, n, CALIBRATED_RATIOS)
+    planned = measure.many("plan", [(plan_key(s), s) for s in calibration], spec, "planning weights")
     plans = {key(s): int(v) for s, v in zip(calibration, planned)}
-    memory = fit(plans, ks, layers, RATIOS, optimizer_of(step_options), dtypes=param_dtypes(mod))
+    memory = fit(plans, ks, layers, RATIOS, optimizer_of(step_options), dtypes=param_dtypes(mod),
+                 layers_idx=layers_idx)
     seconds["plan"] = time.perf_counter() - t
 
     # 2. runs: the classifier, bias:K, and the (layer, ratio) that could fit
     t = time.perf_counter()
     candidates, seen = [], set()
-    for i in range(n - 1):
+    for i in layers_idx:
         for r in RATIOS:
             resolved = _canonical(resolve({"weights": {str(i): r}}, layers))
             if (i, str(resolved)) in seen or memory.cost(0, {i: r}) > budget_bytes:
