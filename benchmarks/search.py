@@ -83,12 +83,15 @@ def planned(path: Path, scheme) -> int:
 
 
 def best_last_k(path: Path, num_layers: int, budget: int) -> tuple[int, int] | None:
-    """The largest k whose last-k:k scheme fits ``budget``, and its planned bytes (None: none fits)."""
-    for k in range(num_layers, 0, -1):
+    """The largest k whose last-k:k scheme fits ``budget``, and its planned bytes (None: none fits):
+    k grows until a scheme no longer fits (the need grows with k)."""
+    best = None
+    for k in range(1, num_layers + 1):
         need = planned(path, f"last-k:{k}")
-        if need <= budget:
-            return k, need
-    return None
+        if need > budget:
+            break
+        best = (k, need)
+    return best
 
 
 def evaluate(path: Path, schemes: dict[str, dict], train, test, steps: int, seeds: int, jobs: int) -> dict:
