@@ -100,7 +100,8 @@ def test_a_repeated_search_fine_tunes_nothing(first_search, int8_model, transfer
     changed = search_scheme(int8_model, transfer_data[0], budget, steps=SETTINGS["steps"] + 1, lr=LR, jobs=1,
                             cache_dir=cache, progress=False)
     assert changed.counts["runs_fine_tuned"] == changed.counts["runs"]
-    assert changed.counts["plans"] == 0  # the plans do not depend on the data or the steps
+    # the calibration plans do not depend on the data or the steps: only a new winner is planned
+    assert changed.counts["plans"] <= changed.counts["rechecks"]
 
 
 def test_ray_gives_the_scheme_local_processes_give(first_search, int8_model, transfer_data, budget, tmp_path):
