@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 
 import tvm_tinytrain as tt
+from relay_passes.sparse_update import trainable_slice_name
 from tvm_tinytrain.cli import main
+from tvm_tinytrain.codegen.artifact import Artifact
 from tvm_tinytrain.demo import digit_splits, pretrain
 from tvm_tinytrain.memory_report import memory_report
 from tvm_tinytrain.ptq import quantize_tflite
+from tvm_tinytrain.scheme import resolve
 from tvm_tinytrain.search.scheme_search import search_scheme
 
 
@@ -139,6 +142,15 @@ def test_cli_search_writes_a_scheme_every_command_takes(first_search, int8_model
                  str(budget), "--steps", str(SETTINGS["steps"]), "--lr", str(LR), "--cache-dir", str(cache),
                  "--json", "--no-tvm"]) == 0
     assert json.loads(capsys.readouterr().out)["total_sram_bytes"] == report["total_sram_bytes"]
+    # and compile: the artifact trains the searched scheme
+    artifact = tmp_path / "auto.tar"
+    assert main(["compile", str(int8_model), "--scheme", "auto", "--data", str(transfer_data[0]), "--budget",
+                 str(budget), "--steps", str(SETTINGS["steps"]), "--lr", str(LR), "--cache-dir", str(cache),
+                 "-o", str(artifact)]) == 0
+    mod, _ = tt.load_model(int8_model)
+    resolved = resolve(str(out), tt.layer_table(mod))
+    wanted = {trainable_slice_name(n, k) if k else n for n, k in resolved.items()}
+    assert {t["name"] for t in Artifact.load(artifact).metadata["trainable"]} == wanted
 
 
 def _error(capsys, argv) -> str:
