@@ -26,6 +26,7 @@ writes ``search.md``, ``search.json`` and ``search_gains_<model>.png`` into ``--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -58,28 +59,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@functools.cache
+def model(path: Path):
+    """``load_model`` of ``path`` (int8 + float classifier, as the search loads it), once per file."""
+    import tvm_tinytrain as tt
+
+    return tt.load_model(str(path))
+
+
 def task_data(key: str):
     """accuracy.py's split, scaled to the range the model was trained on (float; the search and the
     evaluation quantize it with the model's input scale)."""
-    import tvm_tinytrain as tt
     from tvm_tinytrain.quantize import input_quantization
 
     spec = MODELS[key]
     x_tr, y_tr, x_te, y_te = load_data(spec["size"], spec["task"])
     path = SHARED_MODELS / spec["int8"]
-    mod, _ = tt.load_model(str(path))
-    scale, zero = input_quantization(mod)
+    scale, zero = input_quantization(model(path)[0])
     top = np.float32(scale * (127 - zero))
     return path, (x_tr * top, y_tr), (x_te * top, y_te)
 
 
 def planned(path: Path, scheme) -> int:
-    import tvm_tinytrain as tt
     from tvm_tinytrain.search.memory_model import planned_total
     from tvm_tinytrain.search.worker import optimizer_of
 
-    mod, _ = tt.load_model(str(path))
-    return planned_total(mod, scheme, qas=True, optimizer=optimizer_of({"lr": LR, "momentum": MOMENTUM}))
+    optimizer = optimizer_of({"lr": LR, "momentum": MOMENTUM})
+    return planned_total(model(path)[0], scheme, qas=True, optimizer=optimizer)
 
 
 def best_last_k(path: Path, num_layers: int, budget: int) -> tuple[int, int] | None:
@@ -96,7 +102,6 @@ def best_last_k(path: Path, num_layers: int, budget: int) -> tuple[int, int] | N
 
 def evaluate(path: Path, schemes: dict[str, dict], train, test, steps: int, seeds: int, jobs: int) -> dict:
     """name → test accuracies over the seeds, every scheme a mask on one union build."""
-    import tvm_tinytrain as tt
     from tvm_tinytrain.data import dataset, model_metadata
     from tvm_tinytrain.layers import layer_table
     from tvm_tinytrain.search.jobs import run_jobs
@@ -104,7 +109,7 @@ def evaluate(path: Path, schemes: dict[str, dict], train, test, steps: int, seed
     from tvm_tinytrain.search.worker import WorkerSpec, union_module
     from tvm_tinytrain.trainer import HostTrainer
 
-    mod, params = tt.load_model(str(path))
+    mod, params = model(path)
     meta = model_metadata(mod)
     tr, te = dataset(*train, meta), dataset(*test, meta)
     step_options = {"qas": True, "lr": LR, "momentum": MOMENTUM}
@@ -127,13 +132,12 @@ def evaluate(path: Path, schemes: dict[str, dict], train, test, steps: int, seed
 
 
 def run_model(key: str, args) -> dict:
-    import tvm_tinytrain as tt
     from tvm_tinytrain.layers import layer_table
     from tvm_tinytrain.search.plot import plot_gains
     from tvm_tinytrain.search.scheme_search import search_scheme
 
     path, train, test = task_data(key)
-    n = len(layer_table(tt.load_model(str(path))[0]))
+    n = len(layer_table(model(path)[0]))
     cache = args.out / "search-cache"
     budgets = [int(b) for b in args.budgets.split(",")]
     searches = []

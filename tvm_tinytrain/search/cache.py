@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..files import replacing_file
 
 
 def default_dir() -> Path:
@@ -73,16 +74,7 @@ class Cache:
 
     def put(self, kind: str, key: str, value) -> None:
         if self.enabled:
-            self.write_bytes(self.path(kind, key), json.dumps(value, sort_keys=True).encode())
-
-    def write_bytes(self, path: Path, data: bytes) -> None:
-        """``data`` to ``path`` through a temporary file in the same folder and a rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            path = self.path(kind, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with replacing_file(path) as tmp:
+                tmp.write_text(json.dumps(value, sort_keys=True))

@@ -35,7 +35,9 @@ def optimizer_options(parser) -> None:
     """The SGD of the training step: what the runs fine-tune with, and what the plans count (momentum
     keeps one float32 per trained value in SRAM)."""
     parser.add_argument("--lr", type=float, default=0.01,
-                        help="SGD learning rate (default 0.01); the search's runs decay it by a cosine")
+                        help="SGD learning rate (default 0.01): the device starts with it (a schedule "
+                             "changes it between steps with tinytrain_set_learning_rate()); the search's "
+                             "runs decay it by a cosine")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum in [0, 1) (default 0); > 0 keeps a float32 per trained value in "
                              "SRAM, which the plans count")
@@ -90,15 +92,13 @@ def _search(args, log):
 
 
 def run_search(args) -> int:
-    from ..files import check_file
+    from ..files import check_file, replacing_file
 
     check_file(args.output)
     if args.plot is not None:
         check_file(args.plot)
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     result = _search(args, log)
-    from ..files import replacing_file
-
     with replacing_file(args.output) as tmp:
         tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if args.plot is not None:

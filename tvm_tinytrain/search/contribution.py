@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import NonFiniteError
+from .memory_model import scheme_of
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)
 CLASSIFIER = "classifier"
@@ -40,23 +41,15 @@ def bias_depths(num_layers: int) -> list[int]:
     return sorted(ks)
 
 
-def bias_scheme(k: int) -> dict:
-    return {"bias": {"last": k}, "classifier": True} if k else {"classifier": True}
-
-
-def weight_scheme(num_layers: int, layer: int, ratio: float) -> dict:
-    return {"bias": {"last": num_layers}, "weights": {str(layer): ratio}, "classifier": True}
-
-
 def bias_runs(num_layers: int) -> list[Run]:
     """The classifier-only run and the ``bias:K`` runs."""
-    return [Run(CLASSIFIER, bias_scheme(0))] + [Run(f"bias:{k}", bias_scheme(k))
+    return [Run(CLASSIFIER, scheme_of(0))] + [Run(f"bias:{k}", scheme_of(k))
                                                 for k in bias_depths(num_layers)]
 
 
 def weight_runs(num_layers: int, candidates: list[tuple[int, float]]) -> list[Run]:
     """The ``weight:I:R`` runs of the (layer, ratio) candidates."""
-    return [Run(f"weight:{i}:{r:g}", weight_scheme(num_layers, i, r)) for i, r in candidates]
+    return [Run(f"weight:{i}:{r:g}", scheme_of(num_layers, {i: r})) for i, r in candidates]
 
 
 def finetune(trainer, x: np.ndarray, y: np.ndarray, steps: int, seed: int) -> dict:

@@ -40,8 +40,7 @@ RATIOS = (0.125, 0.25, 0.5, 1.0)
 
 def scheme_of(k: int, ratios: dict[int, float] | None = None) -> dict:
     """The scheme dict of the biases of the last ``k`` layers, the classifier and ``ratios``
-    (layer → ratio of its output channels); the same dicts as ``contribution.bias_scheme`` and
-    ``weight_scheme``, so a plan cached under one is found under the other."""
+    (layer → ratio of its output channels): the schemes of the contribution runs and of the plans."""
     scheme: dict = {"bias": {"last": k}} if k else {}
     if ratios:
         scheme["weights"] = {str(i): float(r) for i, r in sorted(ratios.items())}

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import InputError
 from .cache import Cache, digest
-from .contribution import RATIOS, bias_depths, bias_runs, bias_scheme, gains, weight_runs
+from .contribution import RATIOS, bias_depths, bias_runs, gains, weight_runs
 from .worker import WorkerSpec
 
 UNION = "full"
@@ -191,6 +191,9 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
     def plan_key(scheme: dict) -> str:
         return digest("plan", model_key, _canonical(resolve(scheme, layers)))
 
+    def run_key_of(scheme: dict) -> str:
+        return digest("run", run_key, _canonical(resolve(scheme, layers)))
+
     def plan_here(scheme: dict) -> int:
         key = plan_key(scheme)
         value = cache.get("plan", key)
@@ -201,14 +204,12 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
         return int(value)
 
     step = _SharedStep(cache, model_key, spec(), log)
-    keyed_bias = [(digest("run", run_key, _canonical(resolve(run.scheme, layers))), run.scheme)
-                  for run in bias_runs(n)]
-    if not all(cache.has("finetune", k) for k, _ in keyed_bias):
+    if not all(cache.has("finetune", run_key_of(run.scheme)) for run in bias_runs(n)):
         step.start()  # the runs will need it: build it while the plans run
 
     # 1. plans
     t = time.perf_counter()
-    smallest = plan_here(bias_scheme(0))
+    smallest = plan_here(scheme_of(0))
     if smallest > budget_bytes:
         raise InputError(f"budget {budget_bytes / 1024:,.1f} KB is below the smallest trainable scheme: the "
                          f"classifier alone needs {smallest:,} B ({smallest / 1024:,.1f} KB) planned; raise "
@@ -238,7 +239,7 @@ def search_scheme(model, data, budget, *, val_split: float = 0.2, steps: int = 2
             seen.add((i, str(resolved)))
             candidates.append((i, r))
     runs = bias_runs(n) + weight_runs(n, candidates)
-    keyed = [(digest("run", run_key, _canonical(resolve(run.scheme, layers))), run.scheme) for run in runs]
+    keyed = [(run_key_of(run.scheme), run.scheme) for run in runs]
 
     def finetune_spec() -> WorkerSpec:
         return spec(library=step.library(), train=(ds.x[train], ds.y[train]), val=(ds.x[val], ds.y[val]),
