@@ -1,7 +1,8 @@
 /* QEMU Cortex-M7 template: the device served over semihosting (the host's stdin and stdout),
  * costs in instructions from SysTick under -icount shift=0. The persistent region is a host file
  * through semihosting (build/tinytrain.slots, relative to QEMU's folder), with flash semantics and
- * an optional emulated delay per programmed write block (make FLASH_DELAY_US=...). */
+ * an optional emulated delay per programmed write block (make FLASH_DELAY_US=...). make PROFILE=1 adds
+ * the per-kernel profile (below), written to build/profile.bin at exit. */
 #include <stdint.h>
 #include <string.h>
 
@@ -60,13 +61,46 @@ static volatile uint32_t tinytrain_wraps;
 
 void tinytrain_systick(void) { tinytrain_wraps++; }
 
-uint64_t tinytrain_port_cost(void) {
+static uint64_t tinytrain_clock(void) {
   uint32_t wraps, now;
   do {
     wraps = tinytrain_wraps;
     now = SYST_CVR;
   } while (wraps != tinytrain_wraps);
   return ((uint64_t)wraps * 0x1000000u + (0xFFFFFFu - now)) * 40u;
+}
+
+#ifdef TINYTRAIN_PROFILE
+/* ---- the per-kernel profile (make PROFILE=1): each kernel's slot accumulates the instructions
+ * since the clock's last reading, the previous mark or the protocol's reading just before the step
+ * (or predict) began, so a step's slots sum to its cost less what runs after its last kernel. A mark's
+ * own instructions land in the next kernel's slot; the clock counts in steps of 40 instructions.
+ * The table goes to build/profile.bin when the device exits: "TTPF", version, slots, marks lost to
+ * slots beyond the table, then per slot the instructions (uint64) and the marks (uint32), all
+ * little-endian. */
+static uint64_t tinytrain_profile_last;
+static uint64_t tinytrain_profile_cost[TINYTRAIN_PROFILE_SLOTS];
+static uint32_t tinytrain_profile_marks[TINYTRAIN_PROFILE_SLOTS];
+static uint32_t tinytrain_profile_lost;
+
+void tinytrain_profile_kernel(uint32_t slot) {
+  uint64_t now = tinytrain_clock();
+  if (slot < TINYTRAIN_PROFILE_SLOTS) {
+    tinytrain_profile_cost[slot] += now - tinytrain_profile_last;
+    tinytrain_profile_marks[slot]++;
+  } else {
+    tinytrain_profile_lost++;
+  }
+  tinytrain_profile_last = now;
+}
+#endif
+
+uint64_t tinytrain_port_cost(void) {
+  uint64_t now = tinytrain_clock();
+#ifdef TINYTRAIN_PROFILE
+  tinytrain_profile_last = now;
+#endif
+  return now;
 }
 
 void tinytrain_port_stack(uint32_t* used, uint32_t* reserved) {
@@ -152,6 +186,24 @@ static void tinytrain_open_slots(void) {
   if (tinytrain_fill(2u * tinytrain_port_slot_bytes())) tinytrain_slots = -1;
 }
 
+#ifdef TINYTRAIN_PROFILE
+static int tinytrain_write_all(int32_t file, const void* buf, uint32_t n) {
+  uint32_t block[3] = {(uint32_t)file, (uint32_t)(uintptr_t)buf, n};
+  return tinytrain_semihost(0x05u, block) == 0 ? 0 : -1; /* SYS_WRITE: bytes not written */
+}
+
+static void tinytrain_profile_write(void) {
+  int32_t file = tinytrain_open("build/profile.bin", 5u); /* "wb" */
+  if (file < 0) return;
+  uint32_t head[4] = {0x46505454u /* "TTPF" */, 1u, TINYTRAIN_PROFILE_SLOTS, tinytrain_profile_lost};
+  tinytrain_write_all(file, head, sizeof head);
+  tinytrain_write_all(file, tinytrain_profile_cost, sizeof tinytrain_profile_cost);
+  tinytrain_write_all(file, tinytrain_profile_marks, sizeof tinytrain_profile_marks);
+  uint32_t close_block[1] = {(uint32_t)file};
+  tinytrain_semihost(0x02u, close_block); /* SYS_CLOSE */
+}
+#endif
+
 int main(void) {
   SYST_RVR = 0xFFFFFFu;
   SYST_CVR = 0;
@@ -160,5 +212,9 @@ int main(void) {
   tinytrain_out = tinytrain_open("/dev/stdout", 5u); /* "wb" */
   if (tinytrain_in < 0 || tinytrain_out < 0) return 2;
   tinytrain_open_slots();
-  return tinytrain_device_run();
+  int rc = tinytrain_device_run();
+#ifdef TINYTRAIN_PROFILE
+  tinytrain_profile_write();
+#endif
+  return rc;
 }

@@ -8,6 +8,14 @@ constants). A kernel call reads::
 
     /* k12 conv2d7: lv30, conv9.weight -> t12:lv31 */
     tinytrain_conv2d7(A(float, 34816), (float*)tinytrain_frozen_9, A(float, 0));
+    #ifdef TINYTRAIN_PROFILE
+      tinytrain_profile_kernel(12u);
+    #endif
+
+Each call is followed by a profile mark that only a build defining ``TINYTRAIN_PROFILE`` sees
+(the ``qemu_cortex_m7`` template's ``profile`` option; ``tvm_tinytrain.micro.profile`` reads the
+table): one slot per kernel, train_step's kernels ``0 .. n-1``, then predict's ``n .. n+m-1``. The
+generated C never calls the mark without the macro, so a default build is the same program.
 """
 
 from __future__ import annotations
@@ -85,10 +93,31 @@ def persistent_writes(fn: LoweredFunction, storage: Storage, k) -> list[str]:
     return targets
 
 
+# The profile slots: each function's kernels follow those of the functions before it in this order.
+PROFILED_FUNCTIONS = ("train_step", "predict")
+PROFILE_MACRO = f"{PREFIX.upper()}_PROFILE"
+
+
+def profile_slot(function: str, kernel_index: int) -> str:
+    """The C expression of a kernel's profile slot: train_step's kernels count from 0, predict's
+    follow them through the count train_step's body defines (its body comes first in the file)."""
+    before = PROFILED_FUNCTIONS[:PROFILED_FUNCTIONS.index(function)]
+    return " + ".join([*(_kernel_count_macro(f) for f in before), f"{kernel_index}u"])
+
+
+def _kernel_count_macro(function: str) -> str:
+    return f"{PROFILE_MACRO}_{function.upper()}_KERNELS"
+
+
+def _profiled(line: str) -> list[str]:
+    return [f"#ifdef {PROFILE_MACRO}", line, "#endif"]
+
+
 def function_body(fn: LoweredFunction, storage: Storage, kernel_symbols: dict[str, str],
                   workspace: dict[str, int], after: dict[int, list[str]] | None = None) -> list[str]:
-    """The kernel calls of one function, in plan order, each with its scratch window set first
-    and the lines ``after[kernel index]`` (checks) after it."""
+    """The kernel calls of one function, in plan order, each with its scratch window set first,
+    its profile mark (``#ifdef TINYTRAIN_PROFILE``, train_step and predict) right after it, then
+    the lines ``after[kernel index]`` (checks)."""
     lines = []
     for k in fn.kernels:
         fresh = [o for o in k.outputs if o not in k.inplace]  # an in-place output is its input's buffer
@@ -101,7 +130,11 @@ def function_body(fn: LoweredFunction, storage: Storage, kernel_symbols: dict[st
                 raise AssertionError(f"kernel {k.func} needs {need} B of workspace; the plan gave it less")
             lines.append(f"  {PREFIX}_workspace_window({fn.plan.offsets[slot]}u, {need}u);")
         lines.append(f"  {kernel_symbols[k.func]}({', '.join(args)});")
+        if fn.name in PROFILED_FUNCTIONS:
+            lines += _profiled(f"  {PREFIX}_profile_kernel({profile_slot(fn.name, k.index)});")
         lines += (after or {}).get(k.index, [])
+    if fn.name in PROFILED_FUNCTIONS[:-1]:  # the later functions' slots start after this one's
+        lines += _profiled(f"#define {_kernel_count_macro(fn.name)} {len(fn.kernels)}u")
     return lines
 
 
