@@ -25,10 +25,11 @@ Per network:
 - SRAM planned (arena + trainable parameters + optimizer state + rollback copy) and measured on QEMU
   (static ``.data`` + ``.bss`` from the ELF plus the painted stack's high-water mark, as
   ``benchmarks/memory.py``'s ``measure_on_qemu``), against the paper's Fig. 10a;
-- build time: ``tt.build(..., target="c")`` and ``target="llvm"`` (the TinyTrain pass apart);
-- host step: median ms of ``HostTrainer.step`` (TVM llvm, one thread) against PyTorch's float step
-  with the same layers' tensors trainable (whole tensors; ``benchmarks/c_step.py``'s
-  ``torch_step_ms``, one thread), on the same sample dequantized;
+- build time: ``tt.build(..., target="c")`` and ``target="llvm"`` (the TinyTrain pass apart), wall
+  and this process's CPU seconds (on a shared machine the CPU figure is the idle machine's time);
+- host step: median ms of ``HostTrainer.step`` (TVM llvm, one thread; wall and CPU) against
+  PyTorch's float step with the same layers' tensors trainable (whole tensors;
+  ``benchmarks/c_step.py``'s ``torch_step_ms``, one thread, wall), on the same sample dequantized;
 - whether the first step's loss is the same float on QEMU and on the TVM host path, and on the
   profile build.
 
@@ -52,6 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,13 +210,11 @@ def run_network(net: Network, args, work: Path) -> dict:
     row["layers"] = len(layers)
 
     _say(f"{net.label}: TinyTrain pass ...")
-    start = time.perf_counter()
-    train_mod = tt.relay.transform.TinyTrain(net.scheme, optimizer=tt.SGD(lr=LR))(mod)
-    row["pass_s"] = time.perf_counter() - start
+    with _timed(row, "pass"):
+        train_mod = tt.relay.transform.TinyTrain(net.scheme, optimizer=tt.SGD(lr=LR))(mod)
     _say(f"{net.label}: pass {row['pass_s']:.0f} s; C build ...")
-    start = time.perf_counter()
-    artifact = tt.build(train_mod, params, target="c")
-    row["build_c_s"] = time.perf_counter() - start
+    with _timed(row, "build_c"):
+        artifact = tt.build(train_mod, params, target="c")
     memory = artifact.metadata["memory"]
     row["memory"] = memory
     row["planned_sram_bytes"] = memory["planned_sram_bytes"]
@@ -249,15 +249,16 @@ def run_network(net: Network, args, work: Path) -> dict:
 
     if not args.no_host:
         _say(f"{net.label}: llvm build ...")
-        start = time.perf_counter()
-        trainer = tt.build(train_mod, params, target="llvm")
-        row["build_llvm_s"] = time.perf_counter() - start
-        times, losses = [], []
+        with _timed(row, "build_llvm"):
+            trainer = tt.build(train_mod, params, target="llvm")
+        times, cpu, losses = [], [], []
         for _ in range(args.steps + 1):  # the first one warms up
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             losses.append(trainer.step(x, LABEL))
             times.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
         row["host_step_ms"] = statistics.median(times[1:])
+        row["host_step_cpu_ms"] = statistics.median(cpu[1:])
         row["host_loss"] = float(losses[0])
         row["loss_qemu_equals_llvm"] = np.float32(losses[0]).tobytes() == np.float32(run["loss"]).tobytes()
         if not args.no_torch:
@@ -271,6 +272,16 @@ def run_network(net: Network, args, work: Path) -> dict:
     return row
 
 
+@contextmanager
+def _timed(row: dict, name: str):
+    """``row[name + "_s"]``: the wall seconds of the block; ``row[name + "_cpu_s"]``: this process's
+    CPU seconds (what the block costs on an idle machine, when it runs on one thread)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    yield
+    row[f"{name}_s"] = time.perf_counter() - start
+    row[f"{name}_cpu_s"] = time.process_time() - cpu
+
+
 def _m(n: float | None) -> str:
     return "-" if n is None else f"{n / 1e6:,.1f} M"
 
@@ -281,6 +292,11 @@ def _kb(n: float | None) -> str:
 
 def _s(n: float | None, unit: str = "s", digits: int = 0) -> str:
     return "-" if n is None else f"{n:,.{digits}f} {unit}"
+
+
+def _wall_cpu(row: dict, name: str, unit: str = "s", digits: int = 0) -> str:
+    wall, cpu = row.get(f"{name}_{unit}"), row.get(f"{name}_cpu_{unit}")
+    return "-" if wall is None else f"{_s(wall, unit, digits)} ({_s(cpu, unit, digits)})"
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -297,14 +313,15 @@ def markdown(rows: list[dict], args) -> str:
             f"{_m(r['paper_cycles'])} ({r['paper_ms']:.0f} ms) | {_m(r['qemu_predict_instructions'])} | "
             f"{r['instructions_per_mac']:.1f} | {_kb(r['planned_sram_bytes'])} | "
             f"{_kb(r['measured_sram_bytes'])} | "
-            f"{r['paper_kb']} KB | {_s(r['build_c_s'])} | {_s(r.get('build_llvm_s'))} | "
-            f"{_s(r.get('host_step_ms'), 'ms', 1)} | {_s(r.get('torch_step_ms'), 'ms', 1)} | "
+            f"{r['paper_kb']} KB | {_wall_cpu(r, 'build_c')} | {_wall_cpu(r, 'build_llvm')} | "
+            f"{_wall_cpu(r, 'host_step', 'ms', 1)} | {_s(r.get('torch_step_ms'), 'ms', 1)} | "
             f"{'-' if equal is None else 'yes' if equal else 'NO'} |")
     lines += ["", "Instructions on the emulated Cortex-M7 (`-icount shift=0`), not cycles; the paper's "
               "cycles are its ms at 216 MHz (Fig. 10c), its SRAM Fig. 10a. TinyEngine's inference: "
               "≈ 2 cycles per MAC. Kernels per step / predict: " + "; ".join(
                   f"{r['label']} {r['kernels']['train_step']} / {r['kernels']['predict']}" for r in rows)
-              + ". TinyTrain pass: " + ", ".join(f"{r['label']} {r['pass_s']:.0f} s" for r in rows) + "."]
+              + ". TinyTrain pass: " + ", ".join(f"{r['label']} {_wall_cpu(r, 'pass')}" for r in rows)
+              + ". Times: wall (this process's CPU); the CPU figure is what an idle machine takes."]
     for r in rows:
         if "profile" in r:
             p = r["profile"]

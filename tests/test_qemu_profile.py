@@ -18,7 +18,7 @@ from conftest import require_tools
 import tvm_tinytrain as tt
 from tvm_tinytrain import micro, zoo
 from tvm_tinytrain.errors import InputError
-from tvm_tinytrain.micro.profile import profile_options, read_profile
+from tvm_tinytrain.micro.profile import hand_kernels, kernel_family, profile_options, read_profile
 
 SCHEME = {"bias": {"last": 3}, "weights": {"3": 1.0}, "classifier": True}
 STEPS = 2
@@ -150,3 +150,22 @@ def test_a_table_too_small_is_refused(built):
     project, *_ = _run(artifact, root / "small_table", {"profile": "1", "profile_slots": "8"})
     with pytest.raises(InputError, match=r"8 slots for \d+ kernels: .*profile_options"):
         read_profile(project)
+
+
+def test_a_kernel_that_calls_hand_written_c_is_named_after_it(tmp_path):
+    (tmp_path / "tinytrain_s8.c").write_text(
+        "static inline int32_t tinytrain_lo16(uint32_t v) { return (int16_t)v; }\n"
+        "int32_t tinytrain_s8_conv_1x1(const int8_t* x,\n                              int8_t* y) {\n"
+        "  return 0;\n}\n")
+    (tmp_path / "tinytrain_kernels.c").write_text(
+        "void tinytrain_qconv3(int8_t* a0, int8_t* a1) {\n  (void)tinytrain_s8_conv_1x1(a0, a1);\n}\n\n"
+        "void tinytrain_qconv_input_grad(float* a0) {\n  a0[0] = 0.0f;\n}\n")
+    hand = hand_kernels(tmp_path)
+    assert hand["tinytrain_qconv3"] == "tinytrain_s8_conv_1x1"
+    assert "tinytrain_qconv_input_grad" not in hand
+    shapes = {"conv3.weight": [16, 8, 1, 1], "dwconv4.weight": [16, 1, 3, 3]}
+    family = kernel_family("qconv3", hand["tinytrain_qconv3"], ["t1:lv", "conv3.weight"], shapes)
+    assert family == "s8_conv_1x1"
+    assert kernel_family("qconv_input_grad7", "tinytrain_qconv_input_grad7", ["t9:lv", "dwconv4.weight[:8]"],
+                         shapes) == "qconv_input_grad dwconv 3x3"
+    assert kernel_family("qconv12", "tinytrain_qconv12", ["t2:lv", "const5"], shapes) == "qconv"

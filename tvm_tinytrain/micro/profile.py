@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..codegen.artifact import Artifact
+from ..codegen.executor import PROFILED_FUNCTIONS as FUNCTIONS  # the slot order
 from ..errors import InputError
 from .project import Project
 
 PROFILE_FILE = "build/profile.bin"
-FUNCTIONS = ("train_step", "predict")  # the slot order (codegen.executor.PROFILED_FUNCTIONS)
 MAGIC, VERSION = 0x46505454, 1  # "TTPF"
 PREFIX = "tinytrain_"
 # C sources of an artifact that hold no kernels: the executor, the parameters, the float helpers.
@@ -144,7 +144,7 @@ def read_profile(project: Project | str | Path) -> Profile:
                          f"profile_options(artifact) (profile_slots={len(plan)})")
     src = root / "model" / "src"
     symbols = _called_symbols(src / "tinytrain_model.c", len(plan))
-    hand = _hand_kernels(src)
+    hand = hand_kernels(src)
     shapes = {t["name"]: t["shape"] for t in (*metadata["trainable"], *metadata["frozen"])}
     kernels = []
     for slot, (function, k) in enumerate(plan):
@@ -207,7 +207,7 @@ def _called_symbols(model_c: Path, slots: int) -> dict[int, str]:
 _DEFINITION = re.compile(rf"^\w[\w ]*?\**\s*\b({PREFIX}\w+)\([^;{{]*\)\s*{{", re.MULTILINE)
 
 
-def _hand_kernels(src: Path) -> dict[str, str]:
+def hand_kernels(src: Path) -> dict[str, str]:
     """C symbol the executor calls → the hand-written kernel it is or calls: a function the artifact
     defines outside TVM's kernels and the executor (a TVM kernel that calls one is a wrapper)."""
     hand = set()
