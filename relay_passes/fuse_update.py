@@ -22,10 +22,10 @@ An inverted bottleneck's expansion gets its gradient in row chunks
 (``int8_grads._chunked_expansion_grad``); each chunk's rows are updated from it
 and the rows joined, written over the weight once nothing reads it::
 
-    g = R.concat((R.call_tir(qconv_weight_grad_rows, (x, mask, m, g_e0)), ...), axis=0)
+    g = R.concat((R.call_tir(qconv_weight_grad_rows, (x, g_c0)), ...), axis=0)   # g_c0: clamped rows
     ...                                                 # the same multiplies and update
     →
-    r0 = R.call_tir(qconv_weight_rows_update, (x, mask, m, g_e0, w, factor))   # rows 0..c
+    r0 = R.call_tir(qconv_weight_rows_update, (x, g_c0, w, factor))   # rows 0..c
     ...
     w_new = R.concat((r0, r1, ...), axis=0)
 """
@@ -42,7 +42,6 @@ from .exprs import constant_and_other, scalar_and_other, use_counts, with_bindin
 from .int8_arith import integer_step
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
-    accumulate_in_register,
     qconv_weight_grad_te,
     qlinear_weight_grad_te,
     rows_weight_grad,
@@ -68,11 +67,11 @@ def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, h
     return te.compute(w.shape, body, name="y")
 
 
-def fused_rows_update(q: QConvParams, x, mask, multiplier, g, w, factor, c0: int, out_shape,
-                      lo: float, hi: float, rounding: str = "stochastic"):
+def fused_rows_update(q: QConvParams, x, g, w, factor, c0: int, lo: float, hi: float,
+                      rounding: str = "stochastic"):
     """Rows ``c0 .. c0 + len(g)`` of :func:`fused_weight_update` for a weight whose gradient
     comes in row chunks (``int8_grad_kernels.rows_weight_grad``): the new rows only."""
-    grad = rows_weight_grad(q, x, mask, multiplier, g, c0, out_shape)
+    grad = rows_weight_grad(q, x, g)
     shape = [int(d) for d in grad.shape]
 
     def body(j, *i):
@@ -188,12 +187,12 @@ class FuseWeightUpdate:
         for call in chunks:
             _, grad_kw = kernel_tag(bb.get(), call)
             q = QConvParams.from_kwargs(grad_kw)
-            c0, out_shape = int(grad_kw["c0"]), [int(d) for d in grad_kw["out_shape"]]
-            x, mask, multiplier, g = call.args[1]
-            args = [x, mask, multiplier, g, w, factor]
+            c0 = int(grad_kw["c0"])
+            x, g = call.args[1]
+            args = [x, g, w, factor]
             kernel, out_ty = make_kernel(
-                lambda *t, q=q, c0=c0, shape=out_shape: fused_rows_update(q, *t, c0, shape, lo, hi, rounding),
-                args, accumulate_in_register)
+                lambda *t, q=q, c0=c0: fused_rows_update(q, *t, c0, lo, hi, rounding), args,
+                fused_accumulator)
             gv = bb.add_func(kernel, "qconv_weight_rows_update")
             row_var = relax.DataflowVar(f"{var.name}_rows{len(rows)}", out_ty)
             out.append(relax.VarBinding(row_var, relax.call_tir(gv, args, out_ty)))

@@ -9,7 +9,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from .int8_arith import flat_index
-from .int8_ops import QConvParams, fused_accumulator
+from .int8_ops import QConvParams
 
 ROWS_WEIGHT_GRAD = "tinytrain_qconv_weight_grad_rows"  # tagged, for FuseWeightUpdate
 
@@ -119,6 +119,49 @@ def qconv_input_grad_te(q: QConvParams, g_at, axes: list, out_hw, w, x_shape, ch
     return te.compute((n, c, h, wd), lambda nn, cc, yy, xx: te.sum(
         term(nn, cc, yy, xx), axis=[ro, ry, rx, *axes]), name="g_x")
 
+def pointwise_input_grad_te(g, w, x_shape, row0: int = 0, acc=None):
+    """``Σ_o g[n, o, h, w] · w[o + row0, c]`` (``+ acc`` when given): a 1×1 conv's input
+    gradient from its output gradient ``g`` (a tensor or a stage), reading the int8 weight
+    directly. Schedule it with :func:`input_channel_rows` or :func:`output_channel_outer`."""
+    ro = te.reduce_axis((0, int(g.shape[1])), "ro")
+    part = te.compute(x_shape, lambda nn, cc, yy, xx: te.sum(
+        g[nn, ro, yy, xx] * w[ro + row0, cc, 0, 0].astype("float32"), axis=ro),
+        name="g_x" if acc is None else "part")
+    if acc is None:
+        return part
+    return te.compute(x_shape, lambda *i: acc[i] + part[i], name="y")
+
+def input_channel_rows(func):
+    """A :func:`pointwise_input_grad_te` one input channel at a time: ``for c: for o: for
+    (h, w)``, the weight read once per (c, o), the innermost loop contiguous over the
+    output gradient's row; each sum still runs over ``o`` in order from 0 (the bits of the
+    plain loop). With ``acc``, the channel's partial sums are H·W floats of scratch."""
+    sch = s_tir.Schedule(func)
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "y" in names:
+        part = sch.get_sblock("part")
+        sch.compute_at(part, sch.get_loops(sch.get_sblock("y"))[1])
+        *_, yy, xx, ro = sch.get_loops(part)
+    else:
+        part = sch.get_sblock("g_x")
+        _, _, yy, xx, ro = sch.get_loops(part)
+    sch.reorder(ro, yy, xx)
+    sch.decompose_reduction(part, ro)
+    return sch.mod["main"]
+
+def output_channel_outer(func):
+    """A :func:`pointwise_input_grad_te` over a stage ``ga`` (the clamped output gradient
+    read through): ``for o: ga[o] (H·W floats of scratch), for (c, h, w): g_x += ga · w``,
+    so each element of ``ga`` is made once, not once per input channel; each sum still
+    runs over ``o`` in order from 0."""
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("g_x")
+    _, cc, yy, xx, ro = sch.get_loops(block)
+    sch.reorder(ro, cc, yy, xx)
+    sch.decompose_reduction(block, ro)
+    sch.compute_at(sch.get_sblock("ga"), ro)
+    return sch.mod["main"]
+
 def is_pointwise(q: QConvParams, w_shape) -> bool:
     return w_shape[2:] == [1, 1] and q.groups == 1 and q.strides == (1, 1) and not any(q.padding)
 
@@ -127,25 +170,10 @@ def qlinear_weight_grad_te(q: QConvParams, x, g):
     return te.compute((int(g.shape[1]), int(x.shape[1])), lambda o, k: te.sum(
         g[r, o] * (x[r, k].astype("float32") - tirx.const(q.zx, "float32")), axis=r), name="g_w")
 
-def accumulate_in_register(func):
-    """``y = acc + Σ …``: the clamp inlined, the sum one scalar per output (no scratch)."""
-    sch = s_tir.Schedule(func)
-    sch.compute_inline(sch.get_sblock("g_acc"))
-    return fused_accumulator(sch.mod["main"])
-
-def clamped_rows_te(mask, multiplier, g, c0: int, out_shape):
-    """The clamp of a layer's output gradient on a chunk ``g`` of its channels from ``c0``."""
-    n, _, h, wd = out_shape
-    step = int(g.shape[1])
-
-    return te.compute((n, step, h, wd), lambda nn, j, yy, xx: masked(
-        mask, out_shape, (nn, j + c0, yy, xx), g[nn, j, yy, xx] * multiplier[j + c0]), name="g_acc")
-
-def rows_weight_grad(q: QConvParams, x, mask, multiplier, g, c0: int, out_shape):
+def rows_weight_grad(q: QConvParams, x, g):
     """The weight gradient of output channels ``c0 .. c0 + len(g)`` of a 1×1 conv, from its
-    input and a chunk ``g`` of its output gradient (before the clamp)."""
-    return qconv_weight_grad_te(q, x, clamped_rows_te(mask, multiplier, g, c0, out_shape),
-                              [int(g.shape[1]), int(x.shape[1]), 1, 1])
+    input and a chunk ``g`` of its clamped output gradient."""
+    return qconv_weight_grad_te(q, x, g, [int(g.shape[1]), int(x.shape[1]), 1, 1])
 
 def pointwise_grad_rows_te(mask, multiplier, g, w, c0: int, step: int, shape):
     """``[lo < y < hi] · M[c] · Σ_o g[n, o, h, w] · w[o, c]`` for channels ``c0 .. c0 + step`` of
@@ -153,21 +181,32 @@ def pointwise_grad_rows_te(mask, multiplier, g, w, c0: int, step: int, shape):
     conv's narrow clamped gradient ``g`` and int8 weight ``w``."""
     n, _, h, wd = shape
     rp = te.reduce_axis((0, int(w.shape[0])), "rp")
+    # (schedules: sums_per_channel, channel_at_a_time)
     total = te.compute((n, step, h, wd), lambda nn, j, yy, xx: te.sum(
         g[nn, rp, yy, xx] * w[rp, j + c0, 0, 0].astype("float32"), axis=rp), name="acc")
 
     return te.compute((n, step, h, wd), lambda nn, j, yy, xx: masked(
         mask, shape, (nn, j + c0, yy, xx), total[nn, j, yy, xx] * multiplier[j + c0]), name="y")
 
+def _sums_over_rows(sch, acc, loop):
+    """``acc`` (a :func:`pointwise_grad_rows_te` sum) made under ``loop`` (one channel):
+    ``for o: for (h, w): acc += g[o] · w[o, c]``, H·W floats of scratch, the weight read
+    once per (o, c), the innermost loop contiguous; each sum runs over ``o`` in order."""
+    sch.compute_at(acc, loop)
+    *_, yy, xx, rp = sch.get_loops(acc)
+    sch.reorder(rp, yy, xx)
+    sch.decompose_reduction(acc, rp)
+
+def sums_per_channel(func):
+    """:func:`pointwise_grad_rows_te` a channel at a time (:func:`_sums_over_rows`)."""
+    sch = s_tir.Schedule(func)
+    _sums_over_rows(sch, sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("y"))[1])
+    return sch.mod["main"]
+
 def channel_at_a_time(func):
     """A depthwise input gradient whose output gradient is a stage (``y``, from the sum
     ``acc``): the stage made per channel, its H×W values in scratch, each value once."""
     sch = s_tir.Schedule(func)
     sch.compute_at(sch.get_sblock("y"), sch.get_loops(sch.get_sblock("g_x"))[1])
-    acc = sch.get_sblock("acc")
-    y_loops = sch.get_loops(sch.get_sblock("y"))
-    sch.compute_at(acc, y_loops[-1])
-    loops = sch.get_loops(acc)
-    if len(loops) > len(y_loops):
-        sch.decompose_reduction(acc, loops[len(y_loops)])
+    _sums_over_rows(sch, sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("g_x"))[1])
     return sch.mod["main"]

@@ -24,21 +24,25 @@ from tvm import relax, te, tirx
 from tvm.relax import op as R
 
 from .exprs import constant_value
+from .int8_arith import flat_index
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
-    accumulate_in_register,
     channel_at_a_time,
-    clamped_rows_te,
+    input_channel_rows,
     is_global_window,
     is_pointwise,
+    mask_bit,
     masked,
+    output_channel_outer,
     pack_clamp_mask_te,
     pointwise_grad_rows_te,
+    pointwise_input_grad_te,
     qconv_input_grad_te,
     qconv_weight_grad_te,
     qlinear_weight_grad_te,
     rows_weight_grad,
     spread_te,
+    sums_per_channel,
 )
 from .int8_ops import (
     QAddParams,
@@ -57,11 +61,17 @@ GRAD_PREFIX = "tvm.relax.te_grad._register."
 def _f32(values) -> relax.Constant:
     return relax.const(np.asarray(values, np.float32))
 
+def _emit(ctx, te_func, args: list, name: str, schedule=None):
+    """``te_func`` over ``args`` as a kernel with 32-bit loop indices (``emit_te`` would give
+    them Relax's int64 shapes: 64-bit index arithmetic on a 32-bit core)."""
+    func, out_ty = make_kernel(te_func, args, schedule)
+    return ctx.emit(relax.call_tir(ctx.add_func(func, name), args, out_ty))
+
 def _clamp_mask(ctx, y, lo: int | None, hi: int | None):
     """The packed clamp mask of a forward output: the backward reads it instead of the
     int8 output, 8× smaller, so the output dies after its forward consumers (the
     reorder runs this right after the output is made)."""
-    return ctx.emit_te(lambda yt: pack_clamp_mask_te(yt, lo, hi), y, primfunc_name_hint="pack_clamp_mask")
+    return _emit(ctx, lambda yt: pack_clamp_mask_te(yt, lo, hi), [y], "pack_clamp_mask")
 
 def _clampable_bounds(lo: int, hi: int, least, greatest) -> tuple[int | None, int | None]:
     """(lo, hi) with None for a bound the output cannot pass: ``least`` / ``greatest`` are
@@ -170,6 +180,15 @@ class _ClampedGrad:
     def reader(self, tensors):
         """``at(n, c, h, w)``: the clamped gradient there (a term of the sum over
         :attr:`axes` when there are any), over the kernel's placeholders for :attr:`args`."""
+        inside, value = self.parts(tensors)
+
+        def at(n, c, h, w):
+            return tirx.Select(inside(n, c, h, w), value(n, c, h, w), tirx.const(0.0, "float32"))
+        return at
+
+    def parts(self, tensors):
+        """(``inside(n, c, h, w)``: the output there did not clamp, ``value(n, c, h, w)``: the
+        gradient there if it did not), so a sum can skip a clamped element's whole term."""
         mt, kt, *src = tensors
         shape = self.shape
 
@@ -183,16 +202,21 @@ class _ClampedGrad:
                 return g[n, rp, h, w] * wt[rp, c, 0, 0].astype("float32")
             return src[0][n, c, h, w]
 
-        def at(n, c, h, w):
-            return masked(mt, shape, (n, c, h, w), source(n, c, h, w) * kt[c])
-        return at
+        def inside(n, c, h, w):
+            return mask_bit(mt, flat_index(shape, (n, c, h, w)))
 
-    def emit(self, ctx, te_func, extra: list, name: str):
-        """``te_func(at, axes, *extra)`` as a kernel: ``at`` reads the clamped gradient,
-        ``axes`` must join the kernel's reduction."""
+        def value(n, c, h, w):
+            return source(n, c, h, w) * kt[c]
+        return inside, value
+
+    def emit(self, ctx, te_func, extra: list, name: str, schedule=None, parts: bool = False):
+        """``te_func(at, axes, *extra)`` as a kernel: ``at`` reads the clamped gradient
+        (``parts``: ``te_func((inside, value), axes, *extra)``), ``axes`` must join the
+        kernel's reduction."""
         n = len(self.args)
-        return ctx.emit_te(lambda *t: te_func(self.reader(t[:n]), self.axes, *t[n:]), *self.args,
-                           *extra, primfunc_name_hint=name)
+        read = self.parts if parts else self.reader
+        return _emit(ctx, lambda *t: te_func(read(t[:n]), self.axes, *t[n:]), [*self.args, *extra], name,
+                     schedule)
 
 def _qconv_grad(orig_var, call, output_grad, ctx):
     q = qconv_params(call)
@@ -219,18 +243,29 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
                              "tinytrain_qconv_weight_grad", q.kwargs())
     clamped = _ClampedGrad(ctx, mask, multiplier, output_grad)
 
-    def bias_grad(at, axes):
+    def bias_grad(parts, axes):
+        # a clamped element's whole term (its sum over axes) is skipped, not added as zeros
+        inside, value = parts
         o = w_shape[0]
         rn, ry, rx = (te.reduce_axis((0, d), f"r{k}") for k, d in enumerate([x_shape[0], *out_hw]))
-        return te.compute((o,), lambda c: te.sum(at(rn, c, ry, rx), axis=[rn, ry, rx, *axes]), name="g_b")
+        return te.compute((o,), lambda c: te.sum(value(rn, c, ry, rx), axis=[rn, ry, rx, *axes],
+                                                 where=inside(rn, c, ry, rx)), name="g_b")
 
-    g_b = clamped.emit(ctx, bias_grad, [], "qconv_bias_grad")
+    g_b = clamped.emit(ctx, bias_grad, [], "qconv_bias_grad", parts=True)
     if clamped.narrow and is_pointwise(q, w_shape):
         # read through by the layer before (_ClampedGrad): its wide gradient is never made
-        func, out_ty = make_kernel(lambda gt, wt: qconv_input_grad_te(
-            q, lambda *i: gt[i], [], out_hw, wt, x_shape), [g_acc, w])
+        func, out_ty = make_kernel(lambda gt, wt: pointwise_input_grad_te(gt, wt, x_shape), [g_acc, w],
+                                   input_channel_rows)
         gv = ctx.add_func(func.with_attr("tinytrain.pointwise", True), "qconv_input_grad")
         g_x = ctx.emit(relax.call_tir(gv, [g_acc, w], out_ty))
+    elif is_pointwise(q, w_shape) and not clamped.axes:
+        # the clamped gradient read through (a global pool's spread): made once per output
+        # channel, H·W floats at a time
+        def input_grad(at, axes, wt):
+            ga = te.compute(out_shape, at, name="ga")
+            return pointwise_input_grad_te(ga, wt, x_shape)
+
+        g_x = clamped.emit(ctx, input_grad, [w], "qconv_input_grad", output_channel_outer)
     elif clamped.tag == "tinytrain.pointwise" and q.groups == x_shape[1] == w_shape[0]:
         # a depthwise conv between two 1×1 convs: the expansion before reads this in
         # channel chunks (_chunked_expansion_grad); kept whole only where nothing does
@@ -250,36 +285,26 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
 
 CHUNK_BYTES = 8 * 1024  # the largest slice of a bottleneck's middle gradient made at once
 
-def _expansion_chunk(ctx, q: QConvParams, x, w, mask, multiplier, g_e, c0: int, out_shape, g_x):
+def _expansion_chunk(ctx, q: QConvParams, x, w, g_c, c0: int, out_shape, g_x):
     """One chunk of :func:`_chunked_expansion_grad`: (bias gradient rows, weight gradient
-    rows, the input gradient summed so far) from ``g_e``, channels ``c0 ..`` of the
-    expansion's output gradient."""
+    rows, the input gradient summed so far) from ``g_c``, channels ``c0 ..`` of the
+    expansion's clamped output gradient."""
     n, _, h, wd = out_shape
-    step = int(g_e.ty.shape[1])
+    step = int(g_c.ty.shape[1])
     x_shape = [int(d) for d in x.ty.shape]
 
-    def bias(mt, kt, gt):
-        g = clamped_rows_te(mt, kt, gt, c0, out_shape)
+    def bias(gt):
         rn, ry, rx = (te.reduce_axis((0, d), f"r{i}") for i, d in enumerate((n, h, wd)))
-        return te.compute((step,), lambda j: te.sum(g[rn, j, ry, rx], axis=[rn, ry, rx]), name="g_b")
+        return te.compute((step,), lambda j: te.sum(gt[rn, j, ry, rx], axis=[rn, ry, rx]), name="g_b")
 
-    def input_grad(mt, kt, gt, wt, *acc):
-        g = clamped_rows_te(mt, kt, gt, c0, out_shape)
-        r = te.reduce_axis((0, step), "rc")
-        part = te.compute(x_shape, lambda nn, i, yy, xx: te.sum(
-            g[nn, r, yy, xx] * wt[r + c0, i, 0, 0].astype("float32"), axis=r), name="part")
-        if not acc:
-            return part
-        return te.compute(x_shape, lambda *i: acc[0][i] + part[i], name="y")
-
-    b = ctx.emit_te(bias, mask, multiplier, g_e, primfunc_name_hint="qconv_bias_grad_chunk")
-    weight = emit_tagged_kernel(
-        ctx, lambda xt, mt, kt, gt: rows_weight_grad(q, xt, mt, kt, gt, c0, out_shape),
-        [x, mask, multiplier, g_e], ROWS_WEIGHT_GRAD, {**q.kwargs(), "c0": c0, "out_shape": list(out_shape)})
-    args = [mask, multiplier, g_e, w, *([g_x] if g_x is not None else [])]
-    func, out_ty = make_kernel(input_grad, args, accumulate_in_register if g_x is not None else None)
+    b = _emit(ctx, bias, [g_c], "qconv_bias_grad_chunk")
+    weight = emit_tagged_kernel(ctx, lambda xt, gt: rows_weight_grad(q, xt, gt), [x, g_c], ROWS_WEIGHT_GRAD,
+                                {**q.kwargs(), "c0": c0})
+    args = [g_c, w, *([g_x] if g_x is not None else [])]
+    func, out_ty = make_kernel(lambda gt, wt, *acc: pointwise_input_grad_te(gt, wt, x_shape, c0, *acc), args,
+                               input_channel_rows)
     if g_x is not None:  # adds into the running sum in place
-        func = func.with_attr("tinytrain.elementwise_in", [4])
+        func = func.with_attr("tinytrain.elementwise_in", [2])
     gv = ctx.add_func(func, "qconv_input_grad_accumulate")
     return b, weight, ctx.emit(relax.call_tir(gv, args, out_ty))
 
@@ -307,13 +332,18 @@ def _chunked_expansion_grad(ctx, q: QConvParams, call, mask, multiplier, through
     for c0 in range(0, channels, step):
         # D's clamped output gradient on the chunk's channels (once: the depthwise input
         # gradient reads each element k² times), then D's input gradient on them
-        func, ty = make_kernel(lambda *t, c0=c0: pointwise_grad_rows_te(*t, c0, step, d_shape),
-                               d_clamped.args, fused_accumulator)
-        g_d = ctx.emit(relax.call_tir(ctx.add_func(func, "qgrad_through_rows"), d_clamped.args, ty))
-        g_e = ctx.emit_te(lambda gd, wd, c0=c0: qconv_input_grad_te(
-            q_d, lambda nn, oc, oy, ox: gd[nn, oc - c0, oy, ox], [], d_shape[2:], wd, out_shape, (c0, step)),
-            g_d, w_d, primfunc_name_hint="qconv_input_grad_chunk")
-        bias, weight, g_x = _expansion_chunk(ctx, q, x, w, mask, multiplier, g_e, c0, out_shape, g_x)
+        g_d = _emit(ctx, lambda *t, c0=c0: pointwise_grad_rows_te(*t, c0, step, d_shape), d_clamped.args,
+                    "qgrad_through_rows", sums_per_channel)
+
+        def clamped_input_grad(gd, wd, mt, kt, c0=c0):  # D's input gradient, E's clamp applied
+            g_e = qconv_input_grad_te(q_d, lambda nn, oc, oy, ox: gd[nn, oc - c0, oy, ox], [], d_shape[2:],
+                                      wd, out_shape, (c0, step))
+            return te.compute(g_e.shape, lambda nn, j, yy, xx: masked(
+                mt, out_shape, (nn, j + c0, yy, xx), g_e[nn, j, yy, xx] * kt[j + c0]), name="y")
+
+        g_c = _emit(ctx, clamped_input_grad, [g_d, w_d, mask, multiplier], "qconv_input_grad_chunk",
+                    fused_accumulator)
+        bias, weight, g_x = _expansion_chunk(ctx, q, x, w, g_c, c0, out_shape, g_x)
         biases.append(bias)
         weights.append(weight)
     g_b = biases[0] if len(biases) == 1 else ctx.emit(R.concat(biases, axis=0))
