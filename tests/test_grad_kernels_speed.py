@@ -1,0 +1,149 @@
+"""The scheduled int8 backward kernels compute the bits of their plain loops.
+
+The schedules of ``relay_passes.int8_grad_kernels`` only reorder loops and move stages
+(``for c: for o: for (h, w)`` instead of ``for (c, h, w): for o``): every float sum still
+runs over the same terms in the same order, so the result must equal the unscheduled
+kernel's bit for bit, on shapes whose channel counts are not multiples of 2 or 4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+from relay_passes.int8_grad_kernels import (
+    channel_at_a_time,
+    input_channel_rows,
+    masked,
+    output_channel_outer,
+    pack_clamp_mask_te,
+    pointwise_grad_rows_te,
+    pointwise_input_grad_te,
+    qconv_input_grad_te,
+    sums_per_channel,
+)
+from relay_passes.int8_ops import QConvParams, fused_accumulator
+
+
+def _run(te_func, arrays: list[np.ndarray], schedule=None) -> np.ndarray:
+    """``te_func`` over placeholders shaped like ``arrays``, built for the host (LLVM)."""
+    holders = [te.placeholder(a.shape, str(a.dtype), f"in{i}") for i, a in enumerate(arrays)]
+    out = te_func(*holders)
+    func = te.create_prim_func([*holders, out])
+    if schedule is not None:
+        func = schedule(func)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], str(out.dtype)))
+    lib["main"](*[tvm.runtime.tensor(a) for a in arrays], result)
+    return result.numpy()
+
+
+def _mask(rng, shape) -> np.ndarray:
+    """A packed clamp mask with about half its elements clamped."""
+    return np.packbits(rng.random(int(np.prod(shape))) < 0.5, bitorder="little")
+
+
+SHAPES = [(1, 7, 3, 5, 0), (1, 13, 5, 5, 0), (1, 6, 4, 3, 2), (2, 5, 3, 3, 0)]  # (n, o, c, h·w side, row0)
+
+
+@pytest.mark.parametrize("n, o, c, side, row0", SHAPES)
+def test_pointwise_input_grad_one_input_channel_at_a_time_is_bit_exact(n, o, c, side, row0):
+    rng = np.random.default_rng(o * 10 + c)
+    g = rng.standard_normal((n, o, side, side + 1)).astype(np.float32)
+    w = rng.integers(-128, 128, (o + row0, c, 1, 1)).astype(np.int8)
+    x_shape = (n, c, side, side + 1)
+    plain = _run(lambda gt, wt: pointwise_input_grad_te(gt, wt, x_shape, row0), [g, w])
+    rows = _run(lambda gt, wt: pointwise_input_grad_te(gt, wt, x_shape, row0), [g, w], input_channel_rows)
+    np.testing.assert_array_equal(rows, plain)
+    expected = np.einsum("nohw,oc->nchw", g.astype(np.float64), w[row0:, :, 0, 0].astype(np.float64))
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("n, o, c, side, row0", SHAPES)
+def test_pointwise_input_grad_added_to_a_running_sum_is_bit_exact(n, o, c, side, row0):
+    rng = np.random.default_rng(o * 10 + c + 1)
+    g = rng.standard_normal((n, o, side, side)).astype(np.float32)
+    w = rng.integers(-128, 128, (o + row0, c, 1, 1)).astype(np.int8)
+    acc = rng.standard_normal((n, c, side, side)).astype(np.float32)
+    x_shape = (n, c, side, side)
+
+    def body(gt, wt, at):
+        return pointwise_input_grad_te(gt, wt, x_shape, row0, at)
+
+    plain = _run(body, [g, w, acc], fused_accumulator)
+    rows = _run(body, [g, w, acc], input_channel_rows)
+    np.testing.assert_array_equal(rows, plain)
+    alone = _run(lambda gt, wt: pointwise_input_grad_te(gt, wt, x_shape, row0), [g, w])
+    np.testing.assert_allclose(rows, alone + acc, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("o, c, side", [(11, 3, 3), (9, 5, 2)])
+def test_pointwise_input_grad_over_a_clamped_stage_one_output_channel_at_a_time_is_bit_exact(o, c, side):
+    """The shape of a global pool's spread read through: the clamped gradient a stage."""
+    rng = np.random.default_rng(o)
+    out_shape = (1, o, side, side)
+    mask = _mask(rng, out_shape)
+    g = rng.standard_normal((1, o, 1, 1)).astype(np.float32)
+    k = rng.random(o).astype(np.float32)
+    w = rng.integers(-128, 128, (o, c, 1, 1)).astype(np.int8)
+
+    def body(mt, gt, kt, wt):
+        ga = te.compute(out_shape, lambda n, oc, y, x: masked(
+            mt, out_shape, (n, oc, y, x), gt[n, oc, 0, 0] * kt[oc]), name="ga")
+        return pointwise_input_grad_te(ga, wt, (1, c, side, side))
+
+    plain = _run(body, [mask, g, k, w])
+    outer = _run(body, [mask, g, k, w], output_channel_outer)
+    np.testing.assert_array_equal(outer, plain)
+    inside = np.unpackbits(mask, bitorder="little")[:o * side * side].reshape(out_shape).astype(bool)
+    ga = np.where(inside, (g * k[None, :, None, None]).astype(np.float64), 0.0)
+    np.testing.assert_allclose(plain, np.einsum("nohw,oc->nchw", ga, w[:, :, 0, 0].astype(np.float64)),
+                               rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels, o, c0, step, side", [(9, 5, 2, 5, 3), (6, 7, 0, 6, 4)])
+def test_read_through_sums_one_channel_at_a_time_are_bit_exact(channels, o, c0, step, side):
+    rng = np.random.default_rng(channels)
+    shape = (1, channels, side, side)
+    mask = _mask(rng, shape)
+    k = rng.random(channels).astype(np.float32)
+    g = rng.standard_normal((1, o, side, side)).astype(np.float32)
+    w = rng.integers(-128, 128, (o, channels, 1, 1)).astype(np.int8)
+
+    def body(mt, kt, gt, wt):
+        return pointwise_grad_rows_te(mt, kt, gt, wt, c0, step, shape)
+
+    plain = _run(body, [mask, k, g, w], fused_accumulator)
+    np.testing.assert_array_equal(_run(body, [mask, k, g, w], sums_per_channel), plain)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_input_grad_through_a_projection_channel_at_a_time_is_bit_exact(stride):
+    rng = np.random.default_rng(stride)
+    channels, o, side = 5, 3, 4
+    out_shape = (1, channels, side, side)
+    x_shape = [1, channels, side * stride, side * stride]
+    q = QConvParams(0.1, 0, (0.01,) * channels, 0.1, 0, strides=(stride, stride), padding=(1, 1, 1, 1),
+                    groups=channels)
+    mask = _mask(rng, out_shape)
+    k = rng.random(channels).astype(np.float32)
+    g = rng.standard_normal((1, o, side, side)).astype(np.float32)
+    wp = rng.integers(-128, 128, (o, channels, 1, 1)).astype(np.int8)
+    wd = rng.integers(-128, 128, (channels, 1, 3, 3)).astype(np.int8)
+
+    def body(mt, kt, gt, wpt, wdt):
+        gd = pointwise_grad_rows_te(mt, kt, gt, wpt, 0, channels, out_shape)
+        return qconv_input_grad_te(q, lambda *i: gd[i], [], (side, side), wdt, x_shape)
+
+    plain = _run(body, [mask, k, g, wp, wd])
+    np.testing.assert_array_equal(_run(body, [mask, k, g, wp, wd], channel_at_a_time), plain)
+
+
+def test_packed_mask_kernel_reads_its_bits_back():
+    """The packed mask the tests above feed in is the one the forward packs."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(-128, 128, (1, 3, 3, 5)).astype(np.int8)
+    packed = _run(lambda yt: pack_clamp_mask_te(yt, -128, 127), [y])
+    np.testing.assert_array_equal(packed, np.packbits((y > -128) & (y < 127), bitorder="little"))
