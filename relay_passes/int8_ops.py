@@ -33,6 +33,12 @@ from .int8_arith import (
 QOPS = ("tinytrain_qconv", "tinytrain_qlinear", "tinytrain_qadd", "tinytrain_qavgpool",
         "tinytrain_dequantize")
 
+# the forward kernels tagged ``tinytrain.qop``, with the kwargs their TE body bakes in as
+# ``tinytrain.qkwargs`` (not the scales and multipliers: layers that differ only there still share
+# one kernel)
+HAND_KERNEL_OPS = ("tinytrain_qconv", "tinytrain_qlinear")
+HAND_KERNEL_KWARGS = ("zx", "zy", "lo", "hi", "strides", "padding", "groups")
+
 WEIGHT_GRADS = ("tinytrain_qconv_weight_grad", "tinytrain_qlinear_weight_grad")  # tagged, for fusion
 
 
@@ -129,6 +135,9 @@ def _emit_kernel(bb: relax.BlockBuilder, te_func, args: list, grad: str, kwargs:
                  schedule=None, name: str = "") -> relax.Var:
     """``te_func(*tensors)`` as a PrimFunc in the module, called with a gradient."""
     func, out_ty = make_kernel(te_func, args, schedule)
+    if grad in HAND_KERNEL_OPS:  # what codegen/s8_kernels.py reads to call a C kernel instead
+        func = func.with_attrs({"tinytrain.qop": grad,
+                                "tinytrain.qkwargs": {k: kwargs[k] for k in HAND_KERNEL_KWARGS}})
     gv = bb.add_func(func, name or grad.removeprefix("tinytrain_"))
     return bb.emit(relax.call_tir_with_grad(gv, args, out_ty, grad, kwargs))
 

@@ -1,0 +1,542 @@
+/* int8 forward kernels: see tinytrain_s8.h for what each computes and its scratch.
+ *
+ * Convs are a matrix product over packed columns: the reduction of one output pixel (its im2col
+ * column, x - zx in int16) is written contiguously to the scratch, two pixels at a time, then
+ * every output channel pair reads its two weight rows once for both pixels (2 channels x 2 pixels
+ * per inner step). With SMLAD the int8 weights are widened four at a time by SXTB16, which yields
+ * (w0, w2) and (w1, w3); the columns are packed in that order within each group of four, so one
+ * 32-bit load of the column matches each widened weight pair. Depthwise convs copy one channel's
+ * input plane, padded with the zero point, to the scratch (no padding test per MAC) and subtract
+ * zx * sum(w) once per channel instead of zx per MAC. */
+#include "tinytrain_s8.h"
+
+#include <string.h>
+
+#if TINYTRAIN_S8_SIMD && defined(__ARM_FEATURE_DSP)
+#define TINYTRAIN_SXTB16(v) ((uint32_t)__sxtb16((int32_t)(v)))
+#define TINYTRAIN_SMLAD(a, b, acc) __smlad((int32_t)(a), (int32_t)(b), (acc))
+#define TINYTRAIN_SMLABB(a, b, acc) __smlabb((int32_t)(a), (int32_t)(b), (acc))
+#define TINYTRAIN_SMLABT(a, b, acc) __smlabt((int32_t)(a), (int32_t)(b), (acc))
+#define TINYTRAIN_SMLATB(a, b, acc) __smlatb((int32_t)(a), (int32_t)(b), (acc))
+/* GCC 12's arm_acle.h has no __ror, and GCC does not fold a rotate into SXTB16's operand */
+static inline uint32_t tinytrain_sxtb16_ror8(uint32_t v) {
+  uint32_t r;
+  __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+  return r;
+}
+#elif TINYTRAIN_S8_SIMD
+/* the same instructions in C: what the host tests run to check the SMLAD-shaped code */
+static inline int32_t tinytrain_lo16(uint32_t v) { return (int16_t)(v & 0xFFFFu); }
+static inline int32_t tinytrain_hi16(uint32_t v) { return (int16_t)(v >> 16); }
+static inline uint32_t tinytrain_sxtb16(uint32_t v) {
+  return ((uint32_t)(int32_t)(int8_t)(v & 0xFFu) & 0xFFFFu) | ((uint32_t)(int8_t)((v >> 16) & 0xFFu) << 16);
+}
+#define TINYTRAIN_SXTB16(v) tinytrain_sxtb16(v)
+#define TINYTRAIN_SMLAD(a, b, acc) \
+  ((acc) + tinytrain_lo16(a) * tinytrain_lo16(b) + tinytrain_hi16(a) * tinytrain_hi16(b))
+#define TINYTRAIN_SMLABB(a, b, acc) ((acc) + tinytrain_lo16(a) * tinytrain_lo16(b))
+#define TINYTRAIN_SMLABT(a, b, acc) ((acc) + tinytrain_lo16(a) * tinytrain_hi16(b))
+#define TINYTRAIN_SMLATB(a, b, acc) ((acc) + tinytrain_hi16(a) * tinytrain_lo16(b))
+static inline uint32_t tinytrain_sxtb16_ror8(uint32_t v) { return TINYTRAIN_SXTB16((v >> 8) | (v << 24)); }
+#endif
+
+#if TINYTRAIN_S8_SIMD
+/* 32 bits at any alignment (one LDR on Cortex-M3 and up) */
+static inline uint32_t tinytrain_load32(const void* p) {
+  uint32_t v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/* A pass's columns, for SXTB16: each group of four values (v0, v1, v2, v3) is stored
+ * (v0, v2, v1, v3), and a pixel pair's columns are interleaved group by group (pixel 0's group,
+ * pixel 1's group, ...), their tails (k % 4 values) after; a lone last pixel's column alone. */
+static void tinytrain_s8_place(int16_t* pass_cols, const int16_t* col, int32_t k, int32_t q, int32_t pixels) {
+  int32_t lone = q == pixels - 1 && (pixels & 1);
+  int32_t lane = lone ? 0 : q & 1, step = lone ? 4 : 8, k4 = k & ~3;
+  int16_t* dst = pass_cols + (q & ~1) * k + lane * 4;
+  for (int32_t i = 0; i < k4; i += 4, dst += step) {
+    dst[0] = col[i];
+    dst[1] = col[i + 2];
+    dst[2] = col[i + 1];
+    dst[3] = col[i + 3];
+  }
+  dst = pass_cols + (q & ~1) * k + (lone ? 1 : 2) * k4 + lane * (k - k4);
+  for (int32_t i = k4; i < k; ++i) *dst++ = col[i];
+}
+
+/* the four sums w_a . c_0, w_a . c_1, w_b . c_0, w_b . c_1 over k, from a pixel pair's columns */
+static inline void tinytrain_s8_dot_2x2(const int8_t* wa, const int8_t* wb, const int16_t* pair, int32_t k,
+                                        int32_t acc[4]) {
+  int32_t a0 = 0, a1 = 0, b0 = 0, b1 = 0, k4 = k & ~3;
+  const int16_t* c = pair;
+#if defined(__ARM_FEATURE_DSP)
+  if (k4) {
+    const int16_t* end = pair + 2 * k4;
+    uint32_t va, vb, wa13, wb13, x02, x13;
+    __asm__ volatile(
+        "1:\n\t"
+        "ldr %[va], [%[wa]], #4\n\t"
+        "ldr %[x02], [%[c]], #4\n\t"
+        "ldr %[x13], [%[c]], #4\n\t"
+        "sxtb16 %[wa13], %[va], ror #8\n\t"
+        "sxtb16 %[va], %[va]\n\t"
+        "smlad %[a0], %[va], %[x02], %[a0]\n\t"
+        "smlad %[a0], %[wa13], %[x13], %[a0]\n\t"
+        "ldr %[vb], [%[wb]], #4\n\t"
+        "sxtb16 %[wb13], %[vb], ror #8\n\t"
+        "sxtb16 %[vb], %[vb]\n\t"
+        "smlad %[b0], %[vb], %[x02], %[b0]\n\t"
+        "smlad %[b0], %[wb13], %[x13], %[b0]\n\t"
+        "ldr %[x02], [%[c]], #4\n\t"
+        "ldr %[x13], [%[c]], #4\n\t"
+        "smlad %[a1], %[va], %[x02], %[a1]\n\t"
+        "smlad %[a1], %[wa13], %[x13], %[a1]\n\t"
+        "smlad %[b1], %[vb], %[x02], %[b1]\n\t"
+        "smlad %[b1], %[wb13], %[x13], %[b1]\n\t"
+        "cmp %[c], %[end]\n\t"
+        "bne 1b\n\t"
+        : [a0] "+r"(a0), [a1] "+r"(a1), [b0] "+r"(b0), [b1] "+r"(b1), [wa] "+r"(wa), [wb] "+r"(wb),
+          [c] "+r"(c), [va] "=&r"(va), [vb] "=&r"(vb), [wa13] "=&r"(wa13), [wb13] "=&r"(wb13),
+          [x02] "=&r"(x02), [x13] "=&r"(x13)
+        : [end] "r"(end)
+        : "cc", "memory");
+  }
+#else
+  for (int32_t i = 0; i < k4; i += 4, c += 8) {
+    uint32_t va = tinytrain_load32(wa + i), vb = tinytrain_load32(wb + i);
+    uint32_t wa02 = TINYTRAIN_SXTB16(va), wa13 = tinytrain_sxtb16_ror8(va);
+    uint32_t wb02 = TINYTRAIN_SXTB16(vb), wb13 = tinytrain_sxtb16_ror8(vb);
+    uint32_t x0_02 = tinytrain_load32(c), x0_13 = tinytrain_load32(c + 2);
+    uint32_t x1_02 = tinytrain_load32(c + 4), x1_13 = tinytrain_load32(c + 6);
+    a0 = TINYTRAIN_SMLAD(wa02, x0_02, a0);
+    a0 = TINYTRAIN_SMLAD(wa13, x0_13, a0);
+    a1 = TINYTRAIN_SMLAD(wa02, x1_02, a1);
+    a1 = TINYTRAIN_SMLAD(wa13, x1_13, a1);
+    b0 = TINYTRAIN_SMLAD(wb02, x0_02, b0);
+    b0 = TINYTRAIN_SMLAD(wb13, x0_13, b0);
+    b1 = TINYTRAIN_SMLAD(wb02, x1_02, b1);
+    b1 = TINYTRAIN_SMLAD(wb13, x1_13, b1);
+  }
+  wa += k4;
+  wb += k4;
+#endif
+  int32_t tail = k - k4;
+  for (int32_t i = 0; i < tail; ++i) {
+    a0 += wa[i] * c[i];
+    a1 += wa[i] * c[tail + i];
+    b0 += wb[i] * c[i];
+    b1 += wb[i] * c[tail + i];
+  }
+  acc[0] = a0;
+  acc[1] = a1;
+  acc[2] = b0;
+  acc[3] = b1;
+}
+
+/* w . c over k, c a lone pixel's column */
+static inline int32_t tinytrain_s8_dot(const int8_t* w, const int16_t* c, int32_t k) {
+  int32_t a = 0, i = 0;
+  for (; i + 4 <= k; i += 4) {
+    uint32_t v = tinytrain_load32(w + i);
+    a = TINYTRAIN_SMLAD(TINYTRAIN_SXTB16(v), tinytrain_load32(c + i), a);
+    a = TINYTRAIN_SMLAD(tinytrain_sxtb16_ror8(v), tinytrain_load32(c + i + 2), a);
+  }
+  for (; i < k; ++i) a += w[i] * c[i];
+  return a;
+}
+#else
+/* A pass's columns, one after the other. */
+static void tinytrain_s8_place(int16_t* pass_cols, const int16_t* col, int32_t k, int32_t q, int32_t pixels) {
+  (void)pixels;
+  memcpy(pass_cols + q * k, col, (size_t)k * sizeof *col);
+}
+
+static inline void tinytrain_s8_dot_2x2(const int8_t* wa, const int8_t* wb, const int16_t* pair, int32_t k,
+                                        int32_t acc[4]) {
+  const int16_t* c0 = pair;
+  const int16_t* c1 = pair + k;
+  int32_t a0 = 0, a1 = 0, b0 = 0, b1 = 0;
+  for (int32_t i = 0; i < k; ++i) {
+    a0 += wa[i] * c0[i];
+    a1 += wa[i] * c1[i];
+    b0 += wb[i] * c0[i];
+    b1 += wb[i] * c1[i];
+  }
+  acc[0] = a0;
+  acc[1] = a1;
+  acc[2] = b0;
+  acc[3] = b1;
+}
+
+static inline int32_t tinytrain_s8_dot(const int8_t* w, const int16_t* c, int32_t k) {
+  int32_t a = 0;
+  for (int32_t i = 0; i < k; ++i) a += w[i] * c[i];
+  return a;
+}
+#endif
+
+#if defined(__GNUC__)
+#define TINYTRAIN_S8_SPECIALISED static inline __attribute__((always_inline))
+#else
+#define TINYTRAIN_S8_SPECIALISED static inline
+#endif
+
+/* How every output of a call is requantized: exactly as tinytrain_s8_requant_fast (no channel can
+ * saturate), as tinytrain_s8_requant_right (all shifts <= 0), or in full; and whether its clamp
+ * is the whole int8 range. */
+enum { TINYTRAIN_S8_FULL, TINYTRAIN_S8_RIGHT, TINYTRAIN_S8_FAST };
+
+typedef struct {
+  int32_t kind, int8_range;
+} tinytrain_s8_mode_t;
+
+static tinytrain_s8_mode_t tinytrain_s8_mode(const int32_t* b, const int32_t* shift, int32_t out_c, int32_t k,
+                                             int32_t lo, int32_t hi) {
+  int32_t fits = 1, right = 1;
+  for (int32_t o = 0; o < out_c; ++o) {
+    fits &= tinytrain_s8_requant_fits(b[o], shift[o], k);
+    right &= shift[o] <= 0;
+  }
+  tinytrain_s8_mode_t mode = {fits ? TINYTRAIN_S8_FAST : right ? TINYTRAIN_S8_RIGHT : TINYTRAIN_S8_FULL,
+                              lo == -128 && hi == 127};
+  return mode;
+}
+
+TINYTRAIN_S8_SPECIALISED int8_t tinytrain_s8_finish(tinytrain_s8_requant_t q, int32_t acc, int32_t zy,
+                                                    int32_t lo, int32_t hi, int32_t kind,
+                                                    int32_t int8_range) {
+  int32_t v = kind == TINYTRAIN_S8_FAST    ? tinytrain_s8_requant_fast(q, acc)
+              : kind == TINYTRAIN_S8_RIGHT ? tinytrain_s8_requant_right(q, acc)
+                                           : tinytrain_s8_requant_apply(q, acc);
+  return int8_range ? tinytrain_s8_output_int8(v, zy) : tinytrain_s8_output(v, zy, lo, hi);
+}
+
+/* Output channels requantized from a pass's columns (`pixels` of k, laid out by
+ * tinytrain_s8_place), the outputs to y[o * y_stride + pixel]. Each channel's constants are
+ * derived once for all the pixels. */
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_as(const int8_t* w, const int32_t* b, const int32_t* mult,
+                                                      const int32_t* shift, int32_t out_c, int32_t k,
+                                                      const int16_t* cols, int32_t pixels, int8_t* y,
+                                                      int32_t y_stride, int32_t zy, int32_t lo, int32_t hi,
+                                                      int32_t kind, int32_t int8_range) {
+  int32_t o = 0;
+  for (; o + 2 <= out_c; o += 2) {
+    tinytrain_s8_requant_t qa = tinytrain_s8_requant(b[o], mult[o], shift[o]);
+    tinytrain_s8_requant_t qb = tinytrain_s8_requant(b[o + 1], mult[o + 1], shift[o + 1]);
+    const int8_t* wa = w + o * k;
+    const int8_t* wb = wa + k;
+    int8_t* ya = y + o * y_stride;
+    int8_t* yb = ya + y_stride;
+    int32_t p = 0;
+    for (; p + 2 <= pixels; p += 2) {
+      int32_t acc[4];
+      tinytrain_s8_dot_2x2(wa, wb, cols + p * k, k, acc);
+      ya[p] = tinytrain_s8_finish(qa, acc[0], zy, lo, hi, kind, int8_range);
+      ya[p + 1] = tinytrain_s8_finish(qa, acc[1], zy, lo, hi, kind, int8_range);
+      yb[p] = tinytrain_s8_finish(qb, acc[2], zy, lo, hi, kind, int8_range);
+      yb[p + 1] = tinytrain_s8_finish(qb, acc[3], zy, lo, hi, kind, int8_range);
+    }
+    if (p < pixels) {
+      const int16_t* col = cols + p * k;
+      ya[p] = tinytrain_s8_finish(qa, tinytrain_s8_dot(wa, col, k), zy, lo, hi, kind, int8_range);
+      yb[p] = tinytrain_s8_finish(qb, tinytrain_s8_dot(wb, col, k), zy, lo, hi, kind, int8_range);
+    }
+  }
+  if (o < out_c) { /* the last, odd channel: as a pair with itself */
+    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[o], mult[o], shift[o]);
+    const int8_t* wo = w + o * k;
+    int8_t* yo = y + o * y_stride;
+    int32_t p = 0;
+    for (; p + 2 <= pixels; p += 2) {
+      int32_t acc[4];
+      tinytrain_s8_dot_2x2(wo, wo, cols + p * k, k, acc);
+      yo[p] = tinytrain_s8_finish(q, acc[0], zy, lo, hi, kind, int8_range);
+      yo[p + 1] = tinytrain_s8_finish(q, acc[1], zy, lo, hi, kind, int8_range);
+    }
+    if (p < pixels) {
+      yo[p] = tinytrain_s8_finish(q, tinytrain_s8_dot(wo, cols + p * k, k), zy, lo, hi, kind, int8_range);
+    }
+  }
+}
+
+static void tinytrain_s8_columns(const int8_t* w, const int32_t* b, const int32_t* mult, const int32_t* shift,
+                                 int32_t out_c, int32_t k, const int16_t* cols, int32_t pixels, int8_t* y,
+                                 int32_t y_stride, int32_t zy, int32_t lo, int32_t hi,
+                                 tinytrain_s8_mode_t mode) {
+  if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range) {
+    tinytrain_s8_columns_as(w, b, mult, shift, out_c, k, cols, pixels, y, y_stride, zy, lo, hi,
+                            TINYTRAIN_S8_FAST, 1);
+  } else if (mode.kind == TINYTRAIN_S8_FAST) {
+    tinytrain_s8_columns_as(w, b, mult, shift, out_c, k, cols, pixels, y, y_stride, zy, lo, hi,
+                            TINYTRAIN_S8_FAST, 0);
+  } else {
+    tinytrain_s8_columns_as(w, b, mult, shift, out_c, k, cols, pixels, y, y_stride, zy, lo, hi, mode.kind, 0);
+  }
+}
+
+int32_t tinytrain_s8_conv_1x1(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, int32_t* shift, int8_t* y,
+                              int16_t* scratch, int32_t in_c, int32_t hw, int32_t out_c, int32_t pass,
+                              int32_t zx, int32_t zy, int32_t lo, int32_t hi) {
+  int16_t* col = scratch + pass * in_c; /* one pixel's column, then placed in the pass */
+  tinytrain_s8_mode_t mode = tinytrain_s8_mode(b, shift, out_c, in_c, lo, hi);
+  for (int32_t p = 0; p < hw; p += pass) {
+    int32_t pixels = hw - p < pass ? hw - p : pass;
+    for (int32_t q = 0; q < pixels; ++q) {
+      const int8_t* src = x + p + q;
+      for (int32_t i = 0; i < in_c; ++i) col[i] = (int16_t)(src[i * hw] - zx);
+      tinytrain_s8_place(scratch, col, in_c, q, pixels);
+    }
+    tinytrain_s8_columns(w, b, mult, shift, out_c, in_c, scratch, pixels, y + p, hw, zy, lo, hi, mode);
+  }
+  return 0;
+}
+
+/* im2col column of output pixel (oy, ox): (x - zx) over (channel, ky, kx), 0 where padded */
+static void tinytrain_s8_im2col(const int8_t* x, int32_t in_c, int32_t h, int32_t wd, int32_t kh, int32_t kw,
+                                int32_t iy0, int32_t ix0, int32_t zx, int16_t* col) {
+  for (int32_t c = 0; c < in_c; ++c) {
+    const int8_t* plane = x + c * h * wd;
+    for (int32_t ky = 0; ky < kh; ++ky) {
+      int32_t iy = iy0 + ky;
+      if (iy < 0 || iy >= h) {
+        for (int32_t kx = 0; kx < kw; ++kx) *col++ = 0;
+        continue;
+      }
+      const int8_t* row = plane + iy * wd;
+      for (int32_t kx = 0; kx < kw; ++kx) {
+        int32_t ix = ix0 + kx;
+        *col++ = (int16_t)(ix >= 0 && ix < wd ? row[ix] - zx : 0);
+      }
+    }
+  }
+}
+
+int32_t tinytrain_s8_conv(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, int32_t* shift, int8_t* y,
+                          int16_t* scratch, int32_t in_c, int32_t h, int32_t wd, int32_t out_c, int32_t oh,
+                          int32_t ow, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pt, int32_t pl,
+                          int32_t pass, int32_t zx, int32_t zy, int32_t lo, int32_t hi) {
+  int32_t k = in_c * kh * kw, pixels_total = oh * ow;
+  int16_t* col = scratch + pass * k; /* one pixel's column, then placed in the pass */
+  tinytrain_s8_mode_t mode = tinytrain_s8_mode(b, shift, out_c, k, lo, hi);
+  for (int32_t p = 0; p < pixels_total; p += pass) {
+    int32_t pixels = pixels_total - p < pass ? pixels_total - p : pass;
+    for (int32_t q = 0; q < pixels; ++q) {
+      int32_t oy = (p + q) / ow, ox = (p + q) % ow;
+      tinytrain_s8_im2col(x, in_c, h, wd, kh, kw, oy * sh - pt, ox * sw - pl, zx, col);
+      tinytrain_s8_place(scratch, col, k, q, pixels);
+    }
+    tinytrain_s8_columns(w, b, mult, shift, out_c, k, scratch, pixels, y + p, pixels_total, zy, lo, hi,
+                         mode);
+  }
+  return 0;
+}
+
+/* n bytes, four at a time. GCC would turn these loops back into calls of memcpy / memset, which
+ * newlib-nano runs a byte at a time: not for these few bytes a row. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define TINYTRAIN_S8_NO_LIBC_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define TINYTRAIN_S8_NO_LIBC_CALLS
+#endif
+
+TINYTRAIN_S8_NO_LIBC_CALLS static inline void tinytrain_s8_copy(int8_t* dst, const int8_t* src, int32_t n) {
+  int32_t i = 0;
+  for (; i + 4 <= n; i += 4) memcpy(dst + i, src + i, 4);
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+TINYTRAIN_S8_NO_LIBC_CALLS static inline void tinytrain_s8_fill(int8_t* dst, uint32_t word, int32_t n) {
+  int32_t i = 0;
+  for (; i + 4 <= n; i += 4) memcpy(dst + i, &word, 4);
+  for (; i < n; ++i) dst[i] = (int8_t)word;
+}
+
+/* channel plane rows [-pt, rows - pt) x cols [-pl, cols - pl) of x, zx outside the input */
+TINYTRAIN_S8_NO_LIBC_CALLS static void tinytrain_s8_padded_plane(
+    const int8_t* plane, int32_t h, int32_t wd, int32_t rows, int32_t cols, int32_t pt, int32_t pl,
+    int32_t zx, int8_t* dst) {
+  uint32_t word = ((uint32_t)zx & 0xFFu) * 0x01010101u;
+  int32_t left = pl < cols ? pl : cols; /* padded columns on the left */
+  int32_t inside = wd < cols - left ? wd : cols - left;
+  for (int32_t r = 0; r < rows; ++r, dst += cols) {
+    int32_t iy = r - pt;
+    if (iy < 0 || iy >= h) {
+      tinytrain_s8_fill(dst, word, cols);
+      continue;
+    }
+    tinytrain_s8_fill(dst, word, left);
+    tinytrain_s8_copy(dst + left, plane + iy * wd, inside);
+    tinytrain_s8_fill(dst + left + inside, word, cols - left - inside);
+  }
+}
+
+#if TINYTRAIN_S8_SIMD
+/* 3x3, stride 1, two outputs per step: each kernel row's four inputs a0..a3 in one load,
+ * out0 = w0 a0 + w1 a1 + w2 a2, out1 = w0 a1 + w1 a2 + w2 a3 */
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s1(const int8_t* in, int32_t cols, const int8_t* wc,
+                                                            int32_t corr, tinytrain_s8_requant_t q,
+                                                            int8_t* out, int32_t oh, int32_t ow, int32_t zy,
+                                                            int32_t lo, int32_t hi, int32_t kind,
+                                                            int32_t int8_range) {
+  uint32_t w02[3], w1[3];
+  for (int32_t r = 0; r < 3; ++r) {
+    w02[r] = ((uint32_t)(int32_t)wc[3 * r] & 0xFFFFu) | ((uint32_t)(int32_t)wc[3 * r + 2] << 16);
+    w1[r] = (uint32_t)(int32_t)wc[3 * r + 1] & 0xFFFFu;
+  }
+  for (int32_t oy = 0; oy < oh; ++oy, out += ow) {
+    const int8_t* row = in + oy * cols;
+    int32_t ox = 0;
+    for (; ox + 2 <= ow; ox += 2) {
+      int32_t acc0 = corr, acc1 = corr;
+      for (int32_t r = 0; r < 3; ++r) {
+        uint32_t a = tinytrain_load32(row + r * cols + ox);
+        uint32_t a02 = TINYTRAIN_SXTB16(a), a13 = tinytrain_sxtb16_ror8(a);
+        acc0 = TINYTRAIN_SMLAD(w02[r], a02, acc0);
+        acc0 = TINYTRAIN_SMLABB(w1[r], a13, acc0);
+        acc1 = TINYTRAIN_SMLAD(w02[r], a13, acc1);
+        acc1 = TINYTRAIN_SMLABT(w1[r], a02, acc1);
+      }
+      out[ox] = tinytrain_s8_finish(q, acc0, zy, lo, hi, kind, int8_range);
+      out[ox + 1] = tinytrain_s8_finish(q, acc1, zy, lo, hi, kind, int8_range);
+    }
+    if (ox < ow) {
+      int32_t acc = corr;
+      for (int32_t r = 0; r < 3; ++r) {
+        const int8_t* a = row + r * cols + ox;
+        acc += wc[3 * r] * a[0] + wc[3 * r + 1] * a[1] + wc[3 * r + 2] * a[2];
+      }
+      out[ox] = tinytrain_s8_finish(q, acc, zy, lo, hi, kind, int8_range);
+    }
+  }
+}
+
+/* 3x3, stride 2, two outputs per step from a0..a4: out0 = w0 a0 + w1 a1 + w2 a2,
+ * out1 = w0 a2 + w1 a3 + w2 a4 */
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s2(const int8_t* in, int32_t cols, const int8_t* wc,
+                                                            int32_t corr, tinytrain_s8_requant_t q,
+                                                            int8_t* out, int32_t oh, int32_t ow, int32_t zy,
+                                                            int32_t lo, int32_t hi, int32_t kind,
+                                                            int32_t int8_range) {
+  uint32_t w02[3], w1[3];
+  for (int32_t r = 0; r < 3; ++r) {
+    w02[r] = ((uint32_t)(int32_t)wc[3 * r] & 0xFFFFu) | ((uint32_t)(int32_t)wc[3 * r + 2] << 16);
+    w1[r] = (uint32_t)(int32_t)wc[3 * r + 1] & 0xFFFFu;
+  }
+  for (int32_t oy = 0; oy < oh; ++oy, out += ow) {
+    const int8_t* row = in + 2 * oy * cols;
+    int32_t ox = 0;
+    for (; ox + 2 <= ow; ox += 2) {
+      int32_t acc0 = corr, acc1 = corr;
+      for (int32_t r = 0; r < 3; ++r) {
+        const int8_t* p = row + r * cols + 2 * ox;
+        uint32_t a = tinytrain_load32(p);
+        uint32_t a02 = TINYTRAIN_SXTB16(a), a13 = tinytrain_sxtb16_ror8(a);
+        acc0 = TINYTRAIN_SMLAD(w02[r], a02, acc0);
+        acc0 = TINYTRAIN_SMLABB(w1[r], a13, acc0);
+        acc1 = TINYTRAIN_SMLABT(w02[r], a02, acc1);
+        acc1 = TINYTRAIN_SMLABT(w1[r], a13, acc1);
+        acc1 = TINYTRAIN_SMLATB(w02[r], (uint32_t)(int32_t)p[4], acc1);
+      }
+      out[ox] = tinytrain_s8_finish(q, acc0, zy, lo, hi, kind, int8_range);
+      out[ox + 1] = tinytrain_s8_finish(q, acc1, zy, lo, hi, kind, int8_range);
+    }
+    if (ox < ow) {
+      int32_t acc = corr;
+      for (int32_t r = 0; r < 3; ++r) {
+        const int8_t* a = row + r * cols + 2 * ox;
+        acc += wc[3 * r] * a[0] + wc[3 * r + 1] * a[1] + wc[3 * r + 2] * a[2];
+      }
+      out[ox] = tinytrain_s8_finish(q, acc, zy, lo, hi, kind, int8_range);
+    }
+  }
+}
+#endif
+
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_any(const int8_t* in, int32_t cols, const int8_t* wc,
+                                                         int32_t corr, tinytrain_s8_requant_t q, int8_t* out,
+                                                         int32_t oh, int32_t ow, int32_t kh, int32_t kw,
+                                                         int32_t sh, int32_t sw, int32_t zy, int32_t lo,
+                                                         int32_t hi, int32_t kind, int32_t int8_range) {
+  for (int32_t oy = 0; oy < oh; ++oy) {
+    for (int32_t ox = 0; ox < ow; ++ox) {
+      const int8_t* window = in + oy * sh * cols + ox * sw;
+      int32_t acc = corr;
+      for (int32_t ky = 0; ky < kh; ++ky) {
+        for (int32_t kx = 0; kx < kw; ++kx) acc += wc[ky * kw + kx] * window[ky * cols + kx];
+      }
+      *out++ = tinytrain_s8_finish(q, acc, zy, lo, hi, kind, int8_range);
+    }
+  }
+}
+
+/* one channel's outputs from its padded plane, by the kernel specialised for its shape and mode */
+static void tinytrain_s8_depthwise_channel(const int8_t* in, int32_t cols, const int8_t* wc, int32_t corr,
+                                           tinytrain_s8_requant_t q, int8_t* out, int32_t oh, int32_t ow,
+                                           int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t zy,
+                                           int32_t lo, int32_t hi, tinytrain_s8_mode_t mode) {
+  int32_t fast_int8 = mode.kind == TINYTRAIN_S8_FAST && mode.int8_range;
+#if TINYTRAIN_S8_SIMD
+  if (kh == 3 && kw == 3 && sh == 1 && sw == 1) {
+    if (fast_int8) {
+      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 1);
+    } else if (mode.kind == TINYTRAIN_S8_FAST) {
+      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 0);
+    } else {
+      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, mode.kind,
+                                    mode.int8_range);
+    }
+    return;
+  }
+  if (kh == 3 && kw == 3 && sh == 2 && sw == 2) {
+    if (fast_int8) {
+      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 1);
+    } else if (mode.kind == TINYTRAIN_S8_FAST) {
+      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 0);
+    } else {
+      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, mode.kind,
+                                    mode.int8_range);
+    }
+    return;
+  }
+#endif
+  if (fast_int8) {
+    tinytrain_s8_depthwise_any(in, cols, wc, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi,
+                               TINYTRAIN_S8_FAST, 1);
+  } else {
+    tinytrain_s8_depthwise_any(in, cols, wc, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi, mode.kind,
+                               mode.int8_range);
+  }
+}
+
+int32_t tinytrain_s8_depthwise(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, int32_t* shift, int8_t* y,
+                               int8_t* scratch, int32_t c, int32_t h, int32_t wd, int32_t oh, int32_t ow,
+                               int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pt, int32_t pl,
+                               int32_t zx, int32_t zy, int32_t lo, int32_t hi) {
+  int32_t rows = (oh - 1) * sh + kh, cols = (ow - 1) * sw + kw;
+  tinytrain_s8_mode_t mode = tinytrain_s8_mode(b, shift, c, kh * kw, lo, hi);
+  for (int32_t ch = 0; ch < c; ++ch) {
+    tinytrain_s8_padded_plane(x + ch * h * wd, h, wd, rows, cols, pt, pl, zx, scratch);
+    const int8_t* wc = w + ch * kh * kw;
+    int32_t sum = 0;
+    for (int32_t i = 0; i < kh * kw; ++i) sum += wc[i];
+    int32_t corr = -zx * sum; /* sum w (x - zx) = sum w x - zx sum w, exactly */
+    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[ch], mult[ch], shift[ch]);
+    tinytrain_s8_depthwise_channel(scratch, cols, wc, corr, q, y + ch * oh * ow, oh, ow, kh, kw, sh, sw, zy,
+                                   lo, hi, mode);
+  }
+  return 0;
+}
+
+int32_t tinytrain_s8_linear(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, int32_t* shift, int8_t* y,
+                            int16_t* scratch, int32_t k, int32_t out_c, int32_t zx, int32_t zy, int32_t lo,
+                            int32_t hi) {
+  int16_t* col = scratch + k;
+  for (int32_t i = 0; i < k; ++i) col[i] = (int16_t)(x[i] - zx);
+  tinytrain_s8_place(scratch, col, k, 0, 1);
+  for (int32_t o = 0; o < out_c; ++o) {
+    int32_t acc = tinytrain_s8_dot(w + o * k, scratch, k);
+    y[o] = tinytrain_s8_output(tinytrain_s8_requantize_once(acc, b[o], mult[o], shift[o]), zy, lo, hi);
+  }
+  return 0;
+}
