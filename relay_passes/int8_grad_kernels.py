@@ -119,17 +119,82 @@ def qconv_input_grad_te(q: QConvParams, g_at, axes: list, out_hw, w, x_shape, ch
     return te.compute((n, c, h, wd), lambda nn, cc, yy, xx: te.sum(
         term(nn, cc, yy, xx), axis=[ro, ry, rx, *axes]), name="g_x")
 
+def is_depthwise(q: QConvParams, w_shape, channels: int) -> bool:
+    return q.groups == channels == w_shape[0] and w_shape[1] == 1
+
+def depthwise_input_grad_te(q: QConvParams, g_at, out_hw, w, x_shape, channels=None):
+    """:func:`qconv_input_grad_te` of a depthwise conv over ``gpad``, the output gradient
+    of one channel zero-padded (and zero-dilated for a stride) so that the multiply-add loop
+    tests no bound and no stride; ``gpad`` is a stage the schedule makes one channel at a
+    time ((H + kh − 1)·(W + kw − 1) floats of scratch, each output-gradient value read
+    once, not kh·kw times). A term outside the output adds 0·w where the plain loop adds
+    0: the same sums, in the same order."""
+    n, c, h, wd = x_shape
+    c0, c = channels if channels is not None else (0, c)
+    kh, kw = (int(d) for d in w.shape[2:])
+    oh, ow = out_hw
+    (sh, sw), (pt, pl, _, _) = q.strides, q.padding
+
+    def padded(nn, cc, u, v):
+        ty, tx = u + pt - (kh - 1), v + pl - (kw - 1)
+        oy, ox = tirx.floordiv(ty, sh), tirx.floordiv(tx, sw)
+        valid = tirx.all(ty >= 0, tx >= 0, tirx.floormod(ty, sh) == 0, tirx.floormod(tx, sw) == 0,
+                         oy < oh, ox < ow)
+        value = g_at(nn, cc + c0, tirx.max(tirx.min(oy, oh - 1), 0), tirx.max(tirx.min(ox, ow - 1), 0))
+        return tirx.if_then_else(valid, value, tirx.const(0.0, "float32"))
+
+    gpad = te.compute((n, c, h + kh - 1, wd + kw - 1), padded, name="gpad")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    return te.compute((n, c, h, wd), lambda nn, cc, yy, xx: te.sum(
+        gpad[nn, cc, yy + kh - 1 - ry, xx + kw - 1 - rx] * w[cc + c0, 0, ry, rx].astype("float32"),
+        axis=[ry, rx]), name="g_x")
+
+def padded_channels(func):
+    """A :func:`depthwise_input_grad_te` one channel at a time: ``gpad`` made per channel
+    (under the channel loop of the output ``y`` when there is a stage after the sum, the
+    sum then one scalar per output)."""
+    sch = s_tir.Schedule(func)
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "y" in names:
+        out = sch.get_sblock("y")
+        g_x = sch.get_sblock("g_x")
+        sch.compute_at(g_x, sch.get_loops(out)[-1])
+        loops = sch.get_loops(g_x)
+        sch.decompose_reduction(g_x, loops[len(sch.get_loops(out))])
+    else:
+        out = sch.get_sblock("g_x")
+    sch.compute_at(sch.get_sblock("gpad"), sch.get_loops(out)[1])
+    return sch.mod["main"]
+
 def pointwise_input_grad_te(g, w, x_shape, row0: int = 0, acc=None):
     """``Σ_o g[n, o, h, w] · w[o + row0, c]`` (``+ acc`` when given): a 1×1 conv's input
     gradient from its output gradient ``g`` (a tensor or a stage), reading the int8 weight
     directly. Schedule it with :func:`input_channel_rows` or :func:`output_channel_outer`."""
     ro = te.reduce_axis((0, int(g.shape[1])), "ro")
-    part = te.compute(x_shape, lambda nn, cc, yy, xx: te.sum(
-        g[nn, ro, yy, xx] * w[ro + row0, cc, 0, 0].astype("float32"), axis=ro),
-        name="g_x" if acc is None else "part")
+    # the weight as float: a stage the schedules make a few values at a time, in a local the
+    # C compiler keeps in registers (an int8 load may alias the float stores of the sum)
+    wf = te.compute((int(g.shape[1]), x_shape[1]), lambda o, c: w[o + row0, c, 0, 0].astype("float32"),
+                    name="wf")
+    part = te.compute(x_shape, lambda nn, cc, yy, xx: te.sum(g[nn, ro, yy, xx] * wf[ro, cc], axis=ro),
+                      name="g_x" if acc is None else "part")
     if acc is None:
         return part
     return te.compute(x_shape, lambda *i: acc[i] + part[i], name="y")
+
+def _reduction_outside(sch, block, ro, inner: list):
+    """Move the reduction loop ``ro`` outside the loops ``inner`` (its init before it), in
+    steps of up to 4 iterations kept innermost: ``for ro_o: for inner: for ro_i < 4``, so the
+    C compiler keeps each sum in a register over 4 terms instead of loading and storing it
+    at each; the terms of each sum still come in order. Returns the outer loop."""
+    extent = int(sch.get(ro).extent)
+    factor = next(f for f in (4, 2, 1) if extent % f == 0)
+    if factor > 1:
+        ro, ro_inner = sch.split(ro, [None, factor])
+        sch.reorder(ro, *inner, ro_inner)
+    else:
+        sch.reorder(ro, *inner)
+    sch.decompose_reduction(block, ro)
+    return ro
 
 def input_channel_rows(func):
     """A :func:`pointwise_input_grad_te` one input channel at a time: ``for c: for o: for
@@ -145,8 +210,7 @@ def input_channel_rows(func):
     else:
         part = sch.get_sblock("g_x")
         _, _, yy, xx, ro = sch.get_loops(part)
-    sch.reorder(ro, yy, xx)
-    sch.decompose_reduction(part, ro)
+    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, part, ro, [yy, xx]))
     return sch.mod["main"]
 
 def output_channel_outer(func):
@@ -157,9 +221,8 @@ def output_channel_outer(func):
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("g_x")
     _, cc, yy, xx, ro = sch.get_loops(block)
-    sch.reorder(ro, cc, yy, xx)
-    sch.decompose_reduction(block, ro)
-    sch.compute_at(sch.get_sblock("ga"), ro)
+    sch.compute_at(sch.get_sblock("ga"), _reduction_outside(sch, block, ro, [cc, yy, xx]))
+    sch.compute_at(sch.get_sblock("wf"), cc)
     return sch.mod["main"]
 
 def is_pointwise(q: QConvParams, w_shape) -> bool:
@@ -182,8 +245,9 @@ def pointwise_grad_rows_te(mask, multiplier, g, w, c0: int, step: int, shape):
     n, _, h, wd = shape
     rp = te.reduce_axis((0, int(w.shape[0])), "rp")
     # (schedules: sums_per_channel, channel_at_a_time)
-    total = te.compute((n, step, h, wd), lambda nn, j, yy, xx: te.sum(
-        g[nn, rp, yy, xx] * w[rp, j + c0, 0, 0].astype("float32"), axis=rp), name="acc")
+    wf = te.compute((int(w.shape[0]), step), lambda o, j: w[o, j + c0, 0, 0].astype("float32"), name="wf")
+    total = te.compute((n, step, h, wd), lambda nn, j, yy, xx: te.sum(g[nn, rp, yy, xx] * wf[rp, j], axis=rp),
+                       name="acc")
 
     return te.compute((n, step, h, wd), lambda nn, j, yy, xx: masked(
         mask, shape, (nn, j + c0, yy, xx), total[nn, j, yy, xx] * multiplier[j + c0]), name="y")
@@ -194,19 +258,33 @@ def _sums_over_rows(sch, acc, loop):
     once per (o, c), the innermost loop contiguous; each sum runs over ``o`` in order."""
     sch.compute_at(acc, loop)
     *_, yy, xx, rp = sch.get_loops(acc)
-    sch.reorder(rp, yy, xx)
-    sch.decompose_reduction(acc, rp)
+    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, acc, rp, [yy, xx]))
+
+def channel_sums_te(y):
+    """``Σ_{n, h, w} y[n, c, h, w]``: a bias gradient."""
+    n, c, h, wd = (int(d) for d in y.shape)
+    rn, ry, rx = (te.reduce_axis((0, d), f"r{i}") for i, d in enumerate((n, h, wd)))
+    return te.compute((c,), lambda cc: te.sum(y[rn, cc, ry, rx], axis=[rn, ry, rx]), name="g_b")
 
 def sums_per_channel(func):
-    """:func:`pointwise_grad_rows_te` a channel at a time (:func:`_sums_over_rows`)."""
+    """:func:`pointwise_grad_rows_te` a channel at a time (:func:`_sums_over_rows`); under
+    a :func:`channel_sums_te`, the channel's H·W values in scratch."""
     sch = s_tir.Schedule(func)
-    _sums_over_rows(sch, sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("y"))[1])
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "g_b" in names:
+        channel = sch.get_loops(sch.get_sblock("g_b"))[0]
+        sch.compute_at(sch.get_sblock("y"), channel)
+        _sums_over_rows(sch, sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("g_b"))[0])
+    else:
+        _sums_over_rows(sch, sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("y"))[1])
     return sch.mod["main"]
 
 def channel_at_a_time(func):
-    """A depthwise input gradient whose output gradient is a stage (``y``, from the sum
-    ``acc``): the stage made per channel, its H×W values in scratch, each value once."""
+    """A depthwise input gradient (:func:`depthwise_input_grad_te`) whose output gradient is
+    a stage (``y``, from the sum ``acc``): the stage made per channel, its H×W values in
+    scratch, each value once."""
     sch = s_tir.Schedule(func)
+    sch.compute_at(sch.get_sblock("gpad"), sch.get_loops(sch.get_sblock("g_x"))[1])
     sch.compute_at(sch.get_sblock("y"), sch.get_loops(sch.get_sblock("g_x"))[1])
     _sums_over_rows(sch, sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("g_x"))[1])
     return sch.mod["main"]

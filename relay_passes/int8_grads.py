@@ -24,17 +24,19 @@ from tvm import relax, te, tirx
 from tvm.relax import op as R
 
 from .exprs import constant_value
-from .int8_arith import flat_index
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
     channel_at_a_time,
+    channel_sums_te,
+    depthwise_input_grad_te,
     input_channel_rows,
+    is_depthwise,
     is_global_window,
     is_pointwise,
-    mask_bit,
     masked,
     output_channel_outer,
     pack_clamp_mask_te,
+    padded_channels,
     pointwise_grad_rows_te,
     pointwise_input_grad_te,
     qconv_input_grad_te,
@@ -51,7 +53,6 @@ from .int8_ops import (
     _kw,
     _window,
     emit_tagged_kernel,
-    fused_accumulator,
     make_kernel,
     qconv_params,
 )
@@ -180,15 +181,6 @@ class _ClampedGrad:
     def reader(self, tensors):
         """``at(n, c, h, w)``: the clamped gradient there (a term of the sum over
         :attr:`axes` when there are any), over the kernel's placeholders for :attr:`args`."""
-        inside, value = self.parts(tensors)
-
-        def at(n, c, h, w):
-            return tirx.Select(inside(n, c, h, w), value(n, c, h, w), tirx.const(0.0, "float32"))
-        return at
-
-    def parts(self, tensors):
-        """(``inside(n, c, h, w)``: the output there did not clamp, ``value(n, c, h, w)``: the
-        gradient there if it did not), so a sum can skip a clamped element's whole term."""
         mt, kt, *src = tensors
         shape = self.shape
 
@@ -202,21 +194,16 @@ class _ClampedGrad:
                 return g[n, rp, h, w] * wt[rp, c, 0, 0].astype("float32")
             return src[0][n, c, h, w]
 
-        def inside(n, c, h, w):
-            return mask_bit(mt, flat_index(shape, (n, c, h, w)))
+        def at(n, c, h, w):
+            return masked(mt, shape, (n, c, h, w), source(n, c, h, w) * kt[c])
+        return at
 
-        def value(n, c, h, w):
-            return source(n, c, h, w) * kt[c]
-        return inside, value
-
-    def emit(self, ctx, te_func, extra: list, name: str, schedule=None, parts: bool = False):
-        """``te_func(at, axes, *extra)`` as a kernel: ``at`` reads the clamped gradient
-        (``parts``: ``te_func((inside, value), axes, *extra)``), ``axes`` must join the
-        kernel's reduction."""
+    def emit(self, ctx, te_func, extra: list, name: str, schedule=None):
+        """``te_func(at, axes, *extra)`` as a kernel: ``at`` reads the clamped gradient,
+        ``axes`` must join the kernel's reduction."""
         n = len(self.args)
-        read = self.parts if parts else self.reader
-        return _emit(ctx, lambda *t: te_func(read(t[:n]), self.axes, *t[n:]), [*self.args, *extra], name,
-                     schedule)
+        return _emit(ctx, lambda *t: te_func(self.reader(t[:n]), self.axes, *t[n:]), [*self.args, *extra],
+                     name, schedule)
 
 def _qconv_grad(orig_var, call, output_grad, ctx):
     q = qconv_params(call)
@@ -243,15 +230,18 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
                              "tinytrain_qconv_weight_grad", q.kwargs())
     clamped = _ClampedGrad(ctx, mask, multiplier, output_grad)
 
-    def bias_grad(parts, axes):
-        # a clamped element's whole term (its sum over axes) is skipped, not added as zeros
-        inside, value = parts
+    def bias_grad(at, axes):
         o = w_shape[0]
         rn, ry, rx = (te.reduce_axis((0, d), f"r{k}") for k, d in enumerate([x_shape[0], *out_hw]))
-        return te.compute((o,), lambda c: te.sum(value(rn, c, ry, rx), axis=[rn, ry, rx, *axes],
-                                                 where=inside(rn, c, ry, rx)), name="g_b")
+        return te.compute((o,), lambda c: te.sum(at(rn, c, ry, rx), axis=[rn, ry, rx, *axes]), name="g_b")
 
-    g_b = clamped.emit(ctx, bias_grad, [], "qconv_bias_grad", parts=True)
+    if clamped.tag == "tinytrain.pointwise":
+        # the clamped gradient read through a 1×1 conv: made a channel at a time
+        # (pointwise_grad_rows_te, each sum over that conv's channels scaled once), then summed
+        g_b = _emit(ctx, lambda *t: channel_sums_te(pointwise_grad_rows_te(*t, 0, w_shape[0], out_shape)),
+                    clamped.args, "qconv_bias_grad", sums_per_channel)
+    else:
+        g_b = clamped.emit(ctx, bias_grad, [], "qconv_bias_grad")
     if clamped.narrow and is_pointwise(q, w_shape):
         # read through by the layer before (_ClampedGrad): its wide gradient is never made
         func, out_ty = make_kernel(lambda gt, wt: pointwise_input_grad_te(gt, wt, x_shape), [g_acc, w],
@@ -271,13 +261,16 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
         # channel chunks (_chunked_expansion_grad); kept whole only where nothing does
         def dw_input_grad(m, k, g, wp, wd):  # the clamped output gradient, one channel at a time
             gd = pointwise_grad_rows_te(m, k, g, wp, 0, out_shape[1], out_shape)
-            return qconv_input_grad_te(q, lambda *i: gd[i], [], out_hw, wd, x_shape)
+            return depthwise_input_grad_te(q, lambda *i: gd[i], out_hw, wd, x_shape)
 
         func, out_ty = make_kernel(dw_input_grad, [*clamped.args, w], channel_at_a_time)
         func = func.with_attrs({"tinytrain.dw_through": True, "tinytrain.kwargs": q.kwargs(),
                                 "tinytrain.out_shape": out_shape})
         gv = ctx.add_func(func, "qconv_input_grad")
         g_x = ctx.emit(relax.call_tir(gv, [*clamped.args, w], out_ty))
+    elif is_depthwise(q, w_shape, x_shape[1]) and not clamped.axes:
+        g_x = clamped.emit(ctx, lambda at, axes, wt: depthwise_input_grad_te(q, at, out_hw, wt, x_shape),
+                           [w], "qconv_input_grad", padded_channels)
     else:
         g_x = clamped.emit(ctx, lambda at, axes, wt: qconv_input_grad_te(q, at, axes, out_hw, wt, x_shape),
                            [w], "qconv_input_grad")
@@ -336,13 +329,13 @@ def _chunked_expansion_grad(ctx, q: QConvParams, call, mask, multiplier, through
                     "qgrad_through_rows", sums_per_channel)
 
         def clamped_input_grad(gd, wd, mt, kt, c0=c0):  # D's input gradient, E's clamp applied
-            g_e = qconv_input_grad_te(q_d, lambda nn, oc, oy, ox: gd[nn, oc - c0, oy, ox], [], d_shape[2:],
-                                      wd, out_shape, (c0, step))
+            g_e = depthwise_input_grad_te(q_d, lambda nn, oc, oy, ox: gd[nn, oc - c0, oy, ox], d_shape[2:],
+                                          wd, out_shape, (c0, step))
             return te.compute(g_e.shape, lambda nn, j, yy, xx: masked(
                 mt, out_shape, (nn, j + c0, yy, xx), g_e[nn, j, yy, xx] * kt[j + c0]), name="y")
 
         g_c = _emit(ctx, clamped_input_grad, [g_d, w_d, mask, multiplier], "qconv_input_grad_chunk",
-                    fused_accumulator)
+                    padded_channels)
         bias, weight, g_x = _expansion_chunk(ctx, q, x, w, g_c, c0, out_shape, g_x)
         biases.append(bias)
         weights.append(weight)

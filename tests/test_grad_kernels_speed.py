@@ -15,16 +15,19 @@ from tvm import te
 
 from relay_passes.int8_grad_kernels import (
     channel_at_a_time,
+    channel_sums_te,
+    depthwise_input_grad_te,
     input_channel_rows,
     masked,
     output_channel_outer,
     pack_clamp_mask_te,
+    padded_channels,
     pointwise_grad_rows_te,
     pointwise_input_grad_te,
     qconv_input_grad_te,
     sums_per_channel,
 )
-from relay_passes.int8_ops import QConvParams, fused_accumulator
+from relay_passes.int8_ops import QConvParams
 
 
 def _run(te_func, arrays: list[np.ndarray], schedule=None) -> np.ndarray:
@@ -72,7 +75,7 @@ def test_pointwise_input_grad_added_to_a_running_sum_is_bit_exact(n, o, c, side,
     def body(gt, wt, at):
         return pointwise_input_grad_te(gt, wt, x_shape, row0, at)
 
-    plain = _run(body, [g, w, acc], fused_accumulator)
+    plain = _run(body, [g, w, acc])
     rows = _run(body, [g, w, acc], input_channel_rows)
     np.testing.assert_array_equal(rows, plain)
     alone = _run(lambda gt, wt: pointwise_input_grad_te(gt, wt, x_shape, row0), [g, w])
@@ -115,7 +118,7 @@ def test_read_through_sums_one_channel_at_a_time_are_bit_exact(channels, o, c0, 
     def body(mt, kt, gt, wt):
         return pointwise_grad_rows_te(mt, kt, gt, wt, c0, step, shape)
 
-    plain = _run(body, [mask, k, g, w], fused_accumulator)
+    plain = _run(body, [mask, k, g, w])
     np.testing.assert_array_equal(_run(body, [mask, k, g, w], sums_per_channel), plain)
 
 
@@ -133,12 +136,40 @@ def test_depthwise_input_grad_through_a_projection_channel_at_a_time_is_bit_exac
     wp = rng.integers(-128, 128, (o, channels, 1, 1)).astype(np.int8)
     wd = rng.integers(-128, 128, (channels, 1, 3, 3)).astype(np.int8)
 
-    def body(mt, kt, gt, wpt, wdt):
-        gd = pointwise_grad_rows_te(mt, kt, gt, wpt, 0, channels, out_shape)
-        return qconv_input_grad_te(q, lambda *i: gd[i], [], (side, side), wdt, x_shape)
+    def body(transposed):
+        def kernel(mt, kt, gt, wpt, wdt):
+            gd = pointwise_grad_rows_te(mt, kt, gt, wpt, 0, channels, out_shape)
+            return transposed(lambda *i: gd[i], wdt)
+        return kernel
 
-    plain = _run(body, [mask, k, g, wp, wd])
-    np.testing.assert_array_equal(_run(body, [mask, k, g, wp, wd], channel_at_a_time), plain)
+    plain = _run(body(lambda g_at, wdt: qconv_input_grad_te(q, g_at, [], (side, side), wdt, x_shape)),
+                 [mask, k, g, wp, wd])
+    fast = _run(body(lambda g_at, wdt: depthwise_input_grad_te(q, g_at, (side, side), wdt, x_shape)),
+                [mask, k, g, wp, wd], channel_at_a_time)
+    np.testing.assert_array_equal(fast, plain)
+
+
+@pytest.mark.parametrize("stride, padding, kernel, side, chunk", [
+    (1, (1, 1, 1, 1), 3, 5, None), (2, (0, 0, 1, 1), 3, 4, None), (2, (1, 1, 1, 1), 3, 3, (2, 3)),
+    (1, (2, 2, 2, 2), 5, 4, (1, 5)), (2, (2, 1, 2, 2), 5, 3, None)])
+def test_depthwise_input_grad_over_a_padded_channel_is_bit_exact(stride, padding, kernel, side, chunk):
+    """Strides 1 and 2, TensorFlow's asymmetric SAME padding, 3×3 and 5×5, channel chunks."""
+    rng = np.random.default_rng(stride * 100 + kernel + side)
+    channels = 7
+    q = QConvParams(0.1, 0, (0.01,) * channels, 0.1, 0, strides=(stride, stride), padding=padding,
+                    groups=channels)
+    h = (side - 1) * stride + kernel - padding[0] - padding[2]
+    x_shape = [1, channels, h, h + stride - 1]
+    ow = (x_shape[3] + padding[1] + padding[3] - kernel) // stride + 1
+    count = chunk[1] if chunk else channels
+    g = rng.standard_normal((1, channels, side, ow)).astype(np.float32)
+    w = rng.integers(-128, 128, (channels, 1, kernel, kernel)).astype(np.int8)
+    plain = _run(lambda gt, wt: qconv_input_grad_te(q, lambda *i: gt[i], [], (side, ow), wt, x_shape, chunk),
+                 [g, w])
+    fast = _run(lambda gt, wt: depthwise_input_grad_te(q, lambda *i: gt[i], (side, ow), wt, x_shape, chunk),
+                [g, w], padded_channels)
+    assert fast.shape == (1, count, *x_shape[2:])
+    np.testing.assert_array_equal(fast, plain)
 
 
 def test_packed_mask_kernel_reads_its_bits_back():
@@ -147,3 +178,25 @@ def test_packed_mask_kernel_reads_its_bits_back():
     y = rng.integers(-128, 128, (1, 3, 3, 5)).astype(np.int8)
     packed = _run(lambda yt: pack_clamp_mask_te(yt, -128, 127), [y])
     np.testing.assert_array_equal(packed, np.packbits((y > -128) & (y < 127), bitorder="little"))
+
+
+def test_bias_gradient_through_a_projection_sums_only_unclamped_elements():
+    """A depthwise layer's bias gradient from the 1×1 projection after it: the clamped
+    elements (half of them here) add nothing."""
+    rng = np.random.default_rng(11)
+    channels, o, side = 7, 5, 3
+    shape = (1, channels, side, side)
+    mask = _mask(rng, shape)
+    k = rng.random(channels).astype(np.float32)
+    g = rng.standard_normal((1, o, side, side)).astype(np.float32)
+    w = rng.integers(-128, 128, (o, channels, 1, 1)).astype(np.int8)
+    def body(mt, kt, gt, wt):
+        return channel_sums_te(pointwise_grad_rows_te(mt, kt, gt, wt, 0, channels, shape))
+
+    got = _run(body, [mask, k, g, w], sums_per_channel)
+    inside = np.unpackbits(mask, bitorder="little")[:np.prod(shape)].reshape(shape).astype(bool)
+    total = np.einsum("nohw,oc->nchw", g.astype(np.float64), w[:, :, 0, 0].astype(np.float64))
+    expected = np.where(inside, total * k[None, :, None, None], 0.0).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    unmasked = (total * k[None, :, None, None]).sum(axis=(0, 2, 3))
+    assert np.abs(got - unmasked).max() > 1.0
