@@ -206,9 +206,12 @@ static tinytrain_s8_mode_t tinytrain_s8_mode(const int32_t* b, const int32_t* sh
 TINYTRAIN_S8_SPECIALISED int8_t tinytrain_s8_finish(tinytrain_s8_requant_t q, int32_t acc, int32_t zy,
                                                     int32_t lo, int32_t hi, int32_t kind,
                                                     int32_t int8_range) {
-  int32_t v = kind == TINYTRAIN_S8_FAST    ? tinytrain_s8_requant_fast(q, acc)
-              : kind == TINYTRAIN_S8_RIGHT ? tinytrain_s8_requant_right(q, acc)
-                                           : tinytrain_s8_requant_apply(q, acc);
+  if (kind == TINYTRAIN_S8_FAST) { /* zy included */
+    int32_t v = tinytrain_s8_requant_fast(q, acc);
+    return int8_range ? tinytrain_s8_output_int8(v, 0) : tinytrain_s8_output(v, 0, lo, hi);
+  }
+  int32_t v = kind == TINYTRAIN_S8_RIGHT ? tinytrain_s8_requant_right(q, acc)
+                                         : tinytrain_s8_requant_apply(q, acc);
   return int8_range ? tinytrain_s8_output_int8(v, zy) : tinytrain_s8_output(v, zy, lo, hi);
 }
 
@@ -222,8 +225,8 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_as(const int8_t* w, const int
                                                       int32_t kind, int32_t int8_range) {
   int32_t o = 0;
   for (; o + 2 <= out_c; o += 2) {
-    tinytrain_s8_requant_t qa = tinytrain_s8_requant(b[o], mult[o], shift[o]);
-    tinytrain_s8_requant_t qb = tinytrain_s8_requant(b[o + 1], mult[o + 1], shift[o + 1]);
+    tinytrain_s8_requant_t qa = tinytrain_s8_requant(b[o], mult[o], shift[o], zy);
+    tinytrain_s8_requant_t qb = tinytrain_s8_requant(b[o + 1], mult[o + 1], shift[o + 1], zy);
     const int8_t* wa = w + o * k;
     const int8_t* wb = wa + k;
     int8_t* ya = y + o * y_stride;
@@ -244,7 +247,7 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_as(const int8_t* w, const int
     }
   }
   if (o < out_c) { /* the last, odd channel: as a pair with itself */
-    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[o], mult[o], shift[o]);
+    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[o], mult[o], shift[o], zy);
     const int8_t* wo = w + o * k;
     int8_t* yo = y + o * y_stride;
     int32_t p = 0;
@@ -521,7 +524,7 @@ int32_t tinytrain_s8_depthwise(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, 
     int32_t sum = 0;
     for (int32_t i = 0; i < kh * kw; ++i) sum += wc[i];
     int32_t corr = -zx * sum; /* sum w (x - zx) = sum w x - zx sum w, exactly */
-    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[ch], mult[ch], shift[ch]);
+    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[ch], mult[ch], shift[ch], zy);
     tinytrain_s8_depthwise_channel(scratch, cols, wc, corr, q, y + ch * oh * ow, oh, ow, kh, kw, sh, sw, zy,
                                    lo, hi, mode);
   }
