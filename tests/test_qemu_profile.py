@@ -119,15 +119,28 @@ def test_a_forward_kernel_costs_the_same_in_the_step_and_in_predict(profiled):
 
 
 def test_families_are_the_models_layers(built, profiled):
-    layers, _, _ = built
-    profile = profiled[-1]
-    expected = Counter(f"qconv {la.kind} {la.weight_shape[2]}x{la.weight_shape[3]}"
-                       for la in layers if la.kind != "linear")
-    families = {f.family: f for f in profile.by_family("predict")}
-    for family, count in expected.items():
-        assert families[family].kernels == count, family
-    convs = sum(families[f].instructions for f in expected)
-    assert convs > 0.9 * profile.total("predict")  # predict is its convolutions
+    """Each conv layer of the model is one kernel of predict, named after the hand-written C it calls
+    or, a TVM kernel, after the layer's kind and window; predict is its convolutions."""
+    layers, artifact, _ = built
+    project, profile = profiled[0], profiled[-1]
+    by_weight = {la.weight: la for la in layers if la.kind != "linear"}
+    hand = hand_kernels(project.path / "model" / "src")
+    seen, conv_instructions = Counter(), 0.0
+    for k in profile.of("predict"):
+        inputs = artifact.metadata["plan"]["predict"][k.kernel]["inputs"]
+        layer = next((by_weight[t] for t in inputs if t in by_weight), None)
+        if layer is None:
+            continue
+        window = f"{layer.weight_shape[2]}x{layer.weight_shape[3]}"
+        seen[layer.kind, window] += 1
+        conv_instructions += k.per_call
+        if k.symbol in hand:
+            assert k.family == hand[k.symbol].removeprefix("tinytrain_"), k
+        else:
+            assert k.family == f"qconv {layer.kind} {window}", k
+    expected = Counter((la.kind, f"{la.weight_shape[2]}x{la.weight_shape[3]}") for la in by_weight.values())
+    assert seen == expected
+    assert conv_instructions > 0.8 * profile.total("predict")
     assert sum(f.share for f in profile.by_family("train_step")) == pytest.approx(1.0)
     table = profile.markdown("train_step", top=3)
     assert "| total | " in table and "other families" in table
