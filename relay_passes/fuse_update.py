@@ -42,6 +42,9 @@ from .exprs import constant_and_other, scalar_and_other, use_counts, with_bindin
 from .int8_arith import integer_step
 from .int8_grad_kernels import (
     ROWS_WEIGHT_GRAD,
+    input_channel_outer,
+    is_pointwise,
+    pointwise_weight_grad_te,
     qconv_weight_grad_te,
     qlinear_weight_grad_te,
     rows_weight_grad,
@@ -56,7 +59,9 @@ def fused_weight_update(kind: str, q: QConvParams, x, g, w, factor, lo: float, h
     """``w − factor[o]·∂L/∂w`` back in w's integer type (:func:`integer_step`), the gradient summed into one
     scalar per weight: the weight gradient never exists as a tensor (the paper's in-place
     update). ``kind`` is the weight gradient's tag."""
-    if kind == "tinytrain_qconv_weight_grad":
+    if kind == "tinytrain_qconv_weight_grad" and is_pointwise(q, [int(d) for d in w.shape]):
+        grad = pointwise_weight_grad_te(q, x, g)
+    elif kind == "tinytrain_qconv_weight_grad":
         grad = qconv_weight_grad_te(q, x, g, [int(d) for d in w.shape])
     else:
         grad = qlinear_weight_grad_te(q, x, g)
@@ -157,9 +162,10 @@ class FuseWeightUpdate:
         q = QConvParams.from_kwargs(grad_kw)
         out, factor = _update_factor(var, w, factor, lr)
         lo, hi, rounding = _update_kwargs(kw)
+        pointwise = kind == "tinytrain_qconv_weight_grad" and is_pointwise(q, [int(d) for d in w.ty.shape])
         kernel, out_ty = make_kernel(
             lambda *t: fused_weight_update(kind, q, *t, lo, hi, rounding), [x, g, w, factor],
-            fused_accumulator)
+            input_channel_outer if pointwise else fused_accumulator)
         # element i of the new weight reads element i of the old one only: it may be
         # written over the parameter (the C path's in-place update checks this attribute)
         kernel = kernel.with_attr("tinytrain.elementwise_in", [2])
@@ -192,7 +198,7 @@ class FuseWeightUpdate:
             args = [x, g, w, factor]
             kernel, out_ty = make_kernel(
                 lambda *t, q=q, c0=c0: fused_rows_update(q, *t, c0, lo, hi, rounding), args,
-                fused_accumulator)
+                input_channel_outer)
             gv = bb.add_func(kernel, "qconv_weight_rows_update")
             row_var = relax.DataflowVar(f"{var.name}_rows{len(rows)}", out_ty)
             out.append(relax.VarBinding(row_var, relax.call_tir(gv, args, out_ty)))

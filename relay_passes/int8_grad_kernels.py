@@ -88,6 +88,32 @@ def qconv_weight_grad_te(q: QConvParams, x, g, w_shape):
         g[rn, oo, ry, rx] * x_minus_zero(rn, (oo // per_group) * i_g + ii, ry * sh + ky - pt,
                                          rx * sw + kx - pl), axis=[rn, ry, rx]), name="g_w")
 
+def pointwise_weight_grad_te(q: QConvParams, x, g):
+    """:func:`qconv_weight_grad_te` of a 1×1 conv (stride 1, no padding): ``Σ_{n, h, w}
+    g[n, o, h, w] · (x[n, i, h, w] − zx)``, with ``x − zx`` a float stage ``xf`` that
+    :func:`input_channel_outer` makes one input channel at a time."""
+    n, c, h, wd = (int(d) for d in x.shape)
+    xf = te.compute((n, c, h, wd), lambda *i: x[i].astype("float32") - tirx.const(q.zx, "float32"), name="xf")
+    rn, ry, rx = te.reduce_axis((0, n), "rn"), te.reduce_axis((0, h), "ry"), te.reduce_axis((0, wd), "rx")
+    return te.compute((int(g.shape[1]), c, 1, 1), lambda oo, ii, ky, kx: te.sum(
+        g[rn, oo, ry, rx] * xf[rn, ii, ry, rx], axis=[rn, ry, rx]), name="g_w")
+
+def input_channel_outer(func):
+    """A fused update ``y`` of a :func:`pointwise_weight_grad_te` weight one input channel
+    at a time: ``for i: xf[i] (H·W floats of scratch), for o: y[o, i] = step(Σ …)``, each
+    input value converted once, not once per output channel; each sum one scalar, its
+    terms in their order."""
+    sch = s_tir.Schedule(func)
+    y = sch.get_sblock("y")
+    oo, ii, *_ = sch.get_loops(y)
+    sch.reorder(ii, oo)
+    g_w = sch.get_sblock("g_w")
+    depth = len(sch.get_loops(y))
+    sch.compute_at(g_w, sch.get_loops(y)[-1])
+    sch.decompose_reduction(g_w, sch.get_loops(g_w)[depth])
+    sch.compute_at(sch.get_sblock("xf"), sch.get_loops(y)[0])
+    return sch.mod["main"]
+
 def qconv_input_grad_te(q: QConvParams, g_at, axes: list, out_hw, w, x_shape, channels=None):
     """The transposed conv, reading the int8 weight directly (no float copy of it, no
     dilated and padded copy of the gradient as conv2d_transpose would make). ``g_at(n,
@@ -236,7 +262,7 @@ def qlinear_weight_grad_te(q: QConvParams, x, g):
 def rows_weight_grad(q: QConvParams, x, g):
     """The weight gradient of output channels ``c0 .. c0 + len(g)`` of a 1×1 conv, from its
     input and a chunk ``g`` of its clamped output gradient."""
-    return qconv_weight_grad_te(q, x, g, [int(g.shape[1]), int(x.shape[1]), 1, 1])
+    return pointwise_weight_grad_te(q, x, g)
 
 def pointwise_grad_rows_te(mask, multiplier, g, w, c0: int, step: int, shape):
     """``[lo < y < hi] · M[c] · Σ_o g[n, o, h, w] · w[o, c]`` for channels ``c0 .. c0 + step`` of

@@ -200,3 +200,33 @@ def test_bias_gradient_through_a_projection_sums_only_unclamped_elements():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     unmasked = (total * k[None, :, None, None]).sum(axis=(0, 2, 3))
     assert np.abs(got - unmasked).max() > 1.0
+
+
+@pytest.mark.parametrize("rows, c0, channels, side, rounding",
+                         [(5, 2, 7, 3, "stochastic"), (6, 0, 3, 4, "nearest")])
+def test_fused_rows_update_one_input_channel_at_a_time_is_bit_exact(rows, c0, channels, side, rounding):
+    """A 1×1 conv's rows updated from their gradient summed in place (FuseWeightUpdate):
+    the same int8 weights as the plain loops over ``qconv_weight_grad_te``."""
+    from relay_passes.fuse_update import fused_rows_update
+    from relay_passes.int8_arith import integer_step
+    from relay_passes.int8_grad_kernels import input_channel_outer, qconv_weight_grad_te
+
+    rng = np.random.default_rng(rows + channels)
+    q = QConvParams(0.1, 5, (0.01,) * (rows + c0), 0.1, 0)
+    x = rng.integers(-128, 128, (1, channels, side, side)).astype(np.int8)
+    g = (rng.standard_normal((1, rows, side, side)) * 40).astype(np.float32)
+    w = rng.integers(-127, 128, (rows + c0, channels, 1, 1)).astype(np.int8)
+    factor = rng.random(rows + c0).astype(np.float32) * 0.05
+
+    def plain(xt, gt, wt, ft):
+        grad = qconv_weight_grad_te(q, xt, gt, [rows, channels, 1, 1])
+        def body(j, *i):
+            full = (j + c0, *i)
+            return integer_step(wt[full], ft[j + c0] * grad[(j, *i)], full, wt.shape, -127, 127, rounding)
+        return te.compute(grad.shape, body, name="y")
+
+    fast = _run(lambda *t: fused_rows_update(q, *t, c0, -127, 127, rounding), [x, g, w, factor],
+                input_channel_outer)
+    expected = _run(plain, [x, g, w, factor])
+    np.testing.assert_array_equal(fast, expected)
+    assert (fast != w[c0:]).mean() > 0.2
