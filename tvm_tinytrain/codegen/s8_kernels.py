@@ -56,9 +56,10 @@ def conv_scratch(in_c: int, kh: int, kw: int) -> tuple[int, str]:
 
 
 def depthwise_scratch(oh: int, ow: int, kh: int, kw: int, sh: int, sw: int) -> tuple[int, str]:
-    """(elements, dtype): one input plane padded with the zero point, rows and columns the output
-    reads, and 4 bytes of slack for a 32-bit load at its end."""
-    return ((oh - 1) * sh + kh) * ((ow - 1) * sw + kw) + 4, "int8"
+    """(elements, dtype): one input plane padded with the zero point (the rows and columns the output
+    reads), 4 bytes of slack, and a channel's taps widened to int16 pairs for SMLAD."""
+    taps = 4 * kh * (2 * (kw // 4) + kw % 4)
+    return ((oh - 1) * sh + kh) * ((ow - 1) * sw + kw) + 4 + taps, "int8"
 
 
 def linear_scratch(k: int) -> tuple[int, str]:

@@ -473,11 +473,61 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_any(const int8_t* in, int32
   }
 }
 
+#if TINYTRAIN_S8_SIMD
+/* A channel's taps for SMLAD, row by row: each group of four (w0, w1, w2, w3) as the two words
+ * (w0, w2), (w1, w3), SXTB16's order; each of the row's kw % 4 last taps alone in a word. */
+static void tinytrain_s8_pack_taps(const int8_t* wc, int32_t kh, int32_t kw, uint8_t* packed) {
+  for (int32_t ky = 0; ky < kh; ++ky) {
+    const int8_t* row = wc + ky * kw;
+    int32_t kx = 0;
+    for (; kx + 4 <= kw; kx += 4, packed += 8) {
+      uint32_t w02 = ((uint32_t)(int32_t)row[kx] & 0xFFFFu) | ((uint32_t)(int32_t)row[kx + 2] << 16);
+      uint32_t w13 = ((uint32_t)(int32_t)row[kx + 1] & 0xFFFFu) | ((uint32_t)(int32_t)row[kx + 3] << 16);
+      memcpy(packed, &w02, 4);
+      memcpy(packed + 4, &w13, 4);
+    }
+    for (; kx < kw; ++kx, packed += 4) {
+      uint32_t tap = (uint32_t)(int32_t)row[kx] & 0xFFFFu;
+      memcpy(packed, &tap, 4);
+    }
+  }
+}
+
+/* any kernel of width >= 4: four taps of a row per load, two SMLADs */
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_taps(const int8_t* in, int32_t cols,
+                                                          const uint8_t* packed, int32_t corr,
+                                                          tinytrain_s8_requant_t q, int8_t* out, int32_t oh,
+                                                          int32_t ow, int32_t kh, int32_t kw, int32_t sh,
+                                                          int32_t sw, int32_t zy, int32_t lo, int32_t hi,
+                                                          int32_t kind, int32_t int8_range) {
+  int32_t groups = kw / 4, tail = kw % 4;
+  for (int32_t oy = 0; oy < oh; ++oy) {
+    for (int32_t ox = 0; ox < ow; ++ox) {
+      const int8_t* window = in + oy * sh * cols + ox * sw;
+      const uint8_t* t = packed;
+      int32_t acc = corr;
+      for (int32_t ky = 0; ky < kh; ++ky) {
+        const int8_t* row = window + ky * cols;
+        for (int32_t g = 0; g < groups; ++g, t += 8) {
+          uint32_t a = tinytrain_load32(row + 4 * g);
+          acc = TINYTRAIN_SMLAD(tinytrain_load32(t), TINYTRAIN_SXTB16(a), acc);
+          acc = TINYTRAIN_SMLAD(tinytrain_load32(t + 4), tinytrain_sxtb16_ror8(a), acc);
+        }
+        for (int32_t i = 0; i < tail; ++i, t += 4) {
+          acc = TINYTRAIN_SMLABB(tinytrain_load32(t), (uint32_t)(int32_t)row[4 * groups + i], acc);
+        }
+      }
+      *out++ = tinytrain_s8_finish(q, acc, zy, lo, hi, kind, int8_range);
+    }
+  }
+}
+#endif
+
 /* one channel's outputs from its padded plane, by the kernel specialised for its shape and mode */
-static void tinytrain_s8_depthwise_channel(const int8_t* in, int32_t cols, const int8_t* wc, int32_t corr,
-                                           tinytrain_s8_requant_t q, int8_t* out, int32_t oh, int32_t ow,
-                                           int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t zy,
-                                           int32_t lo, int32_t hi, tinytrain_s8_mode_t mode) {
+static void tinytrain_s8_depthwise_channel(const int8_t* in, int32_t cols, const int8_t* wc, uint8_t* packed,
+                                           int32_t corr, tinytrain_s8_requant_t q, int8_t* out, int32_t oh,
+                                           int32_t ow, int32_t kh, int32_t kw, int32_t sh, int32_t sw,
+                                           int32_t zy, int32_t lo, int32_t hi, tinytrain_s8_mode_t mode) {
   int32_t fast_int8 = mode.kind == TINYTRAIN_S8_FAST && mode.int8_range;
 #if TINYTRAIN_S8_SIMD
   if (kh == 3 && kw == 3 && sh == 1 && sw == 1) {
@@ -502,6 +552,25 @@ static void tinytrain_s8_depthwise_channel(const int8_t* in, int32_t cols, const
     }
     return;
   }
+  if (kw >= 4) {
+    tinytrain_s8_pack_taps(wc, kh, kw, packed);
+    if (fast_int8 && kh == 5 && kw == 5) { /* constant sizes: the tap loops unrolled */
+      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, 5, 5, sh, sw, zy, lo, hi,
+                                  TINYTRAIN_S8_FAST, 1);
+    } else if (fast_int8 && kh == 7 && kw == 7) {
+      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, 7, 7, sh, sw, zy, lo, hi,
+                                  TINYTRAIN_S8_FAST, 1);
+    } else if (fast_int8) {
+      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi,
+                                  TINYTRAIN_S8_FAST, 1);
+    } else {
+      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi,
+                                  mode.kind, mode.int8_range);
+    }
+    return;
+  }
+#else
+  (void)packed;
 #endif
   if (fast_int8) {
     tinytrain_s8_depthwise_any(in, cols, wc, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi,
@@ -517,6 +586,7 @@ int32_t tinytrain_s8_depthwise(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, 
                                int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pt, int32_t pl,
                                int32_t zx, int32_t zy, int32_t lo, int32_t hi) {
   int32_t rows = (oh - 1) * sh + kh, cols = (ow - 1) * sw + kw;
+  uint8_t* packed = (uint8_t*)scratch + rows * cols + 4; /* the taps, for SMLAD */
   tinytrain_s8_mode_t mode = tinytrain_s8_mode(b, shift, c, kh * kw, lo, hi);
   for (int32_t ch = 0; ch < c; ++ch) {
     tinytrain_s8_padded_plane(x + ch * h * wd, h, wd, rows, cols, pt, pl, zx, scratch);
@@ -525,8 +595,8 @@ int32_t tinytrain_s8_depthwise(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, 
     for (int32_t i = 0; i < kh * kw; ++i) sum += wc[i];
     int32_t corr = -zx * sum; /* sum w (x - zx) = sum w x - zx sum w, exactly */
     tinytrain_s8_requant_t q = tinytrain_s8_requant(b[ch], mult[ch], shift[ch], zy);
-    tinytrain_s8_depthwise_channel(scratch, cols, wc, corr, q, y + ch * oh * ow, oh, ow, kh, kw, sh, sw, zy,
-                                   lo, hi, mode);
+    tinytrain_s8_depthwise_channel(scratch, cols, wc, packed, corr, q, y + ch * oh * ow, oh, ow, kh, kw, sh,
+                                   sw, zy, lo, hi, mode);
   }
   return 0;
 }

@@ -148,8 +148,9 @@ int32_t tinytrain_s8_conv_1x1(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, i
                               int32_t zx, int32_t zy, int32_t lo, int32_t hi);
 
 /* Depthwise conv (groups == in_c == out_c == c), any kernel, stride and padding (top pt, left pl;
- * the output size says the rest). scratch: one padded input plane, int8,
- * ((oh - 1) * sh + kh) * ((ow - 1) * sw + kw) + 4 bytes.
+ * the output size says the rest). scratch, int8: one padded input plane,
+ * ((oh - 1) * sh + kh) * ((ow - 1) * sw + kw) bytes, 4 bytes, then a channel's taps widened for SMLAD,
+ * 4 * kh * (2 * (kw / 4) + kw % 4) bytes.
  * IN PLACE: y may equal x when oh * ow <= h * w. Channel c's plane is copied to the scratch before
  * its output is written, and that output lands on y[c * oh * ow .. (c + 1) * oh * ow), which lies
  * within input channels 0..c, already consumed; input channels > c are never touched. */
