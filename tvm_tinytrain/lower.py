@@ -53,14 +53,21 @@ def inline_intermediates(mod: tvm.IRModule, ctx) -> tvm.IRModule:
     return out
 
 
-def lower(train_mod: tvm.IRModule, fuse: bool = False) -> tvm.IRModule:
+def lower(train_mod: tvm.IRModule, fuse: bool = False, hand_kernels: bool = True) -> tvm.IRModule:
     """Relax calls → TIR kernels (one per op unless ``fuse``), intermediates inlined.
 
     Unfused, a conv's output and its bias add are two tensors the planner can
     overlay in place; fused, TVM gives the kernel a private copy of the conv
     output (scratch as large as the activation). The memory-saving order is
-    restored on the fused kernels when the module was reordered.
+    restored on the fused kernels when the module was reordered. With ``hand_kernels``
+    the int8 forward kernels the hand-written C covers become calls of it
+    (``codegen.host_library.calling_hand_kernels``; their scratch is a buffer of the PrimFunc,
+    which :func:`scratch_bytes` counts like any temporary).
     """
+    if hand_kernels:
+        from .codegen.host_library import calling_hand_kernels  # codegen imports this module
+
+        train_mod = calling_hand_kernels(train_mod)
     passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant()]
     if fuse:

@@ -110,13 +110,26 @@ class MemoryReport:
 def elementwise_inputs(mod: tvm.IRModule, k: Kernel) -> list[str]:
     """The inputs of which each output element reads only the same element: all inputs of an
     elementwise op; those a kernel names in ``tinytrain.elementwise_in`` (the parameter an
-    int8 update overwrites, relay_passes.fuse_update). Only these may share the output's bytes."""
+    int8 update overwrites, relay_passes.fuse_update). Only these may share the output's bytes.
+    A hand-written kernel (``tinytrain.hand_kernel``) has none, whatever TVM annotated its opaque
+    body with (:func:`in_place_input` says what it may overwrite)."""
     attrs = mod[k.func].attrs
+    if attrs is not None and "tinytrain.hand_kernel" in attrs:
+        return []
     if attrs is not None and "tinytrain.elementwise_in" in attrs:
         return [k.inputs[int(i)] for i in attrs["tinytrain.elementwise_in"]]
     if attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) <= ELEMENTWISE:
         return list(k.inputs)
     return []
+
+
+def in_place_input(mod: tvm.IRModule, k: Kernel) -> str | None:
+    """The input a kernel may write its output over (``tinytrain.inplace_in`` on a hand-written
+    kernel, e.g. the int8 depthwise: each channel's output lands on input channels already read)."""
+    attrs = mod[k.func].attrs
+    if attrs is not None and "tinytrain.inplace_in" in attrs and len(k.outputs) == 1:
+        return k.inputs[int(attrs["tinytrain.inplace_in"][0])]
+    return None
 
 
 def _last_use(ks: list[Kernel]) -> dict[str, int]:
@@ -125,9 +138,12 @@ def _last_use(ks: list[Kernel]) -> dict[str, int]:
 
 
 def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor], outputs: list[str],
-             inputs: list[str], in_place: dict[str, str], loss_kernel: int) -> list[Buffer]:
+             inputs: list[str], in_place: dict[str, str], loss_kernel: int,
+             in_place_kernels: bool = True) -> list[Buffer]:
     """Arena buffers of one function: its arena inputs, every kernel output not written into a
-    persistent tensor, and each kernel's scratch. Kernels after ``loss_kernel`` make gradients."""
+    persistent tensor, and each kernel's scratch. Kernels after ``loss_kernel`` make gradients.
+    An output may take over the slot of an input the planner sees die at its kernel: an elementwise
+    input, or (``in_place_kernels``) the one a kernel says it overwrites (:func:`in_place_input`)."""
     end = len(ks)
     last_use = _last_use(ks)
     producer = {out for k in ks for out in k.outputs}
@@ -139,6 +155,8 @@ def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor]
                 continue
             last = end if out in outputs else last_use.get(out, k.index)
             reuse = k.inplace.get(out)
+            if reuse is None and in_place_kernels:
+                reuse = in_place_input(lowered, k)
             if reuse is None and len(k.outputs) == 1:
                 same = [i for i in elementwise_inputs(lowered, k)
                         if i in producer and tensors[i].nbytes >= tensors[out].nbytes]
@@ -149,22 +167,28 @@ def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor]
     return buffers
 
 
-def plan_predict(lowered: tvm.IRModule, alignment: int = 16) -> LoweredFunction:
+def plan_predict(lowered: tvm.IRModule, alignment: int = 16,
+                 in_place_kernels: bool = True) -> LoweredFunction:
     """The arena plan of ``predict`` (inference between training steps shares the same arena)."""
     ks, tensors, outputs = kernels(lowered, "predict")
     params = [p.name for p in lowered["predict"].params]
-    buffers = _buffers(lowered, ks, tensors, outputs, params[:1], {}, len(ks))
+    buffers = _buffers(lowered, ks, tensors, outputs, params[:1], {}, len(ks), in_place_kernels)
     plan = plan_memory(buffers, alignment=alignment)
     plan.check_no_overlap()
     return LoweredFunction("predict", ks, tensors, outputs, params, {}, plan)
 
 
-def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: bool = True) -> MemoryReport:
-    """Plan the arena of ``train_step`` and account for every byte of the step."""
+def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: bool = True,
+                  hand_kernels: bool = True, in_place_kernels: bool = True) -> MemoryReport:
+    """Plan the arena of ``train_step`` and account for every byte of the step.
+
+    ``hand_kernels``: the int8 forward ops as the hand-written C kernels (what the C artifact
+    runs), else TVM's; ``in_place_kernels``: a kernel that may overwrite its input (the int8
+    depthwise) does so when the input dies there (False: plan every output apart, to compare)."""
     step = train_mod["train_step"]
     trainable = attr_names(step, "tinytrain.trainable")
     state = attr_names(step, "tinytrain.state")
-    lowered = lower(train_mod)
+    lowered = lower(train_mod, hand_kernels=hand_kernels)
     ks, tensors, outputs = kernels(lowered)
     end = len(ks)
     params = [p.name for p in step.params]
@@ -176,7 +200,7 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
     for new, old in zip(outputs[1:], [*trainable, *updated_state(step)], strict=True):
         if new in producer and last_use.get(old, -1) <= producer[new].index:
             in_place[new] = old
-    buffers = _buffers(lowered, ks, tensors, outputs, params[:2], in_place, loss_kernel)
+    buffers = _buffers(lowered, ks, tensors, outputs, params[:2], in_place, loss_kernel, in_place_kernels)
     plan = plan_memory(buffers, alignment=alignment)
     plan.check_no_overlap()  # cheap, and a plan that overlaps must never reach C
     saved = [b for b in buffers if b.kind == "activation" and b.first < loss_kernel < b.last]

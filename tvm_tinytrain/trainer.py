@@ -86,9 +86,11 @@ class HostTrainer:
     """``step(x, y) -> loss``, ``predict(x)``, ``evaluate(xs, ys)``, ``params()``."""
 
     def __init__(self, train_mod: tvm.IRModule, params: dict[str, np.ndarray], target: str = "llvm",
-                 library: str | Path | None = None):
+                 library: str | Path | None = None, hand_kernels: bool = True):
         """``library``: a file ``export_library`` wrote for this same ``train_mod``, loaded
-        instead of compiling (``compile_seconds`` is then 0)."""
+        instead of compiling (``compile_seconds`` is then 0). ``hand_kernels``: the int8 forward
+        runs the hand-written C kernels the C artifact runs (compiled once with the host C
+        compiler, ``codegen.host_library``), else TVM's own kernels of the same ops."""
         names = {gv.name_hint for gv in train_mod.get_global_vars()}
         if not {"train_step", "predict"} <= names:
             raise TinyTrainError(
@@ -118,6 +120,10 @@ class HostTrainer:
         self.num_classes = self.output_shape[-1]
         self.device = tvm.cpu()
         t0 = time.perf_counter()
+        if hand_kernels:
+            from .codegen.host_library import with_hand_kernels  # codegen imports this module
+
+            train_mod = with_hand_kernels(train_mod)  # before a compile or a load: their symbols
         if library is None:
             self.executable = tvm.compile(train_mod, target=target)
             self.compile_seconds = time.perf_counter() - t0
