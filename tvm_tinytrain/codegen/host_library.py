@@ -32,7 +32,9 @@ from ..errors import TinyTrainError
 from ..files import replacing_file
 from .s8_kernels import HAND_KERNEL, RUNTIME_SOURCES, use_hand_kernels
 
-FLAGS = ("-O2", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off")
+# -O3: gcc vectorises the portable loops (a 16->96 1x1 conv: 5.1 -> 3.3 ns per MAC on x86-64; TVM's
+# llvm build of the same TE kernel: 20 ns); integer arithmetic, so any flags give the same bits
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off")
 OPAQUE = 8  # relax.OpPatternKind.kOpaque
 _loaded: dict[str, Path] = {}  # key → the library loaded in this process
 
