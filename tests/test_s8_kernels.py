@@ -176,7 +176,8 @@ def test_hand_kernels_match_tvm_kernels_bit_for_bit(kernels_source, tmp_path, si
             ref = _call(lib, f"tinytrain_ref{i}", arrays, np.full(shape, 77, np.int8))
             got = _call(lib, f"tinytrain_hand{i}", arrays, np.full(shape, -77, np.int8))
             np.testing.assert_array_equal(got, ref, err_msg=f"{case.name} seed {seed}")
-            assert len(np.unique(ref)) > 2, case.name  # a layer that computes something
+            if not case.big_bias:  # a layer that computes something (not only its saturation)
+                assert len(np.unique(ref)) > 2, case.name
 
 
 @pytest.mark.slow
