@@ -217,7 +217,7 @@ def _reduction_outside(sch, block, ro, inner: list):
     if factor > 1:
         ro, ro_inner = sch.split(ro, [None, factor])
         sch.reorder(ro, *inner, ro_inner)
-    else:
+    elif inner:
         sch.reorder(ro, *inner)
     sch.decompose_reduction(block, ro)
     return ro
@@ -283,8 +283,21 @@ def _sums_over_rows(sch, acc, loop):
     ``for o: for (h, w): acc += g[o] · w[o, c]``, H·W floats of scratch, the weight read
     once per (o, c), the innermost loop contiguous; each sum runs over ``o`` in order."""
     sch.compute_at(acc, loop)
-    *_, yy, xx, rp = sch.get_loops(acc)
-    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, acc, rp, [yy, xx]))
+    inner = _loops_inside(sch, acc, loop)  # (yy, xx, rp), less the loops of extent 1 TIR drops
+    spatial = [rv for rv in inner if not str(sch.get(rv).loop_var.name).startswith("rp")]
+    reduction = [rv for rv in inner if rv not in spatial]
+    if not reduction:  # one output channel: nothing to reorder
+        sch.compute_at(sch.get_sblock("wf"), loop)
+        return
+    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, acc, reduction[0], spatial))
+
+
+def _loops_inside(sch, block, loop) -> list:
+    """The loops of ``block`` nested inside ``loop``."""
+    target = sch.get(loop)
+    loops = sch.get_loops(block)
+    at = next(i for i, rv in enumerate(loops) if sch.get(rv).same_as(target))
+    return list(loops[at + 1:])
 
 def channel_sums_te(y):
     """``Σ_{n, h, w} y[n, c, h, w]``: a bias gradient."""

@@ -106,7 +106,8 @@ def test_pointwise_input_grad_over_a_clamped_stage_one_output_channel_at_a_time_
                                rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("channels, o, c0, step, side", [(9, 5, 2, 5, 3), (6, 7, 0, 6, 4)])
+@pytest.mark.parametrize("channels, o, c0, step, side",  # 1×1 maps and one output channel: TIR drops
+                         [(9, 5, 2, 5, 3), (6, 7, 0, 6, 4), (6, 7, 0, 6, 1), (5, 1, 1, 3, 2)])  # unit loops
 def test_read_through_sums_one_channel_at_a_time_are_bit_exact(channels, o, c0, step, side):
     rng = np.random.default_rng(channels)
     shape = (1, channels, side, side)
@@ -122,10 +123,10 @@ def test_read_through_sums_one_channel_at_a_time_are_bit_exact(channels, o, c0, 
     np.testing.assert_array_equal(_run(body, [mask, k, g, w], sums_per_channel), plain)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_depthwise_input_grad_through_a_projection_channel_at_a_time_is_bit_exact(stride):
+@pytest.mark.parametrize("stride, side", [(1, 4), (2, 4), (1, 1)])  # side 1: MobileNetV2's last maps at 32×32
+def test_depthwise_input_grad_through_a_projection_channel_at_a_time_is_bit_exact(stride, side):
     rng = np.random.default_rng(stride)
-    channels, o, side = 5, 3, 4
+    channels, o = 5, 3
     out_shape = (1, channels, side, side)
     x_shape = [1, channels, side * stride, side * stride]
     q = QConvParams(0.1, 0, (0.01,) * channels, 0.1, 0, strides=(stride, stride), padding=(1, 1, 1, 1),
