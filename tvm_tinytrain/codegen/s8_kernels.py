@@ -102,7 +102,9 @@ def hand_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if call is None:
         return None
     name, (size, dtype), scalars, inplace = call
-    scratch = tirx.decl_buffer((size,), dtype, "scratch")
+    # from the arena's workspace window whatever its size (TVM prints one under 1 KB as a stack array,
+    # which the planner, which reserves it in the arena, would count twice)
+    scratch = tirx.decl_buffer((size,), dtype, "scratch", scope="global.workspace")
     pointers = [tirx.buffer_data(p) for p in func.params] + [tirx.buffer_data(scratch)]
     body = tirx.SeqStmt([tirx.AllocBuffer(scratch), tirx.Evaluate(tirx.call_extern(
         "int32", name, *pointers, *(tirx.IntImm("int32", v) for v in scalars)))])
