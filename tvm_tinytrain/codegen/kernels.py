@@ -27,6 +27,8 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
+from .set_aside import SetAside
+
 _TARGET = {"kind": "c"}
 _BUFFER_DATA = tvm.ir.Op.get("tirx.buffer_data")
 
@@ -117,12 +119,17 @@ def _mark_params_used(m: re.Match) -> str:
 
 
 def kernels_c(funcs: dict[str, tirx.PrimFunc], prefix: str) -> str:
-    """C source of every kernel: ``{C name: PrimFunc}`` → one translation unit's text."""
+    """C source of every kernel: ``{C name: PrimFunc}`` → one translation unit's text.
+
+    Large integer values of loads (the int8 requantization) are set aside while the passes run
+    (:mod:`.set_aside`: the same C, 350 s → 7 s for the int8 MobileNetV2 step's 409 kernels)."""
     target = tvm.target.Target(_TARGET)
-    mod = tvm.IRModule({name: _plain(f, name) for name, f in funcs.items()})
+    aside = SetAside()
+    mod = tvm.IRModule({name: aside.set_aside(_plain(f, name)) for name, f in funcs.items()})
     mod = tirx.transform.BindTarget(target)(mod)
     mod = tvm.transform.Sequential(_LOWERING)(mod)
     mod = tvm.IRModule({gv: _pointer_params(f) for gv, f in mod.functions.items()})
-    mod = tvm.transform.Sequential([tirx.transform.LowerTVMBuiltin(), tirx.transform.LowerIntrin()])(mod)
+    mod = tvm.transform.Sequential([tirx.transform.LowerTVMBuiltin(), tirx.transform.LowerIntrin(),
+                                    aside.module_pass("put_back")])(mod)
     source = tvm.get_global_func("target.build.c")(mod, target).inspect_source()
     return _clean(source, prefix)
