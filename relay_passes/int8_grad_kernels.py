@@ -231,12 +231,16 @@ def input_channel_rows(func):
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "y" in names:
         part = sch.get_sblock("part")
-        sch.compute_at(part, sch.get_loops(sch.get_sblock("y"))[1])
-        *_, yy, xx, ro = sch.get_loops(part)
+        channel = sch.get_loops(sch.get_sblock("y"))[1]
+        sch.compute_at(part, channel)
+        spatial, ro = _loops_inside(sch, part, channel)
+        if ro is None:  # a chunk of one output channel: nothing to reorder
+            sch.compute_at(sch.get_sblock("wf"), channel)
+            return sch.mod["main"]
     else:
         part = sch.get_sblock("g_x")
-        _, _, yy, xx, ro = sch.get_loops(part)
-    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, part, ro, [yy, xx]))
+        _, _, *spatial, ro = sch.get_loops(part)
+    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, part, ro, spatial))
     return sch.mod["main"]
 
 def output_channel_outer(func):
@@ -283,21 +287,24 @@ def _sums_over_rows(sch, acc, loop):
     ``for o: for (h, w): acc += g[o] · w[o, c]``, H·W floats of scratch, the weight read
     once per (o, c), the innermost loop contiguous; each sum runs over ``o`` in order."""
     sch.compute_at(acc, loop)
-    inner = _loops_inside(sch, acc, loop)  # (yy, xx, rp), less the loops of extent 1 TIR drops
-    spatial = [rv for rv in inner if not str(sch.get(rv).loop_var.name).startswith("rp")]
-    reduction = [rv for rv in inner if rv not in spatial]
-    if not reduction:  # one output channel: nothing to reorder
+    spatial, reduction = _loops_inside(sch, acc, loop)
+    if reduction is None:  # one output channel: nothing to reorder
         sch.compute_at(sch.get_sblock("wf"), loop)
         return
-    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, acc, reduction[0], spatial))
+    sch.compute_at(sch.get_sblock("wf"), _reduction_outside(sch, acc, reduction, spatial))
 
 
-def _loops_inside(sch, block, loop) -> list:
-    """The loops of ``block`` nested inside ``loop``."""
+def _loops_inside(sch, block, loop) -> tuple[list, object]:
+    """(spatial loops, reduction loop or None) of ``block`` nested inside ``loop``, after a
+    ``compute_at``: TIR makes no loop of extent 1 (a 1×1 map, a chunk of one channel), and the
+    reduction (TE's last axis) comes last."""
     target = sch.get(loop)
     loops = sch.get_loops(block)
-    at = next(i for i, rv in enumerate(loops) if sch.get(rv).same_as(target))
-    return list(loops[at + 1:])
+    inner = list(loops[next(i for i, rv in enumerate(loops) if sch.get(rv).same_as(target)) + 1:])
+    axis = sch.get(block).iter_vars[-1]
+    if inner and int(axis.iter_type) == tirx.IterVar.CommReduce and int(axis.dom.extent) > 1:
+        return inner[:-1], inner[-1]
+    return inner, None
 
 def channel_sums_te(y):
     """``Σ_{n, h, w} y[n, c, h, w]``: a bias gradient."""

@@ -48,7 +48,8 @@ def _mask(rng, shape) -> np.ndarray:
     return np.packbits(rng.random(int(np.prod(shape))) < 0.5, bitorder="little")
 
 
-SHAPES = [(1, 7, 3, 5, 0), (1, 13, 5, 5, 0), (1, 6, 4, 3, 2), (2, 5, 3, 3, 0)]  # (n, o, c, h·w side, row0)
+SHAPES = [(1, 7, 3, 5, 0), (1, 13, 5, 5, 0), (1, 6, 4, 3, 2), (2, 5, 3, 3, 0),  # (n, o, c, h·w side, row0)
+          (1, 1, 3, 4, 2), (1, 8, 3, 1, 0)]  # a chunk of one output channel, a 1×1 map (VWW, MobileNetV2)
 
 
 @pytest.mark.parametrize("n, o, c, side, row0", SHAPES)
@@ -231,3 +232,24 @@ def test_fused_rows_update_one_input_channel_at_a_time_is_bit_exact(rows, c0, ch
     expected = _run(plain, [x, g, w, factor])
     np.testing.assert_array_equal(fast, expected)
     assert (fast != w[c0:]).mean() > 0.2
+
+
+def test_the_schedules_find_the_sum_over_output_channels_under_a_channel_loop():
+    """The reorder that keeps sums in registers needs the reduction loop, which TIR names ax3
+    after a compute_at and leaves out when its extent is 1."""
+    from tvm import s_tir
+
+    from relay_passes.int8_grad_kernels import _loops_inside
+
+    for o, expected in ((8, True), (1, False)):
+        holders = [te.placeholder(shape, dtype, f"in{i}") for i, (shape, dtype) in
+                   enumerate((((1, o, 4, 4), "float32"), ((o, 3, 1, 1), "int8"), ((1, 3, 4, 4), "float32")))]
+        out = pointwise_input_grad_te(*holders[:2], (1, 3, 4, 4), 0, holders[2])
+        func = te.create_prim_func([*holders, out])
+        sch = s_tir.Schedule(func)
+        channel = sch.get_loops(sch.get_sblock("y"))[1]
+        sch.compute_at(sch.get_sblock("part"), channel)
+        spatial, reduction = _loops_inside(sch, sch.get_sblock("part"), channel)
+        assert (reduction is not None) == expected and len(spatial) == 2
+        if expected:
+            assert int(sch.get(reduction).extent) == o
