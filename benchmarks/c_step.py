@@ -51,6 +51,19 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def trainable_layer_flags(num_layers: int, scheme: dict) -> dict[int, tuple[bool, bool]]:
+    """Layer index → (weight trainable, bias trainable) of a ``{"bias": {"last": k}, "weights":
+    {...}, "classifier": ...}`` scheme, for :func:`torch_step_ms`."""
+    flags = {}
+    for index in range(num_layers):
+        bias = index >= num_layers - scheme["bias"]["last"]
+        last = index == num_layers - 1
+        weight = str(index) in scheme["weights"] or bool(scheme.get("classifier") and last)
+        if bias or weight:
+            flags[index] = (weight, bias)
+    return flags
+
+
 def torch_step_ms(model, trainable_layers: dict[int, tuple[bool, bool]], x, y, steps: int) -> float | None:
     """Median ms of a PyTorch step with the scheme's tensors trainable (None without torch)."""
     try:
@@ -141,13 +154,7 @@ def main(argv=None) -> int:
         np.max(np.abs(c_arr - t_arr) / np.maximum(np.abs(t_arr), 1e-3)))
 
     if not args.no_torch:
-        flags = {}
-        for index in range(len(layers)):
-            bias = index >= len(layers) - scheme["bias"]["last"]
-            last = index == len(layers) - 1
-            weight = str(index) in scheme["weights"] or bool(scheme.get("classifier") and last)
-            if bias or weight:
-                flags[index] = (weight, bias)
+        flags = trainable_layer_flags(len(layers), scheme)
         _say("PyTorch ...")
         result["pytorch_ms"] = torch_step_ms(model, flags, x, y, args.steps)
 

@@ -174,18 +174,6 @@ def _qemu_run(project, x) -> dict:
     return {"loss": loss, "step": int(step), "predict": int(predict), "stack": high_water}
 
 
-def _torch_flags(layers: list, scheme: dict) -> dict[int, tuple[bool, bool]]:
-    """Layer index → (weight trainable, bias trainable), as ``benchmarks/c_step.py``."""
-    flags = {}
-    for index in range(len(layers)):
-        bias = index >= len(layers) - scheme["bias"]["last"]
-        last = index == len(layers) - 1
-        weight = str(index) in scheme["weights"] or bool(scheme.get("classifier") and last)
-        if bias or weight:
-            flags[index] = (weight, bias)
-    return flags
-
-
 def run_network(net: Network, args, work: Path) -> dict:
     """Every figure of one network (see the module docstring)."""
     import numpy as np
@@ -262,12 +250,13 @@ def run_network(net: Network, args, work: Path) -> dict:
         row["host_loss"] = float(losses[0])
         row["loss_qemu_equals_llvm"] = np.float32(losses[0]).tobytes() == np.float32(run["loss"]).tobytes()
         if not args.no_torch:
-            from benchmarks.c_step import torch_step_ms
+            from benchmarks.c_step import torch_step_ms, trainable_layer_flags
 
             _say(f"{net.label}: PyTorch ...")
             scale, zero = input_quantization(mod)  # the same sample, dequantized
             x_float = (x.astype(np.float32) - zero) * np.float32(scale)
-            row["torch_step_ms"] = torch_step_ms(model, _torch_flags(layers, net.scheme), x_float, LABEL,
+            flags = trainable_layer_flags(len(layers), net.scheme)
+            row["torch_step_ms"] = torch_step_ms(model, flags, x_float, LABEL,
                                                  args.steps)
     return row
 
