@@ -375,14 +375,6 @@ TINYTRAIN_S8_NO_LIBC_CALLS static void tinytrain_s8_padded_plane(
 }
 
 #if TINYTRAIN_S8_SIMD
-/* A 3x3 channel's taps for SMLAD: per kernel row, w0 and w2 as one 16-bit pair, w1 alone */
-TINYTRAIN_S8_SPECIALISED void tinytrain_s8_taps_3x3(const int8_t* wc, uint32_t w02[3], uint32_t w1[3]) {
-  for (int32_t r = 0; r < 3; ++r) {
-    w02[r] = ((uint32_t)(int32_t)wc[3 * r] & 0xFFFFu) | ((uint32_t)(int32_t)wc[3 * r + 2] << 16);
-    w1[r] = (uint32_t)(int32_t)wc[3 * r + 1] & 0xFFFFu;
-  }
-}
-
 /* 3x3, stride 1, two outputs per step: each kernel row's four inputs a0..a3 in one load,
  * out0 = w0 a0 + w1 a1 + w2 a2, out1 = w0 a1 + w1 a2 + w2 a3 */
 TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s1(const int8_t* in, int32_t cols, const int8_t* wc,
@@ -391,7 +383,10 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s1(const int8_t* in, in
                                                             int32_t lo, int32_t hi, int32_t kind,
                                                             int32_t int8_range) {
   uint32_t w02[3], w1[3];
-  tinytrain_s8_taps_3x3(wc, w02, w1);
+  for (int32_t r = 0; r < 3; ++r) {
+    w02[r] = ((uint32_t)(int32_t)wc[3 * r] & 0xFFFFu) | ((uint32_t)(int32_t)wc[3 * r + 2] << 16);
+    w1[r] = (uint32_t)(int32_t)wc[3 * r + 1] & 0xFFFFu;
+  }
   for (int32_t oy = 0; oy < oh; ++oy, out += ow) {
     const int8_t* row = in + oy * cols;
     int32_t ox = 0;
@@ -427,7 +422,10 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s2(const int8_t* in, in
                                                             int32_t lo, int32_t hi, int32_t kind,
                                                             int32_t int8_range) {
   uint32_t w02[3], w1[3];
-  tinytrain_s8_taps_3x3(wc, w02, w1);
+  for (int32_t r = 0; r < 3; ++r) {
+    w02[r] = ((uint32_t)(int32_t)wc[3 * r] & 0xFFFFu) | ((uint32_t)(int32_t)wc[3 * r + 2] << 16);
+    w1[r] = (uint32_t)(int32_t)wc[3 * r + 1] & 0xFFFFu;
+  }
   for (int32_t oy = 0; oy < oh; ++oy, out += ow) {
     const int8_t* row = in + 2 * oy * cols;
     int32_t ox = 0;
