@@ -25,6 +25,15 @@ from pathlib import Path
 from .errors import OutputError
 
 
+def cache_dir() -> Path:
+    """Where tvm-tinytrain caches what it builds (the search's runs, the host kernels):
+    ``$TINYTRAIN_CACHE``, else ``$XDG_CACHE_HOME/tvm-tinytrain``, else ``~/.cache/tvm-tinytrain``."""
+    if os.environ.get("TINYTRAIN_CACHE"):
+        return Path(os.environ["TINYTRAIN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tvm-tinytrain"
+
+
 def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 

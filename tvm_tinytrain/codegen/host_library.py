@@ -29,7 +29,7 @@ import tvm
 from tvm import tirx
 
 from ..errors import TinyTrainError
-from ..files import replacing_file
+from ..files import cache_dir, replacing_file
 from .s8_kernels import HAND_KERNEL, RUNTIME_SOURCES, use_hand_kernels
 
 # -O3: gcc vectorises the portable loops (a 16->96 1x1 conv: 5.1 -> 3.3 ns per MAC on x86-64; TVM's
@@ -37,13 +37,6 @@ from .s8_kernels import HAND_KERNEL, RUNTIME_SOURCES, use_hand_kernels
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off")
 OPAQUE = 8  # relax.OpPatternKind.kOpaque
 _loaded: dict[str, Path] = {}  # key → the library loaded in this process
-
-
-def cache_dir() -> Path:
-    if os.environ.get("TINYTRAIN_CACHE"):
-        return Path(os.environ["TINYTRAIN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tvm-tinytrain"
 
 
 def runtime_sources() -> dict[str, bytes]:

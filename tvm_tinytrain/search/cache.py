@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ..files import replacing_file
-
-
-def default_dir() -> Path:
-    if os.environ.get("TINYTRAIN_CACHE"):
-        return Path(os.environ["TINYTRAIN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tvm-tinytrain"
+from ..files import cache_dir, replacing_file
 
 
 def digest(*parts) -> str:
@@ -49,7 +41,7 @@ class Cache:
     ``hits`` and ``misses`` count the ``get`` calls."""
 
     def __init__(self, root: str | Path | None = None, enabled: bool = True):
-        self.root = Path(root) if root is not None else default_dir()
+        self.root = Path(root) if root is not None else cache_dir()
         self.enabled = enabled
         self.hits = self.misses = 0
 
