@@ -61,13 +61,13 @@ def lower(train_mod: tvm.IRModule, fuse: bool = False, hand_kernels: bool = True
     output (scratch as large as the activation). The memory-saving order is
     restored on the fused kernels when the module was reordered. With ``hand_kernels``
     the int8 forward kernels the hand-written C covers become calls of it
-    (``codegen.host_library.calling_hand_kernels``; their scratch is a buffer of the PrimFunc,
+    (``codegen.s8_kernels.use_hand_kernels``; their scratch is a buffer of the PrimFunc,
     which :func:`scratch_bytes` counts like any temporary).
     """
     if hand_kernels:
-        from .codegen.host_library import calling_hand_kernels  # codegen imports this module
+        from .codegen.s8_kernels import use_hand_kernels  # codegen imports this module
 
-        train_mod = calling_hand_kernels(train_mod)
+        train_mod = use_hand_kernels(train_mod)
     passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant()]
     if fuse:

@@ -111,11 +111,8 @@ def elementwise_inputs(mod: tvm.IRModule, k: Kernel) -> list[str]:
     """The inputs of which each output element reads only the same element: all inputs of an
     elementwise op; those a kernel names in ``tinytrain.elementwise_in`` (the parameter an
     int8 update overwrites, relay_passes.fuse_update). Only these may share the output's bytes.
-    A hand-written kernel (``tinytrain.hand_kernel``) has none, whatever TVM annotated its opaque
-    body with (:func:`in_place_input` says what it may overwrite)."""
+    (A hand-written kernel is opaque: :func:`in_place_input` says what it may overwrite.)"""
     attrs = mod[k.func].attrs
-    if attrs is not None and "tinytrain.hand_kernel" in attrs:
-        return []
     if attrs is not None and "tinytrain.elementwise_in" in attrs:
         return [k.inputs[int(i)] for i in attrs["tinytrain.elementwise_in"]]
     if attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) <= ELEMENTWISE:

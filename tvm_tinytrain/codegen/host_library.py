@@ -35,7 +35,6 @@ from .s8_kernels import HAND_KERNEL, RUNTIME_SOURCES, use_hand_kernels
 # -O3: gcc vectorises the portable loops (a 16->96 1x1 conv: 5.1 -> 3.3 ns per MAC on x86-64; TVM's
 # llvm build of the same TE kernel: 20 ns); integer arithmetic, so any flags give the same bits
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off")
-OPAQUE = 8  # relax.OpPatternKind.kOpaque
 _loaded: dict[str, Path] = {}  # key → the library loaded in this process
 
 
@@ -98,23 +97,10 @@ def _compile(compiler: str, sources: dict[str, bytes], path: Path) -> None:
                                      "check the compiler or set CC to another one")
 
 
-def calling_hand_kernels(mod: tvm.IRModule) -> tvm.IRModule:
-    """``use_hand_kernels(mod)`` with each hand kernel marked opaque (``op_pattern`` 8). Relax's
-    AnnotateTIROpPattern takes a body that is one extern call for an elementwise op and keeps a
-    pattern already set: unmarked, FuseOps (``tvm.compile``) would fuse a conv with its neighbours
-    as if it read each element only where it writes it."""
-    mod = use_hand_kernels(mod)
-    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-    for gv, f in mod.functions.items():
-        if isinstance(f, tirx.PrimFunc) and f.attrs is not None and HAND_KERNEL in f.attrs:
-            out[gv] = f.with_attr("op_pattern", OPAQUE)
-    return out
-
-
 def with_hand_kernels(mod: tvm.IRModule) -> tvm.IRModule:
-    """``mod`` with its int8 forward kernels calling the hand-written C (:func:`calling_hand_kernels`),
+    """``mod`` with its int8 forward kernels calling the hand-written C (``s8_kernels.use_hand_kernels``),
     and that C loaded into this process when any does (a float model needs no C compiler)."""
-    mod = calling_hand_kernels(mod)
+    mod = use_hand_kernels(mod)
     if uses_hand_kernels(mod):
         load_host_kernels()
     return mod

@@ -110,6 +110,10 @@ def hand_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         "int32", name, *pointers, *(tirx.IntImm("int32", v) for v in scalars)))])
     attrs = {k: v for k, v in func.attrs.items() if k != "tirx.noalias"}  # y may be x
     attrs[HAND_KERNEL] = name
+    # opaque (relax.OpPatternKind.kOpaque): AnnotateTIROpPattern would take a body that is one extern
+    # call for elementwise (and keeps a pattern already set), so FuseOps would fuse the conv with its
+    # neighbours and the planner let its output overwrite its input
+    attrs["op_pattern"] = 8
     if inplace:
         attrs[INPLACE_IN] = [0]
     return tirx.PrimFunc(func.params, body, attrs=tvm.ir.make_node("ir.DictAttrs", **attrs))
