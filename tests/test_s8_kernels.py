@@ -41,11 +41,14 @@ class Case:
     big_bias: bool = False  # biases at the int32 limits: the saturating bias add
 
 
-def _q(rng, out_c, strides=(1, 1), padding=(0, 0, 0, 0), groups=1, relu6=False, big_shift=False):
+def _q(rng, out_c, strides=(1, 1), padding=(0, 0, 0, 0), groups=1, relu6=False, big_shift=False,
+       unshifted=False):
+    """unshifted: every shift 0 and multipliers under 2^25, as relay_passes' quantizer gives them"""
     zx, zy = (int(v) for v in rng.integers(-128, 128, 2))
     lo, hi = (zy, min(127, zy + 90)) if relu6 else (-128, 127)
-    mult = tuple(int(v) for v in rng.integers(1 << 30, 1 << 31, out_c))
-    low, high = (-16, 4) if big_shift else (-14, -5)
+    mult_range = (1 << 22, 1 << 25) if unshifted else (1 << 30, 1 << 31)
+    mult = tuple(int(v) for v in rng.integers(*mult_range, out_c))
+    low, high = (0, 1) if unshifted else (-16, 4) if big_shift else (-14, -5)
     shift = tuple(int(v) for v in rng.integers(low, high, out_c))
     return QConvParams(0.05, zx, (0.01,) * out_c, 0.1, zy, int(lo), int(hi), tuple(strides), tuple(padding),
                        groups, mult, shift)
@@ -83,6 +86,12 @@ def _cases() -> list[Case]:
         cases.append(Case(name, (1, k), (o, k), q, linear=True, big_bias=name == "fc_big"))
     conv("pw_big_bias", 9, 4, 5, 4, 1, big_bias=True)  # shifts <= 0, a bias that saturates
     depthwise("dw_big_bias", 3, 6, 6, 3, pad=(1, 1, 1, 1), big_bias=True)
+    # every shift 0 (MobileNetV2's layers): the fast requantization with no rounding shift
+    conv("pw_8_12_unshifted", 8, 3, 6, 12, 1, unshifted=True)
+    conv("pw_16_5_unshifted", 16, 3, 5, 5, 1, unshifted=True)
+    conv("stem_unshifted", 3, 7, 10, 6, 3, stride=2, pad=(0, 1, 0, 1), unshifted=True)
+    depthwise("dw_3x3_unshifted", 5, 5, 8, 3, pad=(0, 1, 0, 1), unshifted=True)
+    depthwise("dw_3x3_s2_unshifted", 4, 5, 9, 3, stride=2, pad=(0, 1, 0, 1), relu6=True, unshifted=True)
     return cases
 
 
@@ -341,7 +350,8 @@ def test_smlad_kernels_on_cortex_m7_match_host(kernels_source, tmp_path):
     assert code == 0, err
 
 
-# MobileNetV2-w0.35's layer shapes at 128x128 (every one of its layers clamps to the whole int8 range):
+# MobileNetV2-w0.35's layer shapes at 128x128 (every one of its layers clamps to the whole int8 range and
+# has shift 0, its multipliers under 2^23):
 # (case, instructions per MAC at most, a little above what arm-none-eabi-gcc 12.2 -O2 -funroll-loops gives)
 def _bench(name, x_shape, w_shape, strides=(1, 1), padding=(0, 0, 0, 0), groups=1) -> Case:
     out_c = w_shape[0]
@@ -357,6 +367,12 @@ BENCH = [
     # ProxylessNAS / MCUNet kernels
     (_bench("dw_48_5x5_s1_16x16", (1, 48, 16, 16), (48, 1, 5, 5), (1, 1), (2, 2, 2, 2), 48), 3.5),
     (_bench("dw_48_7x7_s2_32x32", (1, 48, 32, 32), (48, 1, 7, 7), (2, 2), (2, 2, 3, 3), 48), 3.5),
+    # MobileNetV2's first block, computed in row bands (relay_passes/band_rows.py): one band's calls
+    (_bench("stem_3_16_3x3_s2_band", (1, 3, 11, 128), (16, 3, 3, 3), (2, 2), (0, 1, 0, 1)), 4.0),
+    (_bench("dw_16_3x3_s1_band", (1, 16, 5, 64), (16, 1, 3, 3), (1, 1), (0, 1, 0, 1), 16), 3.3),
+    (_bench("pw_16_8_band", (1, 16, 3, 64), (8, 16, 1, 1)), 3.8),
+    (_bench("pw_8_48_band", (1, 8, 3, 64), (48, 8, 1, 1)), 4.1),
+    (_bench("dw_48_3x3_s2_band", (1, 48, 3, 64), (48, 1, 3, 3), (2, 2), (0, 1, 0, 1), 48), 5.4),
 ]
 
 
@@ -380,8 +396,8 @@ def test_instructions_per_mac_on_cortex_m7(tmp_path):
   for (int i = 0; i < {sizes[2]}; ++i) {{
     tinytrain_fill(&b{i}_m[i], 4);
     b{i}_b[i] = (b{i}_m[i] & 0xFFFF) - 0x8000;
-    b{i}_s[i] = -7 - (int32_t)((uint32_t)b{i}_m[i] >> 30);
-    b{i}_m[i] = (int32_t)(0x40000000u | ((uint32_t)b{i}_m[i] & 0x3FFFFFFFu));
+    b{i}_s[i] = 0;
+    b{i}_m[i] = (int32_t)(0x400000u | ((uint32_t)b{i}_m[i] & 0x3FFFFFu));
   }}
   start = tinytrain_instructions();
   tinytrain_bench{i}(b{i}_x, b{i}_w, b{i}_b, b{i}_m, b{i}_s, b{i}_y);

@@ -32,7 +32,7 @@
 /* A channel's requantization constants, derived once per channel from its bias, multiplier and
  * shift and the output zero point. */
 typedef struct {
-  int32_t bias, mult, left, right, mask, half, bias2, round_zy;
+  int32_t bias, mult, left, right, mask, half, bias2, round_zy, right1;
 } tinytrain_s8_requant_t;
 
 static inline tinytrain_s8_requant_t tinytrain_s8_requant(int32_t bias, int32_t mult, int32_t shift,
@@ -45,8 +45,9 @@ static inline tinytrain_s8_requant_t tinytrain_s8_requant(int32_t bias, int32_t 
   q.mask = (int32_t)((1u << q.right) - 1u);
   q.half = q.mask >> 1;
   q.bias2 = (int32_t)((uint32_t)bias << 1);
-  /* 2^(right - 1) + zy 2^right: used only where right is in [1, 22] */
-  q.round_zy = q.right > 0 && q.right <= 22 ? (int32_t)(1u << (q.right - 1)) + zy * (1 << q.right) : 0;
+  /* 2^right + zy 2^(right + 1), and right + 1: used only where right is in [0, 21] */
+  q.round_zy = q.right <= 21 ? (int32_t)(1u << q.right) + zy * (1 << (q.right + 1)) : 0;
+  q.right1 = q.right + 1;
   return q;
 }
 
@@ -89,11 +90,13 @@ static inline int32_t tinytrain_s8_requant_right(tinytrain_s8_requant_t q, int32
 }
 
 /* The same PLUS THE OUTPUT ZERO POINT, in five instructions on Cortex-M, where nothing saturates:
- * shift in [-22, -1] and |acc + bias| <= 2^29 (tinytrain_s8_requant_fits). Then 2 (acc + bias) fits
+ * shift in [-21, 0] and |acc + bias| <= 2^29 (tinytrain_s8_requant_fits). Then 2 (acc + bias) fits
  * in int32, and (2 (acc + bias) mult + 2^31) >> 32 (one SMMULR) is the doubling high multiply's
- * ((acc + bias) mult + 2^30) >> 31, |x| <= 2^29; RoundingDivideByPOT's
- * (x >> e) + (remainder > threshold), plus zy, is (x + 2^(e - 1) + zy 2^e - (x < 0)) >> e, whose
- * sum stays under 2^31. */
+ * x = ((acc + bias) mult + 2^30) >> 31, |x| <= 2^29; RoundingDivideByPOT's
+ * (x >> e) + (remainder > threshold), plus zy, is (x + 2^(e - 1) + zy 2^e - (x < 0)) >> e, which is
+ * (2 x + 2^e + zy 2^(e + 1) - (x < 0)) >> (e + 1) (the numerator doubled is even, so the odd 1
+ * it loses against 2 (x < 0) never crosses a multiple of 2^(e + 1)): a form that holds for e = 0 too
+ * (x itself), whose sum stays within int32 for e <= 21. */
 static inline int32_t tinytrain_s8_requant_fast(tinytrain_s8_requant_t q, int32_t acc) {
   int32_t doubled = acc * 2 + q.bias2;
   int32_t high;
@@ -102,14 +105,14 @@ static inline int32_t tinytrain_s8_requant_fast(tinytrain_s8_requant_t q, int32_
 #else
   high = (int32_t)(((int64_t)doubled * q.mult + ((int64_t)1 << 31)) >> 32);
 #endif
-  return (high + q.round_zy - (high < 0)) >> q.right;
+  return (high * 2 + q.round_zy - (int32_t)((uint32_t)high >> 31)) >> q.right1;
 }
 
 /* 1 when tinytrain_s8_requant_fast is exact for every accumulator of k products of (x - zx) in
  * [-255, 255] and w in [-128, 127], with this bias and shift */
 static inline int32_t tinytrain_s8_requant_fits(int32_t bias, int32_t shift, int32_t k) {
   int64_t largest = (int64_t)k * 255 * 128 + (bias < 0 ? -(int64_t)bias : bias);
-  return shift <= -1 && shift >= -22 && largest <= ((int64_t)1 << 29);
+  return shift <= 0 && shift >= -21 && largest <= ((int64_t)1 << 29);
 }
 
 static inline int32_t tinytrain_s8_requantize(int32_t acc, int32_t bias, int32_t mult, int32_t shift) {
