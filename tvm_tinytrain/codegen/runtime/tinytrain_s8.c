@@ -263,11 +263,67 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_as(const int8_t* w, const int
   }
 }
 
+#if TINYTRAIN_S8_SIMD
+/* The same for few inputs (k = 8 or 16, a constant here) and the fast requantization to the int8
+ * range: one output channel at a time, its k weights widened once into registers for the whole
+ * pass, so a pixel costs its column's k / 2 words, k / 2 SMLADs and its requantization (the 2x2
+ * product reloads and rewidens the weights for every pixel pair, as much as its k MACs). */
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_held(const int8_t* w, const int32_t* b, const int32_t* mult,
+                                                        const int32_t* shift, int32_t out_c, int32_t k,
+                                                        const int16_t* cols, int32_t pixels, int8_t* y,
+                                                        int32_t y_stride, int32_t zy) {
+  for (int32_t o = 0; o < out_c; ++o) {
+    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[o], mult[o], shift[o], zy);
+    uint32_t w02[4], w13[4]; /* k / 4 groups */
+    for (int32_t g = 0; g < k / 4; ++g) {
+      uint32_t v = tinytrain_load32(w + o * k + 4 * g);
+      w02[g] = TINYTRAIN_SXTB16(v);
+      w13[g] = tinytrain_sxtb16_ror8(v);
+    }
+    int8_t* yo = y + o * y_stride;
+    const int16_t* pair = cols;
+    int32_t p = 0;
+    for (; p + 2 <= pixels; p += 2, pair += 2 * k) { /* pixel j's group g at pair + 8 g + 4 j */
+      int32_t acc0 = 0, acc1 = 0;
+      for (int32_t g = 0; g < k / 4; ++g) {
+        acc0 = TINYTRAIN_SMLAD(w02[g], tinytrain_load32(pair + 8 * g), acc0);
+        acc0 = TINYTRAIN_SMLAD(w13[g], tinytrain_load32(pair + 8 * g + 2), acc0);
+        acc1 = TINYTRAIN_SMLAD(w02[g], tinytrain_load32(pair + 8 * g + 4), acc1);
+        acc1 = TINYTRAIN_SMLAD(w13[g], tinytrain_load32(pair + 8 * g + 6), acc1);
+      }
+      yo[p] = tinytrain_s8_output_int8(tinytrain_s8_requant_fast(q, acc0), 0);
+      yo[p + 1] = tinytrain_s8_output_int8(tinytrain_s8_requant_fast(q, acc1), 0);
+    }
+    if (p < pixels) { /* a lone last pixel: its groups one after another */
+      int32_t acc = 0;
+      for (int32_t g = 0; g < k / 4; ++g) {
+        acc = TINYTRAIN_SMLAD(w02[g], tinytrain_load32(pair + 4 * g), acc);
+        acc = TINYTRAIN_SMLAD(w13[g], tinytrain_load32(pair + 4 * g + 2), acc);
+      }
+      yo[p] = tinytrain_s8_output_int8(tinytrain_s8_requant_fast(q, acc), 0);
+    }
+  }
+}
+#endif
+
 static void tinytrain_s8_columns(const int8_t* w, const int32_t* b, const int32_t* mult, const int32_t* shift,
                                  int32_t out_c, int32_t k, const int16_t* cols, int32_t pixels, int8_t* y,
                                  int32_t y_stride, int32_t zy, int32_t lo, int32_t hi,
                                  tinytrain_s8_mode_t mode) {
-  if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range) {
+#if TINYTRAIN_S8_SIMD
+  if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range && (k == 8 || k == 16)) {
+    if (k == 8) {
+      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 8, cols, pixels, y, y_stride, zy);
+    } else {
+      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 16, cols, pixels, y, y_stride, zy);
+    }
+    return;
+  }
+#endif
+  if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range && k == 27) { /* a 3x3 conv of an RGB image */
+    tinytrain_s8_columns_as(w, b, mult, shift, out_c, 27, cols, pixels, y, y_stride, zy, lo, hi,
+                            TINYTRAIN_S8_FAST, 1);
+  } else if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range) {
     tinytrain_s8_columns_as(w, b, mult, shift, out_c, k, cols, pixels, y, y_stride, zy, lo, hi,
                             TINYTRAIN_S8_FAST, 1);
   } else if (mode.kind == TINYTRAIN_S8_FAST) {
@@ -298,6 +354,15 @@ int32_t tinytrain_s8_conv_1x1(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, i
 /* im2col column of output pixel (oy, ox): (x - zx) over (channel, ky, kx), 0 where padded */
 static void tinytrain_s8_im2col(const int8_t* x, int32_t in_c, int32_t h, int32_t wd, int32_t kh, int32_t kw,
                                 int32_t iy0, int32_t ix0, int32_t zx, int16_t* col) {
+  if (iy0 >= 0 && iy0 + kh <= h && ix0 >= 0 && ix0 + kw <= wd) { /* all inside: no test per value */
+    for (int32_t c = 0; c < in_c; ++c) {
+      const int8_t* row = x + c * h * wd + iy0 * wd + ix0;
+      for (int32_t ky = 0; ky < kh; ++ky, row += wd) {
+        for (int32_t kx = 0; kx < kw; ++kx) *col++ = (int16_t)(row[kx] - zx);
+      }
+    }
+    return;
+  }
   for (int32_t c = 0; c < in_c; ++c) {
     const int8_t* plane = x + c * h * wd;
     for (int32_t ky = 0; ky < kh; ++ky) {
