@@ -1,5 +1,6 @@
-"""What makes the C build fast changes nothing in the C: a large integer value of loads (the int8
-requantization) set aside while TVM's passes run comes back as the passes would have left it."""
+"""What makes the C and llvm builds fast changes nothing in what they compute: a large integer value of
+loads (the int8 requantization) set aside while TVM's passes run comes back as the passes would have
+left it."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from tvm import te, tirx
 import tvm_tinytrain as tt
 from relay_passes import int8_arith
 from tvm_tinytrain import zoo
-from tvm_tinytrain.codegen import kernels
+from tvm_tinytrain.codegen import kernels, set_aside
 from tvm_tinytrain.codegen.set_aside import PLACEHOLDER, SetAside
 from tvm_tinytrain.lower import lower
+from tvm_tinytrain.trainer import HostTrainer
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +131,57 @@ def test_a_set_aside_value_computes_tflite_requantization(tmp_path):
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     got = np.array([int(v) for v in out.split()], np.int32)
     assert np.array_equal(got, _numpy_requantize(*(np.asarray(v, np.int64) for v in values.values())))
+
+
+def _requantize_inputs():
+    rng = np.random.default_rng(1)
+    values = {"acc": rng.integers(-(1 << 20), 1 << 20, 16), "bias": rng.integers(-(1 << 16), 1 << 16, 16),
+              "mult": rng.integers(1 << 30, (1 << 31) - 1, 16), "shift": rng.integers(-12, 3, 16)}
+    values["bias"][:2] = [2**31 - 1, -(2**31)]  # saturating sums
+    return [np.asarray(v, np.int32) for v in values.values()]
+
+
+@pytest.mark.parametrize("pipeline", [set_aside.tir_pipeline(), "default"])
+def test_the_llvm_build_computes_tflite_requantization(pipeline):
+    """The requantization built by TVM's llvm backend, with its value set aside through TVM's
+    pipeline or not, equals TFLite's arithmetic."""
+    func = _func(lambda i, acc, b, m, s: _requantize(acc, b, m, s)).with_attr("global_symbol", "requantize")
+    lib = tvm.tirx.build(tvm.IRModule({"requantize": func}), "llvm", pipeline=pipeline)
+    inputs = _requantize_inputs()
+    args = [tvm.runtime.tensor(v) for v in inputs] + [tvm.runtime.tensor(np.zeros(16, np.int32))]
+    lib["requantize"](*args)
+    assert np.array_equal(args[-1].numpy(), _numpy_requantize(*(v.astype(np.int64) for v in inputs)))
+
+
+def test_the_llvm_pipeline_sets_the_requantization_aside(monkeypatch):
+    """While TVM's passes run, the requantization is a placeholder call (what makes them fast)."""
+    seen = []
+    put_back = set_aside.SetAside.put_back
+    monkeypatch.setattr(set_aside.SetAside, "put_back",
+                        lambda self, f: seen.append(f.script()) or put_back(self, f))
+    func = _func(lambda i, acc, b, m, s: _requantize(acc, b, m, s)).with_attr("global_symbol", "requantize")
+    tvm.tirx.build(tvm.IRModule({"requantize": func}), "llvm", pipeline=set_aside.tir_pipeline())
+    assert any(f"{PLACEHOLDER}0" in text for text in seen)
+
+
+@pytest.mark.slow
+def test_the_llvm_step_is_the_same_with_the_set_aside(tmp_path, monkeypatch):
+    """A tiny int8 MobileNet's host step (TVM's own int8 kernels), built with the requantization set
+    aside and without: the same losses, logits and parameters, bit for bit (~40 s CPU)."""
+    blocks = [zoo._Block(4, 3, 8, 1), zoo._Block(4, 3, 8, 2)]
+    model = zoo._mobile_net("tiny_mobilenet", resolution=16, num_classes=4, seed=0, stem=8, blocks=blocks,
+                            last_channels=None, act="relu6")
+    onnx.save(zoo.quantize_qdq(model), tmp_path / "tiny_int8.onnx")
+    mod, params = tt.load_model(tmp_path / "tiny_int8.onnx", float_classifier=False)
+    scheme = {"bias": {"last": 4}, "weights": {"5": 0.5}, "classifier": True}
+    train_mod = tt.relay.transform.TinyTrain(scheme, optimizer=tt.SGD(lr=0.05))(mod)
+    runs = []
+    for pipeline in (set_aside.tir_pipeline(), "default"):
+        monkeypatch.setattr(set_aside, "tir_pipeline", lambda name=pipeline: name)
+        trainer = HostTrainer(train_mod, params, "llvm", hand_kernels=False)
+        x = np.random.default_rng(0).integers(-128, 128, trainer.input_shape).astype(trainer.input_dtype)
+        losses = [trainer.step(x, 1) for _ in range(3)]
+        runs.append((losses, trainer.predict(x), trainer.params()))
+    (losses, logits, learned), (losses_, logits_, learned_) = runs
+    assert losses == losses_ and np.array_equal(logits, logits_)
+    assert learned.keys() == learned_.keys() and all(np.array_equal(learned[n], learned_[n]) for n in learned)

@@ -125,7 +125,9 @@ class HostTrainer:
 
             train_mod = with_hand_kernels(train_mod)  # before a compile or a load: their symbols
         if library is None:
-            self.executable = tvm.compile(train_mod, target=target)
+            from .codegen.set_aside import tir_pipeline
+
+            self.executable = tvm.compile(train_mod, target=target, tir_pipeline=tir_pipeline())
             self.compile_seconds = time.perf_counter() - t0
             self.vm = relax.VirtualMachine(self.executable, self.device)
         else:

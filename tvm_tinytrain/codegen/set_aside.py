@@ -133,3 +133,26 @@ class SetAside:
                                  for gv, f in mod.functions.items()}, attrs=mod.attrs)
 
         return run
+
+
+LLVM_PIPELINE = "tinytrain_set_aside"
+
+
+def _set_aside_around_default() -> tuple:
+    """TVM's default TIR pipeline (``tvm.tirx.build``'s three parts) with the large values set aside
+    before it and put back after its host finalization (LowerTVMBuiltin, LowerIntrin): one
+    :class:`SetAside` per build, since ``tvm.tirx.build`` asks for the pipeline once per build."""
+    aside = SetAside()
+    lower, finalize_host, finalize_device = tirx.get_tir_pipeline("s_tir")
+
+    def host() -> tvm.transform.Pass:
+        return tvm.transform.Sequential([finalize_host(), aside.module_pass("put_back")])
+
+    return tvm.transform.Sequential([aside.module_pass("set_aside"), lower]), host, finalize_device
+
+
+def tir_pipeline() -> str:
+    """The name of TVM's default TIR pipeline with the set-aside around it, for
+    ``tvm.compile(..., tir_pipeline=...)`` (registered on first use)."""
+    tirx.compilation_pipeline.register_tir_pipeline(LLVM_PIPELINE, _set_aside_around_default)
+    return LLVM_PIPELINE
