@@ -183,29 +183,35 @@ static inline int32_t tinytrain_s8_dot(const int8_t* w, const int16_t* c, int32_
 #endif
 
 /* How every output of a call is requantized: exactly as tinytrain_s8_requant_fast (no channel can
- * saturate), as tinytrain_s8_requant_right (all shifts <= 0), or in full; and whether its clamp
- * is the whole int8 range. */
-enum { TINYTRAIN_S8_FULL, TINYTRAIN_S8_RIGHT, TINYTRAIN_S8_FAST };
+ * saturate), as tinytrain_s8_requant_right (all shifts <= 0), or in full; whether its clamp is the
+ * whole int8 range; and whether every shift is 0 (FAST0, tinytrain_s8_requant_fast0: what the
+ * kernels most used take where the call is FAST). */
+enum { TINYTRAIN_S8_FULL, TINYTRAIN_S8_RIGHT, TINYTRAIN_S8_FAST, TINYTRAIN_S8_FAST0 };
 
 typedef struct {
-  int32_t kind, int8_range;
+  int32_t kind, int8_range, unshifted;
 } tinytrain_s8_mode_t;
 
 static tinytrain_s8_mode_t tinytrain_s8_mode(const int32_t* b, const int32_t* shift, int32_t out_c, int32_t k,
                                              int32_t lo, int32_t hi) {
-  int32_t fits = 1, right = 1;
+  int32_t fits = 1, right = 1, unshifted = 1;
   for (int32_t o = 0; o < out_c; ++o) {
     fits &= tinytrain_s8_requant_fits(b[o], shift[o], k);
     right &= shift[o] <= 0;
+    unshifted &= shift[o] == 0;
   }
   tinytrain_s8_mode_t mode = {fits ? TINYTRAIN_S8_FAST : right ? TINYTRAIN_S8_RIGHT : TINYTRAIN_S8_FULL,
-                              lo == -128 && hi == 127};
+                              lo == -128 && hi == 127, unshifted};
   return mode;
 }
 
 TINYTRAIN_S8_SPECIALISED int8_t tinytrain_s8_finish(tinytrain_s8_requant_t q, int32_t acc, int32_t zy,
                                                     int32_t lo, int32_t hi, int32_t kind,
                                                     int32_t int8_range) {
+  if (kind == TINYTRAIN_S8_FAST0) { /* zy included */
+    int32_t v = tinytrain_s8_requant_fast0(q, acc, zy);
+    return int8_range ? tinytrain_s8_output_int8(v, 0) : tinytrain_s8_output(v, 0, lo, hi);
+  }
   if (kind == TINYTRAIN_S8_FAST) { /* zy included */
     int32_t v = tinytrain_s8_requant_fast(q, acc);
     return int8_range ? tinytrain_s8_output_int8(v, 0) : tinytrain_s8_output(v, 0, lo, hi);
@@ -268,10 +274,11 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_as(const int8_t* w, const int
  * range: one output channel at a time, its k weights widened once into registers for the whole
  * pass, so a pixel costs its column's k / 2 words, k / 2 SMLADs and its requantization (the 2x2
  * product reloads and rewidens the weights for every pixel pair, as much as its k MACs). */
-TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_held(const int8_t* w, const int32_t* b, const int32_t* mult,
-                                                        const int32_t* shift, int32_t out_c, int32_t k,
-                                                        const int16_t* cols, int32_t pixels, int8_t* y,
-                                                        int32_t y_stride, int32_t zy) {
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_held(const int8_t* w, const int32_t* b,
+                                                        const int32_t* mult, const int32_t* shift,
+                                                        int32_t out_c, int32_t k, const int16_t* cols,
+                                                        int32_t pixels, int8_t* y, int32_t y_stride,
+                                                        int32_t zy, int32_t kind) {
   for (int32_t o = 0; o < out_c; ++o) {
     tinytrain_s8_requant_t q = tinytrain_s8_requant(b[o], mult[o], shift[o], zy);
     uint32_t w02[4], w13[4]; /* k / 4 groups */
@@ -291,8 +298,8 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_held(const int8_t* w, const i
         acc1 = TINYTRAIN_SMLAD(w02[g], tinytrain_load32(pair + 8 * g + 4), acc1);
         acc1 = TINYTRAIN_SMLAD(w13[g], tinytrain_load32(pair + 8 * g + 6), acc1);
       }
-      yo[p] = tinytrain_s8_output_int8(tinytrain_s8_requant_fast(q, acc0), 0);
-      yo[p + 1] = tinytrain_s8_output_int8(tinytrain_s8_requant_fast(q, acc1), 0);
+      yo[p] = tinytrain_s8_finish(q, acc0, zy, -128, 127, kind, 1);
+      yo[p + 1] = tinytrain_s8_finish(q, acc1, zy, -128, 127, kind, 1);
     }
     if (p < pixels) { /* a lone last pixel: its groups one after another */
       int32_t acc = 0;
@@ -300,7 +307,7 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_columns_held(const int8_t* w, const i
         acc = TINYTRAIN_SMLAD(w02[g], tinytrain_load32(pair + 4 * g), acc);
         acc = TINYTRAIN_SMLAD(w13[g], tinytrain_load32(pair + 4 * g + 2), acc);
       }
-      yo[p] = tinytrain_s8_output_int8(tinytrain_s8_requant_fast(q, acc), 0);
+      yo[p] = tinytrain_s8_finish(q, acc, zy, -128, 127, kind, 1);
     }
   }
 }
@@ -310,19 +317,35 @@ static void tinytrain_s8_columns(const int8_t* w, const int32_t* b, const int32_
                                  int32_t out_c, int32_t k, const int16_t* cols, int32_t pixels, int8_t* y,
                                  int32_t y_stride, int32_t zy, int32_t lo, int32_t hi,
                                  tinytrain_s8_mode_t mode) {
+  int32_t fast0 = mode.kind == TINYTRAIN_S8_FAST && mode.unshifted;
 #if TINYTRAIN_S8_SIMD
   if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range && (k == 8 || k == 16)) {
-    if (k == 8) {
-      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 8, cols, pixels, y, y_stride, zy);
+    /* the sizes and the requantization constants: the loops unrolled, nothing tested per output */
+    if (k == 8 && fast0) {
+      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 8, cols, pixels, y, y_stride, zy,
+                                TINYTRAIN_S8_FAST0);
+    } else if (k == 8) {
+      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 8, cols, pixels, y, y_stride, zy,
+                                TINYTRAIN_S8_FAST);
+    } else if (fast0) {
+      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 16, cols, pixels, y, y_stride, zy,
+                                TINYTRAIN_S8_FAST0);
     } else {
-      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 16, cols, pixels, y, y_stride, zy);
+      tinytrain_s8_columns_held(w, b, mult, shift, out_c, 16, cols, pixels, y, y_stride, zy,
+                                TINYTRAIN_S8_FAST);
     }
     return;
   }
 #endif
-  if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range && k == 27) { /* a 3x3 conv of an RGB image */
+  if (fast0 && mode.int8_range && k == 27) { /* a 3x3 conv of an RGB image */
+    tinytrain_s8_columns_as(w, b, mult, shift, out_c, 27, cols, pixels, y, y_stride, zy, lo, hi,
+                            TINYTRAIN_S8_FAST0, 1);
+  } else if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range && k == 27) {
     tinytrain_s8_columns_as(w, b, mult, shift, out_c, 27, cols, pixels, y, y_stride, zy, lo, hi,
                             TINYTRAIN_S8_FAST, 1);
+  } else if (fast0 && mode.int8_range) {
+    tinytrain_s8_columns_as(w, b, mult, shift, out_c, k, cols, pixels, y, y_stride, zy, lo, hi,
+                            TINYTRAIN_S8_FAST0, 1);
   } else if (mode.kind == TINYTRAIN_S8_FAST && mode.int8_range) {
     tinytrain_s8_columns_as(w, b, mult, shift, out_c, k, cols, pixels, y, y_stride, zy, lo, hi,
                             TINYTRAIN_S8_FAST, 1);
@@ -596,7 +619,9 @@ static void tinytrain_s8_depthwise_channel(const int8_t* in, int32_t cols, const
   int32_t fast_int8 = mode.kind == TINYTRAIN_S8_FAST && mode.int8_range;
 #if TINYTRAIN_S8_SIMD
   if (kh == 3 && kw == 3 && sh == 1 && sw == 1) {
-    if (fast_int8) {
+    if (fast_int8 && mode.unshifted) {
+      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST0, 1);
+    } else if (fast_int8) {
       tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 1);
     } else if (mode.kind == TINYTRAIN_S8_FAST) {
       tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 0);
@@ -607,7 +632,9 @@ static void tinytrain_s8_depthwise_channel(const int8_t* in, int32_t cols, const
     return;
   }
   if (kh == 3 && kw == 3 && sh == 2 && sw == 2) {
-    if (fast_int8) {
+    if (fast_int8 && mode.unshifted) {
+      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST0, 1);
+    } else if (fast_int8) {
       tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 1);
     } else if (mode.kind == TINYTRAIN_S8_FAST) {
       tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 0);

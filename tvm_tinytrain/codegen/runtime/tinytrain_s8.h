@@ -108,6 +108,19 @@ static inline int32_t tinytrain_s8_requant_fast(tinytrain_s8_requant_t q, int32_
   return (high * 2 + q.round_zy - (int32_t)((uint32_t)high >> 31)) >> q.right1;
 }
 
+/* tinytrain_s8_requant_fast where shift is 0: x + zy, in three instructions on Cortex-M (SMMLAR
+ * adds zy 2^32, a multiple of 2^32, to the product before its rounded high half) */
+static inline int32_t tinytrain_s8_requant_fast0(tinytrain_s8_requant_t q, int32_t acc, int32_t zy) {
+  int32_t doubled = acc * 2 + q.bias2;
+#if TINYTRAIN_S8_SIMD && defined(__ARM_FEATURE_DSP)
+  int32_t v;
+  __asm__("smmlar %0, %1, %2, %3" : "=r"(v) : "r"(doubled), "r"(q.mult), "r"(zy));
+  return v;
+#else
+  return (int32_t)(((int64_t)doubled * q.mult + ((int64_t)1 << 31)) >> 32) + zy;
+#endif
+}
+
 /* 1 when tinytrain_s8_requant_fast is exact for every accumulator of k products of (x - zx) in
  * [-255, 255] and w in [-128, 127], with this bias and shift */
 static inline int32_t tinytrain_s8_requant_fits(int32_t bias, int32_t shift, int32_t k) {
