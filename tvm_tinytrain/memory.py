@@ -17,6 +17,11 @@ lose to a hand plan (the four-buffer case in tests/test_memory_planner.py needs 
 suffice). ``lower_bound`` (the largest live set) is a bound no plan beats, not a size it reaches.
 The planner does not reorder kernels, split buffers or move them mid-life.
 
+Views: a buffer with ``view_of=P`` has no slot of its own; it is the bytes of P from ``view_offset``
+(a kernel that only copies a contiguous run of P, ``contiguous_slices``). Its lifetime must lie
+within P's (the caller extends P's), and no buffer may take a view, or a P one of whose views is
+still alive, over in place (the in-place writer would change bytes a view still reads).
+
 ``MemoryPlan.check_no_overlap`` verifies a plan independently; ``draw`` prints it as ASCII art and
 ``plot_png`` charts live bytes per kernel step, stacked by kind, under the arena size (the PNG is
 written whole or not at all, ``tvm_tinytrain.files``).
@@ -45,6 +50,8 @@ class Buffer:
     last: int
     kind: str
     reuse_of: str | None = None
+    view_of: str | None = None  # the buffer whose bytes this one is (no slot of its own)
+    view_offset: int = 0  # where in them it starts
 
 
 def _round_up(n: int, alignment: int) -> int:
@@ -63,11 +70,55 @@ def _validate(buffers: list[Buffer], alignment: int = 1) -> None:
             raise ValueError(f"buffer {b.name!r} has negative size {b.size}")
         if not 0 <= b.first <= b.last:
             raise ValueError(f"buffer {b.name!r} has bad lifetime [{b.first}, {b.last}]")
+    by_name = {b.name: b for b in buffers}
+    for b in buffers:
+        if b.view_of is None:
+            continue
+        p = by_name.get(b.view_of)
+        if p is None or p is b:
+            raise ValueError(f"buffer {b.name!r} is a view of {b.view_of!r}, which is not a buffer")
+        if b.reuse_of is not None:
+            raise ValueError(f"view {b.name!r} cannot also take {b.reuse_of!r} over in place")
+        if not (0 <= b.view_offset and b.view_offset + b.size <= p.size and b.view_offset % alignment == 0):
+            raise ValueError(f"view {b.name!r} (bytes [{b.view_offset}, {b.view_offset + b.size})) does not "
+                             f"lie inside {p.name!r} ({p.size} B) at a multiple of {alignment}")
+        if not p.first <= b.first <= b.last <= p.last:
+            raise ValueError(f"view {b.name!r} (steps {b.first}..{b.last}) outlives {p.name!r} "
+                             f"(steps {p.first}..{p.last})")
+    for b in buffers:  # no cycles of views
+        seen_views, name = set(), b.name
+        while name is not None and name not in seen_views:
+            seen_views.add(name)
+            name = by_name[name].view_of
+        if name is not None:
+            raise ValueError(f"buffer {b.name!r} is a view of itself")
 
 
-def _legal_hint(b: Buffer, by_name: dict[str, Buffer]) -> bool:
+def _legal_hint(b: Buffer, by_name: dict[str, Buffer], viewed_until: dict[str, int]) -> bool:
     src = by_name.get(b.reuse_of) if b.reuse_of is not None else None
-    return src is not None and src is not b and src.last == b.first and b.size <= src.size
+    return (src is not None and src is not b and src.last == b.first and b.size <= src.size
+            and b.view_of is None and src.view_of is None and viewed_until.get(src.name, -1) < b.first)
+
+
+def _viewed_until(buffers: list[Buffer]) -> dict[str, int]:
+    """The last step a view of each viewed buffer (directly or through other views) is alive."""
+    by_name = {b.name: b for b in buffers}
+    until: dict[str, int] = {}
+    for b in buffers:
+        parent = b.view_of
+        while parent is not None:
+            until[parent] = max(until.get(parent, -1), b.last)
+            parent = by_name[parent].view_of
+    return until
+
+
+def view_root(name: str, buffers_by_name: dict[str, Buffer]) -> tuple[str, int]:
+    """The buffer whose slot a view lies in, and the view's offset from that slot's start."""
+    offset = 0
+    while buffers_by_name[name].view_of is not None:
+        offset += buffers_by_name[name].view_offset
+        name = buffers_by_name[name].view_of
+    return name, offset
 
 
 def resolve_inplace(buffers: list[Buffer]) -> dict[str, str]:
@@ -77,7 +128,9 @@ def resolve_inplace(buffers: list[Buffer]) -> dict[str, str]:
     An input is taken over at most once (largest claimant first, then name); cycles are refused.
     """
     by_name = {b.name: b for b in buffers}
-    claims = sorted((b for b in buffers if _legal_hint(b, by_name)), key=lambda b: (b.first, -b.size, b.name))
+    viewed = _viewed_until(buffers)
+    claims = sorted((b for b in buffers if _legal_hint(b, by_name, viewed)),
+                    key=lambda b: (b.first, -b.size, b.name))
     taken: dict[str, str] = {}  # input -> successor
     accepted: dict[str, str] = {}  # successor -> input
     for b in claims:
@@ -108,6 +161,8 @@ def _slots(buffers: list[Buffer], inplace: dict[str, str]) -> list[_Slot]:
     by_name = {b.name: b for b in buffers}
     slots: dict[str, _Slot] = {}
     for b in sorted(buffers, key=lambda b: (b.first, b.name)):  # chain order: inputs before successors
+        if b.view_of is not None:
+            continue  # a view has no slot: it lies in its parent's
         root = _root(b.name, inplace)
         slot = slots.get(root)
         if slot is None:
@@ -145,8 +200,13 @@ def plan_memory(buffers: list[Buffer], alignment: int = 16) -> MemoryPlan:
         offset = _lowest_fit(size, start[:i][live], end[:i][live])
         first[i], last[i], start[i], end[i] = slot.first, slot.last, offset, offset + size
         offsets.update(dict.fromkeys(slot.members, offset))
+    by_name = {b.name: b for b in buffers}
+    views = {b.name: b.view_of for b in buffers if b.view_of is not None}
+    for name in views:
+        root, delta = view_root(name, by_name)
+        offsets[name] = offsets[root] + delta
     arena = int(end.max()) if n else 0
-    return MemoryPlan(offsets, arena, list(buffers), alignment, inplace)
+    return MemoryPlan(offsets, arena, list(buffers), alignment, inplace, views)
 
 
 def _live_matrix(buffers: list[Buffer], inplace: dict[str, str], kinds: list[str],
@@ -159,6 +219,8 @@ def _live_matrix(buffers: list[Buffer], inplace: dict[str, str], kinds: list[str
     by_name = {b.name: b for b in buffers}
     row = {k: i for i, k in enumerate(kinds)}
     for b in buffers:
+        if b.view_of is not None:
+            continue  # its bytes are its parent's
         k, size = row[b.kind], _round_up(b.size, alignment)
         delta[k, b.first] += size
         delta[k, b.last + 1] -= size
@@ -186,13 +248,15 @@ def lower_bound(buffers: list[Buffer], alignment: int = 1) -> int:
 
 @dataclass
 class MemoryPlan:
-    """Each buffer's offset in one arena; ``inplace`` maps a buffer to the input it took over in place."""
+    """Each buffer's offset in one arena; ``inplace`` maps a buffer to the input it took over in place,
+    ``views`` a view to the buffer whose bytes it is."""
 
     offsets: dict[str, int]
     arena_bytes: int
     buffers: list[Buffer]
     alignment: int = 1
     inplace: dict[str, str] = field(default_factory=dict)
+    views: dict[str, str] = field(default_factory=dict)
 
     # ----- live-set queries -------------------------------------------------------------------
     def _by_kind(self) -> tuple[list[str], np.ndarray]:
@@ -209,8 +273,8 @@ class MemoryPlan:
         return int(np.argmax(live)) if live else 0
 
     def alive_at(self, step: int) -> list[Buffer]:
-        """Buffers alive at ``step``, largest first (ties by name)."""
-        alive = [b for b in self.buffers if b.first <= step <= b.last]
+        """Buffers alive at ``step``, largest first (ties by name); views are in their parents."""
+        alive = [b for b in self.buffers if b.first <= step <= b.last and b.view_of is None]
         return sorted(alive, key=lambda b: (-b.size, b.name))
 
     def bytes_by_kind(self) -> dict[str, int]:
@@ -228,8 +292,9 @@ class MemoryPlan:
     def check_no_overlap(self) -> None:
         """Raise AssertionError naming two buffers alive at one step whose bytes overlap.
 
-        Members of one in-place chain are allowed to share bytes. Also checks every buffer has an
-        offset and lies inside the arena.
+        Members of one in-place chain are allowed to share bytes, and so are a view and the buffers it
+        is a view of (directly or through other views), where it must lie inside their bytes and
+        lifetime. Also checks every buffer has an offset and lies inside the arena.
         """
         bufs = self.buffers
         for b in bufs:
@@ -237,6 +302,18 @@ class MemoryPlan:
             off = self.offsets[b.name]
             assert 0 <= off and off + b.size <= self.arena_bytes, (
                 f"buffer {b.name!r} [{off}, {off + b.size}) lies outside the arena of {self.arena_bytes} B")
+        by_name = {b.name: b for b in bufs}
+        ancestors: dict[str, set[str]] = {}
+        for b in bufs:
+            chain, parent, child = set(), b.view_of, b
+            while parent is not None:
+                p, off = by_name[parent], self.offsets[child.name]
+                assert (self.offsets[parent] <= off and off + child.size <= self.offsets[parent] + p.size
+                        and p.first <= child.first and child.last <= p.last), (
+                    f"view {child.name!r} does not lie inside {parent!r} (bytes or steps)")
+                chain.add(parent)
+                child, parent = p, p.view_of
+            ancestors[b.name] = chain
         first = np.array([b.first for b in bufs], np.int64)
         last = np.array([b.last for b in bufs], np.int64)
         start = np.array([self.offsets[b.name] for b in bufs], np.int64)
@@ -247,6 +324,10 @@ class MemoryPlan:
             j = np.arange(i + 1, len(bufs))
             bad = ((first[j] <= last[i]) & (first[i] <= last[j]) & (start[j] < end[i]) & (start[i] < end[j])
                    & (group[j] != group[i]) & (end[j] > start[j]) & (end[i] > start[i]))
+            for other in np.flatnonzero(bad):  # a view and what it is a view of share their bytes
+                b = bufs[int(j[other])]
+                if b.name in ancestors[bufs[i].name] or bufs[i].name in ancestors[b.name]:
+                    bad[other] = False
             if bad.any():
                 a, b = bufs[i], bufs[int(j[np.argmax(bad)])]
                 raise AssertionError(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from relay_passes.attrs import attr_names, updated_state
 
+from .contiguous_slices import contiguous_slices
 from .lower import Kernel, Tensor, kernels, lower
 from .memory import Buffer, MemoryPlan, plan_memory
 
@@ -134,23 +136,74 @@ def _last_use(ks: list[Kernel]) -> dict[str, int]:
     return {name: k.index for k in ks for name in k.inputs}
 
 
+def _views(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor], arena: set[str],
+           in_place: dict[str, str], lasts: dict[str, int], alignment: int) -> dict[str, tuple[str, int]]:
+    """The kernel outputs planned as views, ``{output: (input, byte offset)}``; ``lasts`` (each
+    tensor's last step) is extended to cover the views of each tensor.
+
+    A kernel whose outputs are contiguous runs of one arena input (:func:`contiguous_slices`) makes
+    views when that input is never written where it is read (``call_tir_inplace``), its outputs are
+    arena tensors and each view starts at a multiple of ``alignment``; and when it costs no bytes:
+    the views die before their input does, or the slices of that input cover all of it (a split:
+    the input is kept as long as its longest-lived slice, in place of the slices' own bytes)."""
+    written = {i for k in ks for i in k.inplace.values()}
+    candidates: dict[str, list[tuple[Kernel, dict[int, tuple[int, int]]]]] = {}
+    for k in ks:
+        slices = contiguous_slices(lowered[k.func], len(k.inputs))
+        if not slices or len({src for src, _ in slices.values()}) != 1:
+            continue
+        parent = k.inputs[next(iter(slices.values()))[0]]
+        aligned = all(off % alignment == 0 for _, off in slices.values())
+        if (parent in arena and parent not in written and aligned
+                and not any(o in in_place or o in written for o in k.outputs)):
+            candidates.setdefault(parent, []).append((k, slices))
+    views: dict[str, tuple[str, int]] = {}
+    for parent, group in candidates.items():
+        covered = np.zeros(tensors[parent].nbytes, bool)
+        for k, slices in group:
+            for i, (_, off) in slices.items():
+                covered[off:off + tensors[k.outputs[i]].nbytes] = True
+        for k, slices in group:
+            last = max(lasts[o] for o in k.outputs)
+            if last > lasts[parent] and not covered.all():
+                continue
+            for i, (_, off) in slices.items():
+                views[k.outputs[i]] = (parent, off)
+            ancestor = parent
+            while ancestor is not None:
+                lasts[ancestor] = max(lasts[ancestor], last)
+                ancestor = views.get(ancestor, (None, 0))[0]
+    return views
+
+
 def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor], outputs: list[str],
              inputs: list[str], in_place: dict[str, str], loss_kernel: int,
-             in_place_kernels: bool = True) -> list[Buffer]:
+             in_place_kernels: bool = True, views: bool = True, alignment: int = 16) -> list[Buffer]:
     """Arena buffers of one function: its arena inputs, every kernel output not written into a
     persistent tensor, and each kernel's scratch. Kernels after ``loss_kernel`` make gradients.
     An output may take over the slot of an input the planner sees die at its kernel: an elementwise
-    input, or (``in_place_kernels``) the one a kernel says it overwrites (:func:`in_place_input`)."""
+    input, or (``in_place_kernels``) the one a kernel says it overwrites (:func:`in_place_input`).
+    With ``views``, a kernel's outputs that are contiguous runs of its input are views of it
+    (:func:`_views`; the executor calls no kernel for them)."""
     end = len(ks)
     last_use = _last_use(ks)
     producer = {out for k in ks for out in k.outputs}
-    buffers = [Buffer(name, tensors[name].nbytes, 0, last_use.get(name, 0), "activation") for name in inputs]
+    lasts = {name: last_use.get(name, 0) for name in inputs}
+    lasts.update({out: end if out in outputs else last_use.get(out, k.index)
+                  for k in ks for out in k.outputs})
+    arena = (set(inputs) | producer) - set(in_place)
+    view_of = _views(lowered, ks, tensors, arena, in_place, lasts, alignment) if views else {}
+    buffers = [Buffer(name, tensors[name].nbytes, 0, lasts[name], "activation") for name in inputs]
     for k in ks:
         kind = "activation" if k.index <= loss_kernel else "gradient"
         for out in k.outputs:
             if out in in_place:
                 continue
-            last = end if out in outputs else last_use.get(out, k.index)
+            if out in view_of:
+                parent, offset = view_of[out]
+                buffers.append(Buffer(out, tensors[out].nbytes, k.index, lasts[out], kind,
+                                      view_of=parent, view_offset=offset))
+                continue
             reuse = k.inplace.get(out)
             if reuse is None and in_place_kernels:
                 reuse = in_place_input(lowered, k)
@@ -158,30 +211,34 @@ def _buffers(lowered: tvm.IRModule, ks: list[Kernel], tensors: dict[str, Tensor]
                 same = [i for i in elementwise_inputs(lowered, k)
                         if i in producer and tensors[i].nbytes >= tensors[out].nbytes]
                 reuse = same[0] if same else None
-            buffers.append(Buffer(out, tensors[out].nbytes, k.index, last, kind, reuse))
+            buffers.append(Buffer(out, tensors[out].nbytes, k.index, lasts[out], kind, reuse))
         if k.scratch:
             buffers.append(Buffer(f"{k.outputs[0]}:scratch", k.scratch, k.index, k.index, "scratch"))
     return buffers
 
 
 def plan_predict(lowered: tvm.IRModule, alignment: int = 16,
-                 in_place_kernels: bool = True) -> LoweredFunction:
+                 in_place_kernels: bool = True, views: bool = True) -> LoweredFunction:
     """The arena plan of ``predict`` (inference between training steps shares the same arena)."""
     ks, tensors, outputs = kernels(lowered, "predict")
     params = [p.name for p in lowered["predict"].params]
-    buffers = _buffers(lowered, ks, tensors, outputs, params[:1], {}, len(ks), in_place_kernels)
+    buffers = _buffers(lowered, ks, tensors, outputs, params[:1], {}, len(ks), in_place_kernels, views,
+                       alignment)
     plan = plan_memory(buffers, alignment=alignment)
     plan.check_no_overlap()
     return LoweredFunction("predict", ks, tensors, outputs, params, {}, plan)
 
 
 def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: bool = True,
-                  hand_kernels: bool = True, in_place_kernels: bool = True) -> MemoryReport:
+                  hand_kernels: bool = True, in_place_kernels: bool = True,
+                  views: bool = True) -> MemoryReport:
     """Plan the arena of ``train_step`` and account for every byte of the step.
 
     ``hand_kernels``: the int8 forward ops as the hand-written C kernels (what the C artifact
     runs), else TVM's; ``in_place_kernels``: a kernel that may overwrite its input (the int8
-    depthwise) does so when the input dies there (False: plan every output apart, to compare)."""
+    depthwise) does so when the input dies there (False: plan every output apart, to compare);
+    ``views``: a kernel that only copies a contiguous run of its input (a split) makes views of it
+    instead of copies (False: plan every output apart, to compare)."""
     step = train_mod["train_step"]
     trainable = attr_names(step, "tinytrain.trainable")
     state = attr_names(step, "tinytrain.state")
@@ -197,10 +254,12 @@ def memory_report(train_mod: tvm.IRModule, alignment: int = 16, compare_tvm: boo
     for new, old in zip(outputs[1:], [*trainable, *updated_state(step)], strict=True):
         if new in producer and last_use.get(old, -1) <= producer[new].index:
             in_place[new] = old
-    buffers = _buffers(lowered, ks, tensors, outputs, params[:2], in_place, loss_kernel, in_place_kernels)
+    buffers = _buffers(lowered, ks, tensors, outputs, params[:2], in_place, loss_kernel, in_place_kernels,
+                       views, alignment)
     plan = plan_memory(buffers, alignment=alignment)
     plan.check_no_overlap()  # cheap, and a plan that overlaps must never reach C
-    saved = [b for b in buffers if b.kind == "activation" and b.first < loss_kernel < b.last]
+    saved = [b for b in buffers
+             if b.kind == "activation" and b.first < loss_kernel < b.last and b.view_of is None]
     flash = sum(tensors[n].nbytes for n in tensors if n in frozen or n.startswith("const"))
     report = MemoryReport(
         plan=plan,

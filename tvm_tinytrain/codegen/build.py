@@ -298,11 +298,13 @@ def rollback_bytes(step_func, step: LoweredFunction) -> int:
 
 
 def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None, model: str = "model",
-            scheme=None, hand_kernels: bool = True) -> Artifact:
+            scheme=None, hand_kernels: bool = True, views: bool = True) -> Artifact:
     """Plan, check the budget, then generate the C. Nothing is written to disk here.
 
     ``hand_kernels``: the int8 forward ops call the hand-written kernels of ``codegen/runtime``
-    (shipped in ``src/`` when any kernel calls them), else TVM's C of the same ops."""
+    (shipped in ``src/`` when any kernel calls them), else TVM's C of the same ops. ``views``: a
+    kernel that only copies a contiguous run of its input is planned as a view and not called
+    (False: every output its own bytes, to compare)."""
     budget_bytes = parse_budget(budget)
     names = {gv.name_hint for gv in train_mod.get_global_vars()}
     if not {"train_step", "predict"} <= names:
@@ -315,9 +317,9 @@ def build_c(train_mod: tvm.IRModule, params: dict[str, np.ndarray], budget=None,
     splits = {str(k): int(v) for k, v in predict_func.attrs["tinytrain.split"].items()} \
         if "tinytrain.split" in predict_func.attrs else {}
     values = split_params(params, splits)
-    report = memory_report(train_mod, compare_tvm=False, hand_kernels=hand_kernels)
+    report = memory_report(train_mod, compare_tvm=False, hand_kernels=hand_kernels, views=views)
     step, lowered = report.step, report.lowered
-    predict = plan_predict(lowered)
+    predict = plan_predict(lowered, views=views)
     arena = max(step.plan.arena_bytes, predict.plan.arena_bytes)
     peak = report.largest_at_peak(4) if step.plan.arena_bytes >= predict.plan.arena_bytes else []
     contributors = {f"{b.name} ({b.kind})": b.size for b in peak}

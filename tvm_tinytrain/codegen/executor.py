@@ -117,12 +117,19 @@ def function_body(fn: LoweredFunction, storage: Storage, kernel_symbols: dict[st
                   workspace: dict[str, int], after: dict[int, list[str]] | None = None) -> list[str]:
     """The kernel calls of one function, in plan order, each with its scratch window set first,
     its profile mark (``#ifdef TINYTRAIN_PROFILE``, train_step and predict) right after it, then
-    the lines ``after[kernel index]`` (checks)."""
+    the lines ``after[kernel index]`` (checks). A kernel whose outputs the plan made views of its
+    input (``MemoryPlan.views``) is not called: its outputs already are those bytes."""
     lines = []
     for k in fn.kernels:
         fresh = [o for o in k.outputs if o not in k.inplace]  # an in-place output is its input's buffer
         args = [storage.address(n, fn) for n in (*k.inputs, *fresh)]
         lines.append(f"  /* k{k.index} {k.func}: {', '.join(k.inputs)} -> {', '.join(k.outputs)} */")
+        if all(o in fn.plan.views for o in k.outputs):  # its outputs are views of its input: no copy
+            lines.append("  /* (views of the input: nothing to copy) */")
+            if fn.name in PROFILED_FUNCTIONS:
+                lines += _profiled(f"  {PREFIX}_profile_kernel({profile_slot(fn.name, k.index)});")
+            lines += (after or {}).get(k.index, [])
+            continue
         need = workspace.get(kernel_symbols[k.func], 0)
         if need:
             slot = f"{k.outputs[0]}:scratch"
