@@ -12,6 +12,13 @@
 
 #include <string.h>
 
+/* inlined where called, so a call with constant sizes gets its own unrolled copy */
+#if defined(__GNUC__)
+#define TINYTRAIN_S8_SPECIALISED static inline __attribute__((always_inline))
+#else
+#define TINYTRAIN_S8_SPECIALISED static inline
+#endif
+
 #if TINYTRAIN_S8_SIMD && defined(__ARM_FEATURE_DSP)
 #define TINYTRAIN_SXTB16(v) ((uint32_t)__sxtb16((int32_t)(v)))
 #define TINYTRAIN_SMLAD(a, b, acc) __smlad((int32_t)(a), (int32_t)(b), (acc))
@@ -51,7 +58,8 @@ static inline uint32_t tinytrain_load32(const void* p) {
 /* A pass's columns, for SXTB16: each group of four values (v0, v1, v2, v3) is stored
  * (v0, v2, v1, v3), and a pixel pair's columns are interleaved group by group (pixel 0's group,
  * pixel 1's group, ...), their tails (k % 4 values) after; a lone last pixel's column alone. */
-static void tinytrain_s8_place(int16_t* pass_cols, const int16_t* col, int32_t k, int32_t q, int32_t pixels) {
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_place(int16_t* pass_cols, const int16_t* col, int32_t k, int32_t q,
+                                             int32_t pixels) {
   int32_t lone = q == pixels - 1 && (pixels & 1);
   int32_t lane = lone ? 0 : q & 1, step = lone ? 4 : 8, k4 = k & ~3;
   int16_t* dst = pass_cols + (q & ~1) * k + lane * 4;
@@ -147,7 +155,8 @@ static inline int32_t tinytrain_s8_dot(const int8_t* w, const int16_t* c, int32_
 }
 #else
 /* A pass's columns, one after the other. */
-static void tinytrain_s8_place(int16_t* pass_cols, const int16_t* col, int32_t k, int32_t q, int32_t pixels) {
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_place(int16_t* pass_cols, const int16_t* col, int32_t k, int32_t q,
+                                             int32_t pixels) {
   (void)pixels;
   memcpy(pass_cols + q * k, col, (size_t)k * sizeof *col);
 }
@@ -174,12 +183,6 @@ static inline int32_t tinytrain_s8_dot(const int8_t* w, const int16_t* c, int32_
   for (int32_t i = 0; i < k; ++i) a += w[i] * c[i];
   return a;
 }
-#endif
-
-#if defined(__GNUC__)
-#define TINYTRAIN_S8_SPECIALISED static inline __attribute__((always_inline))
-#else
-#define TINYTRAIN_S8_SPECIALISED static inline
 #endif
 
 /* How every output of a call is requantized: exactly as tinytrain_s8_requant_fast (no channel can
@@ -375,8 +378,9 @@ int32_t tinytrain_s8_conv_1x1(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, i
 }
 
 /* im2col column of output pixel (oy, ox): (x - zx) over (channel, ky, kx), 0 where padded */
-static void tinytrain_s8_im2col(const int8_t* x, int32_t in_c, int32_t h, int32_t wd, int32_t kh, int32_t kw,
-                                int32_t iy0, int32_t ix0, int32_t zx, int16_t* col) {
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_im2col(const int8_t* x, int32_t in_c, int32_t h, int32_t wd,
+                                                 int32_t kh, int32_t kw, int32_t iy0, int32_t ix0, int32_t zx,
+                                                 int16_t* col) {
   if (iy0 >= 0 && iy0 + kh <= h && ix0 >= 0 && ix0 + kw <= wd) { /* all inside: no test per value */
     for (int32_t c = 0; c < in_c; ++c) {
       const int8_t* row = x + c * h * wd + iy0 * wd + ix0;
@@ -410,12 +414,18 @@ int32_t tinytrain_s8_conv(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, int32
   int32_t k = in_c * kh * kw, pixels_total = oh * ow;
   int16_t* col = scratch + pass * k; /* one pixel's column, then placed in the pass */
   tinytrain_s8_mode_t mode = tinytrain_s8_mode(b, shift, out_c, k, lo, hi);
+  int32_t rgb_3x3 = in_c == 3 && kh == 3 && kw == 3;
   for (int32_t p = 0; p < pixels_total; p += pass) {
     int32_t pixels = pixels_total - p < pass ? pixels_total - p : pass;
     for (int32_t q = 0; q < pixels; ++q) {
       int32_t oy = (p + q) / ow, ox = (p + q) % ow;
-      tinytrain_s8_im2col(x, in_c, h, wd, kh, kw, oy * sh - pt, ox * sw - pl, zx, col);
-      tinytrain_s8_place(scratch, col, k, q, pixels);
+      if (rgb_3x3) { /* an image's 3x3 stem: the 27 values unrolled */
+        tinytrain_s8_im2col(x, 3, h, wd, 3, 3, oy * sh - pt, ox * sw - pl, zx, col);
+        tinytrain_s8_place(scratch, col, 27, q, pixels);
+      } else {
+        tinytrain_s8_im2col(x, in_c, h, wd, kh, kw, oy * sh - pt, ox * sw - pl, zx, col);
+        tinytrain_s8_place(scratch, col, k, q, pixels);
+      }
     }
     tinytrain_s8_columns(w, b, mult, shift, out_c, k, scratch, pixels, y + p, pixels_total, zy, lo, hi,
                          mode);
