@@ -360,6 +360,12 @@ static void tinytrain_s8_columns(const int8_t* w, const int32_t* b, const int32_
   }
 }
 
+/* a 1x1 conv's column of one pixel: x - zx over its in_c channels (planes hw apart) */
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_pixel_column(const int8_t* src, int32_t hw, int32_t in_c,
+                                                        int32_t zx, int16_t* col) {
+  for (int32_t i = 0; i < in_c; ++i) col[i] = (int16_t)(src[i * hw] - zx);
+}
+
 int32_t tinytrain_s8_conv_1x1(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, int32_t* shift, int8_t* y,
                               int16_t* scratch, int32_t in_c, int32_t hw, int32_t out_c, int32_t pass,
                               int32_t zx, int32_t zy, int32_t lo, int32_t hi) {
@@ -368,9 +374,16 @@ int32_t tinytrain_s8_conv_1x1(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, i
   for (int32_t p = 0; p < hw; p += pass) {
     int32_t pixels = hw - p < pass ? hw - p : pass;
     for (int32_t q = 0; q < pixels; ++q) {
-      const int8_t* src = x + p + q;
-      for (int32_t i = 0; i < in_c; ++i) col[i] = (int16_t)(src[i * hw] - zx);
-      tinytrain_s8_place(scratch, col, in_c, q, pixels);
+      if (in_c == 8) { /* few inputs: the column's values unrolled (as many instructions as the MACs) */
+        tinytrain_s8_pixel_column(x + p + q, hw, 8, zx, col);
+        tinytrain_s8_place(scratch, col, 8, q, pixels);
+      } else if (in_c == 16) {
+        tinytrain_s8_pixel_column(x + p + q, hw, 16, zx, col);
+        tinytrain_s8_place(scratch, col, 16, q, pixels);
+      } else {
+        tinytrain_s8_pixel_column(x + p + q, hw, in_c, zx, col);
+        tinytrain_s8_place(scratch, col, in_c, q, pixels);
+      }
     }
     tinytrain_s8_columns(w, b, mult, shift, out_c, in_c, scratch, pixels, y + p, hw, zy, lo, hi, mode);
   }
