@@ -12,6 +12,10 @@ from .int8_arith import flat_index
 from .int8_ops import QConvParams
 
 ROWS_WEIGHT_GRAD = "tinytrain_qconv_weight_grad_rows"  # tagged, for FuseWeightUpdate
+# tagged, for BiasFromThroughRows: a depthwise layer's bias gradient read through the 1×1
+# projection after it, and the chunks of the same clamped gradient its expansion's backward makes
+THROUGH_BIAS = "tinytrain_qconv_bias_grad_through"
+THROUGH_ROWS = "tinytrain_qgrad_through_rows"
 
 
 def unravel(shape, flat):
@@ -32,10 +36,10 @@ def pack_clamp_mask_te(y, lo: int | None, hi: int | None):
         total = tirx.const(0, "int32")
         for b in range(8):
             k = j * 8 + b
-            v = y[unravel(shape, tirx.min(k, count - 1))]
+            v = y[unravel(shape, tirx.min(k, count - 1))].astype("int32")
             inside = tirx.all(k < count,
-                              *([v > tirx.const(lo, y.dtype)] if lo is not None else []),
-                              *([v < tirx.const(hi, y.dtype)] if hi is not None else []))
+                              *([v > tirx.const(lo, "int32")] if lo is not None else []),
+                              *([v < tirx.const(hi, "int32")] if hi is not None else []))
             total = total + tirx.Select(inside, tirx.const(1 << b, "int32"), tirx.const(0, "int32"))
         return total.astype("uint8")
 
@@ -100,19 +104,37 @@ def pointwise_weight_grad_te(q: QConvParams, x, g):
 
 def input_channel_outer(func):
     """A fused update ``y`` of a :func:`pointwise_weight_grad_te` weight one input channel
-    at a time: ``for i: xf[i] (H·W floats of scratch), for o: y[o, i] = step(Σ …)``, each
-    input value converted once, not once per output channel; each sum one scalar, its
+    at a time: ``for i: xf[i] (H·W floats of scratch), for o in steps of 4: 4 sums over
+    (h, w) side by side, then y[o .. o + 4, i] = step(Σ …)``, each input value converted
+    once, not once per output channel, and loaded once per 4 sums; each sum one scalar, its
     terms in their order."""
     sch = s_tir.Schedule(func)
     y = sch.get_sblock("y")
     oo, ii, *_ = sch.get_loops(y)
     sch.reorder(ii, oo)
     g_w = sch.get_sblock("g_w")
-    depth = len(sch.get_loops(y))
-    sch.compute_at(g_w, sch.get_loops(y)[-1])
-    sch.decompose_reduction(g_w, sch.get_loops(g_w)[depth])
+    factor = next(f for f in (4, 2, 1) if int(sch.get(oo).extent) % f == 0)
+    if factor > 1:
+        outer, _ = sch.split(oo, [None, factor])
+        sch.compute_at(g_w, outer)
+        inner = _loops_after(sch, g_w, outer)  # (o_i, the reduction's loops TIR kept)
+        sch.decompose_reduction(g_w, inner[0])
+        update = _loops_after(sch, g_w, outer)
+        if len(update) > 1:
+            sch.reorder(*update[1:], update[0])
+    else:
+        sch.compute_at(g_w, sch.get_loops(y)[-1])
+        inner = _loops_after(sch, g_w, sch.get_loops(y)[-1])
+        if inner:  # none on a 1×1 map: the sum has one term
+            sch.decompose_reduction(g_w, inner[0])
     sch.compute_at(sch.get_sblock("xf"), sch.get_loops(y)[0])
     return sch.mod["main"]
+
+def _loops_after(sch, block, loop) -> list:
+    """The loops of ``block`` nested inside ``loop``."""
+    target = sch.get(loop)
+    loops = sch.get_loops(block)
+    return list(loops[next(i for i, rv in enumerate(loops) if sch.get(rv).same_as(target)) + 1:])
 
 def qconv_input_grad_te(q: QConvParams, g_at, axes: list, out_hw, w, x_shape, channels=None):
     """The transposed conv, reading the int8 weight directly (no float copy of it, no
@@ -209,11 +231,14 @@ def pointwise_input_grad_te(g, w, x_shape, row0: int = 0, acc=None):
 
 def _reduction_outside(sch, block, ro, inner: list):
     """Move the reduction loop ``ro`` outside the loops ``inner`` (its init before it), in
-    steps of up to 4 iterations kept innermost: ``for ro_o: for inner: for ro_i < 4``, so the
-    C compiler keeps each sum in a register over 4 terms instead of loading and storing it
-    at each; the terms of each sum still come in order. Returns the outer loop."""
+    steps of up to 8 iterations kept innermost: ``for ro_o: for inner: for ro_i < 8``, so the
+    C compiler keeps each sum in a register over 8 terms (and the 8 weights of the step in
+    registers) instead of loading and storing it at each; the terms of each sum still come
+    in order. 8 rather than 4: about a fifth fewer instructions per multiply-add in the inner
+    loop on Cortex-M7 (arm-none-eabi-gcc -O2: 123 for 32 terms against 77 for 16; the sum's
+    load and store once per 8 terms). Returns the outer loop."""
     extent = int(sch.get(ro).extent)
-    factor = next(f for f in (4, 2, 1) if extent % f == 0)
+    factor = next(f for f in (8, 4, 2, 1) if extent % f == 0)
     if factor > 1:
         ro, ro_inner = sch.split(ro, [None, factor])
         sch.reorder(ro, *inner, ro_inner)

@@ -27,6 +27,7 @@ from .plain_calls import PlainTIRCalls
 from .qas import QuantizationAwareScaling
 from .reorder import ReorderForMemory
 from .sparse_update import SplitPartialWeights, trainable_slice_name
+from .through_bias import BiasFromThroughRows
 
 
 def TrainingPipeline(
@@ -54,6 +55,7 @@ def TrainingPipeline(
         ApplyOptimizer(optimizer, integer_rounding=integer_rounding),
         relax.transform.CanonicalizeBindings(),  # (g_x, g_w)[1] → g_w: an unused g_x dies
         relax.transform.DeadCodeElimination(["predict", "train_step"]),
+        BiasFromThroughRows(),
         FuseWeightUpdate(),
         FuseLinearUpdate,
         DenseWithoutTranspose,

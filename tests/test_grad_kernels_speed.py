@@ -49,7 +49,8 @@ def _mask(rng, shape) -> np.ndarray:
 
 
 SHAPES = [(1, 7, 3, 5, 0), (1, 13, 5, 5, 0), (1, 6, 4, 3, 2), (2, 5, 3, 3, 0),  # (n, o, c, h·w side, row0)
-          (1, 1, 3, 4, 2), (1, 8, 3, 1, 0)]  # a chunk of one output channel, a 1×1 map (VWW, MobileNetV2)
+          (1, 1, 3, 4, 2), (1, 8, 3, 1, 0),  # a chunk of one output channel, a 1×1 map (VWW, MobileNetV2)
+          (1, 24, 3, 3, 1)]  # sums in steps of 8 terms
 
 
 @pytest.mark.parametrize("n, o, c, side, row0", SHAPES)
@@ -108,7 +109,8 @@ def test_pointwise_input_grad_over_a_clamped_stage_one_output_channel_at_a_time_
 
 
 @pytest.mark.parametrize("channels, o, c0, step, side",  # 1×1 maps and one output channel: TIR drops
-                         [(9, 5, 2, 5, 3), (6, 7, 0, 6, 4), (6, 7, 0, 6, 1), (5, 1, 1, 3, 2)])  # unit loops
+                         [(9, 5, 2, 5, 3), (6, 7, 0, 6, 4), (6, 7, 0, 6, 1), (5, 1, 1, 3, 2),  # unit loops
+                          (9, 16, 1, 7, 3)])  # sums in steps of 8 terms
 def test_read_through_sums_one_channel_at_a_time_are_bit_exact(channels, o, c0, step, side):
     rng = np.random.default_rng(channels)
     shape = (1, channels, side, side)
@@ -205,10 +207,12 @@ def test_bias_gradient_through_a_projection_sums_only_unclamped_elements():
 
 
 @pytest.mark.parametrize("rows, c0, channels, side, rounding",
-                         [(5, 2, 7, 3, "stochastic"), (6, 0, 3, 4, "nearest")])
+                         [(5, 2, 7, 3, "stochastic"), (6, 0, 3, 4, "nearest"), (8, 1, 5, 3, "stochastic"),
+                          (8, 3, 5, 1, "stochastic"), (3, 0, 2, 1, "nearest")])  # 1×1 maps: no reduction loop
 def test_fused_rows_update_one_input_channel_at_a_time_is_bit_exact(rows, c0, channels, side, rounding):
     """A 1×1 conv's rows updated from their gradient summed in place (FuseWeightUpdate):
-    the same int8 weights as the plain loops over ``qconv_weight_grad_te``."""
+    the same int8 weights as the plain loops over ``qconv_weight_grad_te``, output channels
+    4 at a time (8 rows), 2 (6), 1 (5, 3)."""
     from relay_passes.fuse_update import fused_rows_update
     from relay_passes.int8_arith import integer_step
     from relay_passes.int8_grad_kernels import input_channel_outer, qconv_weight_grad_te
@@ -253,3 +257,94 @@ def test_the_schedules_find_the_sum_over_output_channels_under_a_channel_loop():
         assert (reduction is not None) == expected and len(spatial) == 2
         if expected:
             assert int(sch.get(reduction).extent) == o
+
+
+@pytest.mark.parametrize("channels, o, step, side", [(6, 5, 2, 3), (5, 3, 5, 2), (4, 7, 1, 1)])
+def test_bias_summed_from_read_through_chunks_is_the_whole_kernels_bits(channels, o, step, side):
+    """BiasFromThroughRows: a depthwise layer's bias gradient summed chunk by chunk from the
+    read-through rows (each chunk its channels' sums) has the bits of the whole kernel."""
+    rng = np.random.default_rng(channels * 7 + o)
+    shape = (1, channels, side, side)
+    mask = _mask(rng, shape)
+    k = rng.random(channels).astype(np.float32)
+    g = rng.standard_normal((1, o, side, side)).astype(np.float32)
+    w = rng.integers(-128, 128, (o, channels, 1, 1)).astype(np.int8)
+    whole = _run(lambda *t: channel_sums_te(pointwise_grad_rows_te(*t, 0, channels, shape)), [mask, k, g, w],
+                 sums_per_channel)
+    parts = []
+    for c0 in range(0, channels, step):
+        rows = _run(lambda *t, c0=c0: pointwise_grad_rows_te(*t, c0, step, shape), [mask, k, g, w],
+                    sums_per_channel)
+        parts.append(_run(channel_sums_te, [rows]))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    inside = np.unpackbits(mask, bitorder="little")[:np.prod(shape)].reshape(shape).astype(bool)
+    total = np.einsum("nohw,oc->nchw", g.astype(np.float64), w[:, :, 0, 0].astype(np.float64))
+    expected = np.where(inside, total * k[None, :, None, None], 0.0).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-4)
+
+
+def _bottleneck_gradient():
+    """The inverted bottleneck of ``test_int8`` (its middle gradient in four chunks), its
+    gradient tuples folded away as the training pipeline does before BiasFromThroughRows."""
+    from tvm import relax
+
+    from relay_passes import int8_grads
+    from relay_passes.append_loss import AppendLoss
+    from relay_passes.gradient import BuildGradient
+    from tests import test_int8
+
+    net = test_int8._TinyInt8Net(arch="bottleneck")
+    chunk_bytes, int8_grads.CHUNK_BYTES = int8_grads.CHUNK_BYTES, test_int8.SMALL_CHUNKS
+    try:
+        mod = BuildGradient()(AppendLoss(list(net.params))(net.module()))
+    finally:
+        int8_grads.CHUNK_BYTES = chunk_bytes
+    mod = relax.transform.CanonicalizeBindings()(mod)
+    return net, relax.transform.DeadCodeElimination(["train_loss_adjoint"])(mod)
+
+
+def _kernels_called(mod, func: str) -> list[str]:
+    from tvm import relax
+
+    return [b.value.args[0].name_hint for b in mod[func].body.blocks[0].bindings
+            if isinstance(b.value, relax.Call) and isinstance(b.value.args[0], tvm.ir.GlobalVar)]
+
+
+def test_bias_from_through_rows_drops_the_second_pass_over_the_projection():
+    from relay_passes.int8_grad_kernels import THROUGH_BIAS
+    from relay_passes.int8_ops import kernel_tag
+    from relay_passes.through_bias import BiasFromThroughRows
+
+    _, mod = _bottleneck_gradient()
+    new = BiasFromThroughRows("train_loss_adjoint")(mod)
+
+    def tags(m):
+        return [kernel_tag(m, b.value)[0] for b in m["train_loss_adjoint"].body.blocks[0].bindings]
+
+    assert tags(mod).count(THROUGH_BIAS) == 1 and THROUGH_BIAS not in tags(new)
+    # the depthwise bias's four chunk sums join the expansion's own four
+    before, after = _kernels_called(mod, "train_loss_adjoint"), _kernels_called(new, "train_loss_adjoint")
+    assert len(after) == len(before) + 3
+    assert sum(k.startswith("qgrad_through_rows") for k in after) == 4
+
+
+@pytest.mark.slow
+def test_bias_from_through_rows_keeps_every_gradient_bit():
+    """The whole backward before and after the pass (VM, host): loss and all gradients equal."""
+    from relay_passes.through_bias import BiasFromThroughRows
+    from tests.test_int8 import _vm
+
+    net, mod = _bottleneck_gradient()
+    new = BiasFromThroughRows("train_loss_adjoint")(mod)
+
+    def run(m):
+        args = [tvm.runtime.tensor(net.x), tvm.runtime.tensor(np.array([net.label], np.int64))]
+        args += [tvm.runtime.tensor(np.asarray(net.params[p.name], str(p.ty.dtype)))
+                 for p in m["train_loss_adjoint"].params[2:]]
+        loss, grads = _vm(m)["train_loss_adjoint"](*args)
+        return float(loss.numpy()), [g.numpy() for g in grads]
+
+    (loss0, grads0), (loss1, grads1) = run(mod), run(new)
+    assert loss0 == loss1
+    for a, b in zip(grads0, grads1):
+        np.testing.assert_array_equal(a, b)
