@@ -100,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="networks whose per-kernel profile to take (comma-separated; '' for none)")
     parser.add_argument("--resolution", type=int, default=128, help="input height and width (default 128)")
     parser.add_argument("--steps", type=int, default=5, help="timed host steps per path (default 5)")
+    parser.add_argument("--chunk-bytes", type=int, default=16 * 1024,
+                        help="TinyTrain's chunk_bytes: the bytes a banded chain's band tensors may take "
+                             "(default 16384, TinyTrain's; larger bands recompute fewer halo rows and "
+                             "take more SRAM)")
     parser.add_argument("--no-host", action="store_true", help="skip the llvm build and the host step times")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's step")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
@@ -115,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--resolution must be at least 32")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.chunk_bytes < 1024:
+        parser.error("--chunk-bytes must be at least 1024")
     return args
 
 
@@ -199,7 +205,8 @@ def run_network(net: Network, args, work: Path) -> dict:
 
     _say(f"{net.label}: TinyTrain pass ...")
     with _timed(row, "pass"):
-        train_mod = tt.relay.transform.TinyTrain(net.scheme, optimizer=tt.SGD(lr=LR))(mod)
+        train_mod = tt.relay.transform.TinyTrain(net.scheme, optimizer=tt.SGD(lr=LR),
+                                                 chunk_bytes=args.chunk_bytes)(mod)
     _say(f"{net.label}: pass {row['pass_s']:.0f} s; C build ...")
     with _timed(row, "build_c"):
         artifact = tt.build(train_mod, params, target="c")
@@ -289,8 +296,9 @@ def _wall_cpu(row: dict, name: str, unit: str = "s", digits: int = 0) -> str:
 
 
 def markdown(rows: list[dict], args) -> str:
+    bands = "" if args.chunk_bytes == 16 * 1024 else f", chunk_bytes {args.chunk_bytes}"
     lines = [f"# Speed of the int8 training step ({args.resolution}×{args.resolution}, the paper's schemes, "
-             "int8 classifier, SGD, batch 1)", "",
+             f"int8 classifier, SGD, batch 1{bands})", "",
              "| network | MACs | instructions per step (QEMU) | paper: cycles per step | per predict | "
              "per MAC (predict) | SRAM planned | measured | paper | build C | build llvm | "
              "host step, TVM llvm | PyTorch float | loss QEMU = llvm |",
