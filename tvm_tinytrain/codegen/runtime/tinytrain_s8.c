@@ -466,22 +466,34 @@ TINYTRAIN_S8_NO_LIBC_CALLS static inline void tinytrain_s8_fill(int8_t* dst, uin
   for (; i < n; ++i) dst[i] = (int8_t)word;
 }
 
-/* channel plane rows [-pt, rows - pt) x cols [-pl, cols - pl) of x, zx outside the input */
-TINYTRAIN_S8_NO_LIBC_CALLS static void tinytrain_s8_padded_plane(
-    const int8_t* plane, int32_t h, int32_t wd, int32_t rows, int32_t cols, int32_t pt, int32_t pl,
-    int32_t zx, int8_t* dst) {
-  uint32_t word = ((uint32_t)zx & 0xFFu) * 0x01010101u;
-  int32_t left = pl < cols ? pl : cols; /* padded columns on the left */
-  int32_t inside = wd < cols - left ? wd : cols - left;
-  for (int32_t r = 0; r < rows; ++r, dst += cols) {
-    int32_t iy = r - pt;
-    if (iy < 0 || iy >= h) {
-      tinytrain_s8_fill(dst, word, cols);
-      continue;
-    }
-    tinytrain_s8_fill(dst, word, left);
-    tinytrain_s8_copy(dst + left, plane + iy * wd, inside);
-    tinytrain_s8_fill(dst + left + inside, word, cols - left - inside);
+/* A channel's padded plane in the scratch: rows [-pt, rows - pt) x cols [-pl, cols - pl) of its input,
+ * zx outside. Its border is the same for every channel: the whole plane is filled with zx once per
+ * call (tinytrain_s8_plane_t), then each channel copies only the rows and columns it has inside. */
+typedef struct {
+  int32_t top, bottom, left, inside; /* inside rows [top, bottom) and columns [left, left + inside) */
+} tinytrain_s8_plane_t;
+
+TINYTRAIN_S8_NO_LIBC_CALLS static tinytrain_s8_plane_t tinytrain_s8_plane_fill(int32_t h, int32_t wd,
+                                                                               int32_t rows, int32_t cols,
+                                                                               int32_t pt, int32_t pl,
+                                                                               int32_t zx, int8_t* dst) {
+  tinytrain_s8_plane_t plane;
+  plane.top = pt < rows ? pt : rows;
+  plane.bottom = pt + h < rows ? pt + h : rows;
+  plane.left = pl < cols ? pl : cols;
+  plane.inside = wd < cols - plane.left ? wd : cols - plane.left;
+  if (plane.top > 0 || plane.bottom < rows || plane.left > 0 || plane.left + plane.inside < cols) {
+    tinytrain_s8_fill(dst, ((uint32_t)zx & 0xFFu) * 0x01010101u, rows * cols);
+  }
+  return plane;
+}
+
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_plane_copy(const int8_t* in, int32_t wd, int32_t cols, int32_t pt,
+                                                      tinytrain_s8_plane_t plane, int8_t* dst) {
+  const int8_t* src = in + (plane.top - pt) * wd;
+  dst += plane.top * cols + plane.left;
+  for (int32_t r = plane.top; r < plane.bottom; ++r, src += wd, dst += cols) {
+    tinytrain_s8_copy(dst, src, plane.inside);
   }
 }
 
@@ -634,65 +646,104 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_taps(const int8_t* in, int3
 }
 #endif
 
-/* one channel's outputs from its padded plane, by the kernel specialised for its shape and mode */
-static void tinytrain_s8_depthwise_channel(const int8_t* in, int32_t cols, const int8_t* wc, uint8_t* packed,
-                                           int32_t corr, tinytrain_s8_requant_t q, int8_t* out, int32_t oh,
-                                           int32_t ow, int32_t kh, int32_t kw, int32_t sh, int32_t sw,
-                                           int32_t zy, int32_t lo, int32_t hi, tinytrain_s8_mode_t mode) {
-  int32_t fast_int8 = mode.kind == TINYTRAIN_S8_FAST && mode.int8_range;
+/* A depthwise call's sizes and data, for the per-channel loop */
+typedef struct {
+  const int8_t *x, *w;
+  const int32_t *b, *mult, *shift;
+  int8_t *y, *scratch;
+  uint8_t* packed;
+  int32_t c, h, wd, oh, ow, kh, kw, sh, sw, pt, rows, cols, zx, zy, lo, hi;
+  tinytrain_s8_plane_t plane;
+} tinytrain_s8_dw_call_t;
+
+enum { TINYTRAIN_S8_DW_3X3_S1, TINYTRAIN_S8_DW_3X3_S2, TINYTRAIN_S8_DW_TAPS, TINYTRAIN_S8_DW_ANY };
+
+/* Every channel of a call by one kernel: `kernel`, kh, kw, kind and int8_range are constants where the
+ * call is specialised, so the kernel, its weight sum and its requantization are inlined into one loop
+ * (no call and no dispatch per channel). */
+TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_each(const tinytrain_s8_dw_call_t* d, int32_t kernel,
+                                                          int32_t kh, int32_t kw, int32_t kind,
+                                                          int32_t int8_range) {
+  int32_t cols = d->cols, oh = d->oh, ow = d->ow, zx = d->zx, zy = d->zy, lo = d->lo, hi = d->hi;
+  int32_t sh = d->sh, sw = d->sw, plane_size = d->h * d->wd;
+  tinytrain_s8_plane_t plane = d->plane;
+  const int8_t* wc = d->w;
+  int8_t* out = d->y;
+  for (int32_t ch = 0; ch < d->c; ++ch, wc += kh * kw, out += oh * ow) {
+    tinytrain_s8_plane_copy(d->x + ch * plane_size, d->wd, cols, d->pt, plane, d->scratch);
+    int32_t sum = 0;
+    for (int32_t i = 0; i < kh * kw; ++i) sum += wc[i];
+    int32_t corr = -zx * sum; /* sum w (x - zx) = sum w x - zx sum w, exactly */
+    tinytrain_s8_requant_t q = tinytrain_s8_requant(d->b[ch], d->mult[ch], d->shift[ch], zy);
+    if (kind == TINYTRAIN_S8_FAST || kind == TINYTRAIN_S8_FAST0) {
+      /* 2 acc + bias2 = 2 (sum w x + corr + bias) (tinytrain_s8_requant_fits: no overflow): the sums
+       * start at corr + bias, one register fewer */
+      corr += d->b[ch];
+      q.bias2 = 0;
+    }
 #if TINYTRAIN_S8_SIMD
-  if (kh == 3 && kw == 3 && sh == 1 && sw == 1) {
+    if (kernel == TINYTRAIN_S8_DW_3X3_S1) {
+      tinytrain_s8_depthwise_3x3_s1(d->scratch, cols, wc, corr, q, out, oh, ow, zy, lo, hi, kind, int8_range);
+      continue;
+    }
+    if (kernel == TINYTRAIN_S8_DW_3X3_S2) {
+      tinytrain_s8_depthwise_3x3_s2(d->scratch, cols, wc, corr, q, out, oh, ow, zy, lo, hi, kind, int8_range);
+      continue;
+    }
+    if (kernel == TINYTRAIN_S8_DW_TAPS) {
+      tinytrain_s8_pack_taps(wc, kh, kw, d->packed);
+      tinytrain_s8_depthwise_taps(d->scratch, cols, d->packed, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo,
+                                  hi, kind, int8_range);
+      continue;
+    }
+#else
+    (void)kernel;
+#endif
+    tinytrain_s8_depthwise_any(d->scratch, cols, wc, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi, kind,
+                               int8_range);
+  }
+}
+
+/* the call's channels by the kernel specialised for its shape and mode */
+static void tinytrain_s8_depthwise_dispatch(const tinytrain_s8_dw_call_t* d, tinytrain_s8_mode_t mode) {
+  int32_t fast_int8 = mode.kind == TINYTRAIN_S8_FAST && mode.int8_range;
+  int32_t kh = d->kh, kw = d->kw;
+#if TINYTRAIN_S8_SIMD
+  if (kh == 3 && kw == 3 && d->sh == 1 && d->sw == 1) {
     if (fast_int8 && mode.unshifted) {
-      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST0, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST0, 1);
     } else if (fast_int8) {
-      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 1);
-    } else if (mode.kind == TINYTRAIN_S8_FAST) {
-      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 0);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST, 1);
     } else {
-      tinytrain_s8_depthwise_3x3_s1(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, mode.kind,
-                                    mode.int8_range);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, mode.kind, mode.int8_range);
     }
     return;
   }
-  if (kh == 3 && kw == 3 && sh == 2 && sw == 2) {
+  if (kh == 3 && kw == 3 && d->sh == 2 && d->sw == 2) {
     if (fast_int8 && mode.unshifted) {
-      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST0, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST0, 1);
     } else if (fast_int8) {
-      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 1);
-    } else if (mode.kind == TINYTRAIN_S8_FAST) {
-      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, TINYTRAIN_S8_FAST, 0);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST, 1);
     } else {
-      tinytrain_s8_depthwise_3x3_s2(in, cols, wc, corr, q, out, oh, ow, zy, lo, hi, mode.kind,
-                                    mode.int8_range);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, mode.kind, mode.int8_range);
     }
     return;
   }
   if (kw >= 4) {
-    tinytrain_s8_pack_taps(wc, kh, kw, packed);
     if (fast_int8 && kh == 5 && kw == 5) { /* constant sizes: the tap loops unrolled */
-      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, 5, 5, sh, sw, zy, lo, hi,
-                                  TINYTRAIN_S8_FAST, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, 5, 5, TINYTRAIN_S8_FAST, 1);
     } else if (fast_int8 && kh == 7 && kw == 7) {
-      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, 7, 7, sh, sw, zy, lo, hi,
-                                  TINYTRAIN_S8_FAST, 1);
-    } else if (fast_int8) {
-      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi,
-                                  TINYTRAIN_S8_FAST, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, 7, 7, TINYTRAIN_S8_FAST, 1);
     } else {
-      tinytrain_s8_depthwise_taps(in, cols, packed, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi,
-                                  mode.kind, mode.int8_range);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, kh, kw, mode.kind, mode.int8_range);
     }
     return;
   }
-#else
-  (void)packed;
 #endif
   if (fast_int8) {
-    tinytrain_s8_depthwise_any(in, cols, wc, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi,
-                               TINYTRAIN_S8_FAST, 1);
+    tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_ANY, kh, kw, TINYTRAIN_S8_FAST, 1);
   } else {
-    tinytrain_s8_depthwise_any(in, cols, wc, corr, q, out, oh, ow, kh, kw, sh, sw, zy, lo, hi, mode.kind,
-                               mode.int8_range);
+    tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_ANY, kh, kw, mode.kind, mode.int8_range);
   }
 }
 
@@ -700,19 +751,33 @@ int32_t tinytrain_s8_depthwise(int8_t* x, int8_t* w, int32_t* b, int32_t* mult, 
                                int8_t* scratch, int32_t c, int32_t h, int32_t wd, int32_t oh, int32_t ow,
                                int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pt, int32_t pl,
                                int32_t zx, int32_t zy, int32_t lo, int32_t hi) {
-  int32_t rows = (oh - 1) * sh + kh, cols = (ow - 1) * sw + kw;
-  uint8_t* packed = (uint8_t*)scratch + rows * cols + 4; /* the taps, for SMLAD */
-  tinytrain_s8_mode_t mode = tinytrain_s8_mode(b, shift, c, kh * kw, lo, hi);
-  for (int32_t ch = 0; ch < c; ++ch) {
-    tinytrain_s8_padded_plane(x + ch * h * wd, h, wd, rows, cols, pt, pl, zx, scratch);
-    const int8_t* wc = w + ch * kh * kw;
-    int32_t sum = 0;
-    for (int32_t i = 0; i < kh * kw; ++i) sum += wc[i];
-    int32_t corr = -zx * sum; /* sum w (x - zx) = sum w x - zx sum w, exactly */
-    tinytrain_s8_requant_t q = tinytrain_s8_requant(b[ch], mult[ch], shift[ch], zy);
-    tinytrain_s8_depthwise_channel(scratch, cols, wc, packed, corr, q, y + ch * oh * ow, oh, ow, kh, kw, sh,
-                                   sw, zy, lo, hi, mode);
-  }
+  tinytrain_s8_dw_call_t d;
+  d.x = x;
+  d.w = w;
+  d.b = b;
+  d.mult = mult;
+  d.shift = shift;
+  d.y = y;
+  d.scratch = scratch;
+  d.c = c;
+  d.h = h;
+  d.wd = wd;
+  d.oh = oh;
+  d.ow = ow;
+  d.kh = kh;
+  d.kw = kw;
+  d.sh = sh;
+  d.sw = sw;
+  d.pt = pt;
+  d.rows = (oh - 1) * sh + kh;
+  d.cols = (ow - 1) * sw + kw;
+  d.zx = zx;
+  d.zy = zy;
+  d.lo = lo;
+  d.hi = hi;
+  d.packed = (uint8_t*)scratch + d.rows * d.cols + 4; /* the taps, for SMLAD */
+  d.plane = tinytrain_s8_plane_fill(h, wd, d.rows, d.cols, pt, pl, zx, scratch);
+  tinytrain_s8_depthwise_dispatch(&d, tinytrain_s8_mode(b, shift, c, kh * kw, lo, hi));
   return 0;
 }
 
