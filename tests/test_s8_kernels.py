@@ -94,6 +94,9 @@ def _cases() -> list[Case]:
     depthwise("dw_3x3_s2_unshifted", 4, 5, 9, 3, stride=2, pad=(0, 1, 0, 1), unshifted=True)
     conv("pw_12_7_unshifted", 12, 3, 3, 7, 1, unshifted=True)
     conv("pw_8_6_relu6_unshifted", 8, 2, 5, 6, 1, relu6=True, unshifted=True)
+    # MobileNetV2's last maps, which have their own unrolled copies
+    depthwise("dw_3x3_4x4_unshifted", 6, 4, 4, 3, pad=(1, 1, 1, 1), unshifted=True)
+    depthwise("dw_3x3_s2_2x2_unshifted", 5, 4, 4, 3, stride=2, pad=(0, 0, 1, 1), unshifted=True)
     return cases
 
 
@@ -367,8 +370,8 @@ BENCH = [
     (_bench("dw_96_3x3_s1_16x16", (1, 96, 16, 16), (96, 1, 3, 3), (1, 1), (1, 1, 1, 1), 96), 3.0),
     (_bench("dw_96_3x3_s2_32x32", (1, 96, 32, 32), (96, 1, 3, 3), (2, 2), (0, 0, 1, 1), 96), 3.8),
     # its last stages' small maps, where a channel's fixed costs weigh most
-    (_bench("dw_336_3x3_s1_4x4", (1, 336, 4, 4), (336, 1, 3, 3), (1, 1), (1, 1, 1, 1), 336), 4.9),
-    (_bench("dw_336_3x3_s2_4x4", (1, 336, 4, 4), (336, 1, 3, 3), (2, 2), (0, 0, 1, 1), 336), 11.5),
+    (_bench("dw_336_3x3_s1_4x4", (1, 336, 4, 4), (336, 1, 3, 3), (1, 1), (1, 1, 1, 1), 336), 4.0),
+    (_bench("dw_336_3x3_s2_4x4", (1, 336, 4, 4), (336, 1, 3, 3), (2, 2), (0, 0, 1, 1), 336), 9.6),
     # ProxylessNAS / MCUNet kernels
     (_bench("dw_48_5x5_s1_16x16", (1, 48, 16, 16), (48, 1, 5, 5), (1, 1), (2, 2, 2, 2), 48), 3.5),
     (_bench("dw_48_7x7_s2_32x32", (1, 48, 32, 32), (48, 1, 7, 7), (2, 2), (2, 2, 3, 3), 48), 3.5),

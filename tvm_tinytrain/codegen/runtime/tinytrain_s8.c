@@ -663,8 +663,10 @@ enum { TINYTRAIN_S8_DW_3X3_S1, TINYTRAIN_S8_DW_3X3_S2, TINYTRAIN_S8_DW_TAPS, TIN
  * (no call and no dispatch per channel). */
 TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_each(const tinytrain_s8_dw_call_t* d, int32_t kernel,
                                                           int32_t kh, int32_t kw, int32_t kind,
-                                                          int32_t int8_range) {
-  int32_t cols = d->cols, oh = d->oh, ow = d->ow, zx = d->zx, zy = d->zy, lo = d->lo, hi = d->hi;
+                                                          int32_t int8_range, int32_t map) {
+  /* map: the output's height and width where a small square map has its own copy (0: d's) */
+  int32_t oh = map ? map : d->oh, ow = map ? map : d->ow, cols = map ? (map - 1) * d->sw + kw : d->cols;
+  int32_t zx = d->zx, zy = d->zy, lo = d->lo, hi = d->hi;
   int32_t sh = d->sh, sw = d->sw, plane_size = d->h * d->wd;
   tinytrain_s8_plane_t plane = d->plane;
   const int8_t* wc = d->w;
@@ -704,46 +706,69 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_each(const tinytrain_s8_dw_
   }
 }
 
+#if TINYTRAIN_S8_SIMD
+#if defined(__GNUC__)
+#define TINYTRAIN_S8_APART __attribute__((noinline))
+#else
+#define TINYTRAIN_S8_APART
+#endif
+
+/* MobileNetV2's last maps (4x4 outputs of stride 1, 2x2 of stride 2; the fast requantization with no
+ * shift, the int8 range), their sizes constant: the loops unrolled. Functions apart, so that their
+ * registers are allocated apart from the general kernels'. */
+TINYTRAIN_S8_APART static void tinytrain_s8_depthwise_4x4_s1(const tinytrain_s8_dw_call_t* d) {
+  tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST0, 1, 4);
+}
+
+TINYTRAIN_S8_APART static void tinytrain_s8_depthwise_2x2_s2(const tinytrain_s8_dw_call_t* d) {
+  tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST0, 1, 2);
+}
+#endif
+
 /* the call's channels by the kernel specialised for its shape and mode */
 static void tinytrain_s8_depthwise_dispatch(const tinytrain_s8_dw_call_t* d, tinytrain_s8_mode_t mode) {
   int32_t fast_int8 = mode.kind == TINYTRAIN_S8_FAST && mode.int8_range;
   int32_t kh = d->kh, kw = d->kw;
 #if TINYTRAIN_S8_SIMD
   if (kh == 3 && kw == 3 && d->sh == 1 && d->sw == 1) {
-    if (fast_int8 && mode.unshifted) {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST0, 1);
+    if (fast_int8 && mode.unshifted && d->oh == 4 && d->ow == 4) {
+      tinytrain_s8_depthwise_4x4_s1(d);
+    } else if (fast_int8 && mode.unshifted) {
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST0, 1, 0);
     } else if (fast_int8) {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST, 1, 0);
     } else {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, mode.kind, mode.int8_range);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, mode.kind, mode.int8_range, 0);
     }
     return;
   }
   if (kh == 3 && kw == 3 && d->sh == 2 && d->sw == 2) {
-    if (fast_int8 && mode.unshifted) {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST0, 1);
+    if (fast_int8 && mode.unshifted && d->oh == 2 && d->ow == 2) {
+      tinytrain_s8_depthwise_2x2_s2(d);
+    } else if (fast_int8 && mode.unshifted) {
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST0, 1, 0);
     } else if (fast_int8) {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST, 1, 0);
     } else {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, mode.kind, mode.int8_range);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, mode.kind, mode.int8_range, 0);
     }
     return;
   }
   if (kw >= 4) {
     if (fast_int8 && kh == 5 && kw == 5) { /* constant sizes: the tap loops unrolled */
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, 5, 5, TINYTRAIN_S8_FAST, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, 5, 5, TINYTRAIN_S8_FAST, 1, 0);
     } else if (fast_int8 && kh == 7 && kw == 7) {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, 7, 7, TINYTRAIN_S8_FAST, 1);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, 7, 7, TINYTRAIN_S8_FAST, 1, 0);
     } else {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, kh, kw, mode.kind, mode.int8_range);
+      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_TAPS, kh, kw, mode.kind, mode.int8_range, 0);
     }
     return;
   }
 #endif
   if (fast_int8) {
-    tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_ANY, kh, kw, TINYTRAIN_S8_FAST, 1);
+    tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_ANY, kh, kw, TINYTRAIN_S8_FAST, 1, 0);
   } else {
-    tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_ANY, kh, kw, mode.kind, mode.int8_range);
+    tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_ANY, kh, kw, mode.kind, mode.int8_range, 0);
   }
 }
 
