@@ -25,6 +25,7 @@
 #define TINYTRAIN_SMLABB(a, b, acc) __smlabb((int32_t)(a), (int32_t)(b), (acc))
 #define TINYTRAIN_SMLABT(a, b, acc) __smlabt((int32_t)(a), (int32_t)(b), (acc))
 #define TINYTRAIN_SMLATB(a, b, acc) __smlatb((int32_t)(a), (int32_t)(b), (acc))
+#define TINYTRAIN_SMLATT(a, b, acc) __smlatt((int32_t)(a), (int32_t)(b), (acc))
 /* GCC 12's arm_acle.h has no __ror, and GCC does not fold a rotate into SXTB16's operand */
 static inline uint32_t tinytrain_sxtb16_ror8(uint32_t v) {
   uint32_t r;
@@ -44,6 +45,7 @@ static inline uint32_t tinytrain_sxtb16(uint32_t v) {
 #define TINYTRAIN_SMLABB(a, b, acc) ((acc) + tinytrain_lo16(a) * tinytrain_lo16(b))
 #define TINYTRAIN_SMLABT(a, b, acc) ((acc) + tinytrain_lo16(a) * tinytrain_hi16(b))
 #define TINYTRAIN_SMLATB(a, b, acc) ((acc) + tinytrain_hi16(a) * tinytrain_lo16(b))
+#define TINYTRAIN_SMLATT(a, b, acc) ((acc) + tinytrain_hi16(a) * tinytrain_hi16(b))
 static inline uint32_t tinytrain_sxtb16_ror8(uint32_t v) { return TINYTRAIN_SXTB16((v >> 8) | (v << 24)); }
 #endif
 
@@ -538,17 +540,19 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s1(const int8_t* in, in
 }
 
 /* 3x3, stride 2, two outputs per step from a0..a4: out0 = w0 a0 + w1 a1 + w2 a2,
- * out1 = w0 a2 + w1 a3 + w2 a4 */
+ * out1 = w0 a2 + w1 a3 + w2 a4. The middle taps of rows 0 and 1 share a register (row 0's low, row 1's
+ * high): one value fewer live in the loop. */
 TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s2(const int8_t* in, int32_t cols, const int8_t* wc,
                                                             int32_t corr, tinytrain_s8_requant_t q,
                                                             int8_t* out, int32_t oh, int32_t ow, int32_t zy,
                                                             int32_t lo, int32_t hi, int32_t kind,
                                                             int32_t int8_range) {
-  uint32_t w02[3], w1[3];
+  uint32_t w02[3];
   for (int32_t r = 0; r < 3; ++r) {
     w02[r] = ((uint32_t)(int32_t)wc[3 * r] & 0xFFFFu) | ((uint32_t)(int32_t)wc[3 * r + 2] << 16);
-    w1[r] = (uint32_t)(int32_t)wc[3 * r + 1] & 0xFFFFu;
   }
+  uint32_t w1_01 = ((uint32_t)(int32_t)wc[1] & 0xFFFFu) | ((uint32_t)(int32_t)wc[4] << 16);
+  uint32_t w1_2 = (uint32_t)(int32_t)wc[7] & 0xFFFFu;
   for (int32_t oy = 0; oy < oh; ++oy, out += ow) {
     const int8_t* row = in + 2 * oy * cols;
     int32_t ox = 0;
@@ -559,9 +563,14 @@ TINYTRAIN_S8_SPECIALISED void tinytrain_s8_depthwise_3x3_s2(const int8_t* in, in
         uint32_t a = tinytrain_load32(p);
         uint32_t a02 = TINYTRAIN_SXTB16(a), a13 = tinytrain_sxtb16_ror8(a);
         acc0 = TINYTRAIN_SMLAD(w02[r], a02, acc0);
-        acc0 = TINYTRAIN_SMLABB(w1[r], a13, acc0);
         acc1 = TINYTRAIN_SMLABT(w02[r], a02, acc1);
-        acc1 = TINYTRAIN_SMLABT(w1[r], a13, acc1);
+        if (r == 1) {
+          acc0 = TINYTRAIN_SMLATB(w1_01, a13, acc0);
+          acc1 = TINYTRAIN_SMLATT(w1_01, a13, acc1);
+        } else {
+          acc0 = TINYTRAIN_SMLABB(r == 0 ? w1_01 : w1_2, a13, acc0);
+          acc1 = TINYTRAIN_SMLABT(r == 0 ? w1_01 : w1_2, a13, acc1);
+        }
         acc1 = TINYTRAIN_SMLATB(w02[r], (uint32_t)(int32_t)p[4], acc1);
       }
       out[ox] = tinytrain_s8_finish(q, acc0, zy, lo, hi, kind, int8_range);
@@ -723,6 +732,15 @@ TINYTRAIN_S8_APART static void tinytrain_s8_depthwise_4x4_s1(const tinytrain_s8_
 TINYTRAIN_S8_APART static void tinytrain_s8_depthwise_2x2_s2(const tinytrain_s8_dw_call_t* d) {
   tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST0, 1, 2);
 }
+
+/* MobileNetV2's 3x3 layers at any other size, apart too */
+TINYTRAIN_S8_APART static void tinytrain_s8_depthwise_3x3_s1_fast0(const tinytrain_s8_dw_call_t* d) {
+  tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST0, 1, 0);
+}
+
+TINYTRAIN_S8_APART static void tinytrain_s8_depthwise_3x3_s2_fast0(const tinytrain_s8_dw_call_t* d) {
+  tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST0, 1, 0);
+}
 #endif
 
 /* the call's channels by the kernel specialised for its shape and mode */
@@ -734,7 +752,7 @@ static void tinytrain_s8_depthwise_dispatch(const tinytrain_s8_dw_call_t* d, tin
     if (fast_int8 && mode.unshifted && d->oh == 4 && d->ow == 4) {
       tinytrain_s8_depthwise_4x4_s1(d);
     } else if (fast_int8 && mode.unshifted) {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST0, 1, 0);
+      tinytrain_s8_depthwise_3x3_s1_fast0(d);
     } else if (fast_int8) {
       tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S1, 3, 3, TINYTRAIN_S8_FAST, 1, 0);
     } else {
@@ -746,7 +764,7 @@ static void tinytrain_s8_depthwise_dispatch(const tinytrain_s8_dw_call_t* d, tin
     if (fast_int8 && mode.unshifted && d->oh == 2 && d->ow == 2) {
       tinytrain_s8_depthwise_2x2_s2(d);
     } else if (fast_int8 && mode.unshifted) {
-      tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST0, 1, 0);
+      tinytrain_s8_depthwise_3x3_s2_fast0(d);
     } else if (fast_int8) {
       tinytrain_s8_depthwise_each(d, TINYTRAIN_S8_DW_3X3_S2, 3, 3, TINYTRAIN_S8_FAST, 1, 0);
     } else {
