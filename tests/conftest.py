@@ -46,6 +46,18 @@ def small_cnn():
     return zoo.small_cnn(num_classes=10, input_hw=(8, 8), width=8)
 
 
+def tiny_int8_mobilenet(folder: Path) -> Path:
+    """A tiny int8 MobileNet (16x16 input, 4 classes; stem 3x3/2 of 8 channels and two inverted
+    residuals of expansion 4, the second with a stride-2 depthwise; the peak of its arena is block 1's
+    expansion and depthwise outputs), saved as ``folder/tiny_int8.onnx``."""
+    blocks = [zoo._Block(4, 3, 8, 1), zoo._Block(4, 3, 8, 2)]
+    model = zoo._mobile_net("tiny_mobilenet", resolution=16, num_classes=4, seed=0, stem=8, blocks=blocks,
+                            last_channels=None, act="relu6")
+    path = Path(folder) / "tiny_int8.onnx"
+    onnx.save(zoo.quantize_qdq(model), path)
+    return path
+
+
 @pytest.fixture
 def small_onnx(tmp_path) -> Path:
     """zoo.small_cnn (1x1x8x8 input, 10 classes) saved as an ONNX file."""

@@ -9,14 +9,13 @@ import shutil
 import subprocess
 
 import numpy as np
-import onnx
 import pytest
 import tvm
+from conftest import tiny_int8_mobilenet
 from tvm import te, tirx
 
 import tvm_tinytrain as tt
 from relay_passes import int8_arith
-from tvm_tinytrain import zoo
 from tvm_tinytrain.codegen import kernels, set_aside
 from tvm_tinytrain.codegen.set_aside import PLACEHOLDER, SetAside
 from tvm_tinytrain.lower import lower
@@ -27,11 +26,7 @@ from tvm_tinytrain.trainer import HostTrainer
 def tiny_kernels(tmp_path_factory):
     """One PrimFunc of each kernel family of a tiny int8 MobileNet's training step, with TVM's own
     int8 forward kernels (no hand-written C): requantizing convs and adds, masks, backward, updates."""
-    blocks = [zoo._Block(4, 3, 8, 1), zoo._Block(4, 3, 8, 2)]
-    model = zoo._mobile_net("tiny_mobilenet", resolution=16, num_classes=4, seed=0, stem=8, blocks=blocks,
-                            last_channels=None, act="relu6")
-    path = tmp_path_factory.mktemp("tiny") / "tiny_int8.onnx"
-    onnx.save(zoo.quantize_qdq(model), path)
+    path = tiny_int8_mobilenet(tmp_path_factory.mktemp("tiny"))
     mod, _ = tt.load_model(path, float_classifier=False)
     scheme = {"bias": {"last": 4}, "weights": {"5": 0.5}, "classifier": True}
     lowered = lower(tt.relay.transform.TinyTrain(scheme, optimizer=tt.SGD(lr=0.05))(mod), hand_kernels=False)
@@ -168,11 +163,7 @@ def test_the_llvm_pipeline_sets_the_requantization_aside(monkeypatch):
 def test_the_llvm_step_is_the_same_with_the_set_aside(tmp_path, monkeypatch):
     """A tiny int8 MobileNet's host step (TVM's own int8 kernels), built with the requantization set
     aside and without: the same losses, logits and parameters, bit for bit (~40 s CPU)."""
-    blocks = [zoo._Block(4, 3, 8, 1), zoo._Block(4, 3, 8, 2)]
-    model = zoo._mobile_net("tiny_mobilenet", resolution=16, num_classes=4, seed=0, stem=8, blocks=blocks,
-                            last_channels=None, act="relu6")
-    onnx.save(zoo.quantize_qdq(model), tmp_path / "tiny_int8.onnx")
-    mod, params = tt.load_model(tmp_path / "tiny_int8.onnx", float_classifier=False)
+    mod, params = tt.load_model(tiny_int8_mobilenet(tmp_path), float_classifier=False)
     scheme = {"bias": {"last": 4}, "weights": {"5": 0.5}, "classifier": True}
     train_mod = tt.relay.transform.TinyTrain(scheme, optimizer=tt.SGD(lr=0.05))(mod)
     runs = []

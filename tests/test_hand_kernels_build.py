@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import require_tools, small_cnn
+from conftest import require_tools, small_cnn, tiny_int8_mobilenet
 
 import tvm_tinytrain as tt
-from tvm_tinytrain import micro, zoo
+from tvm_tinytrain import micro
 from tvm_tinytrain.codegen import host_library
 from tvm_tinytrain.codegen.s8_kernels import HAND_KERNEL, RUNTIME_SOURCES
 from tvm_tinytrain.errors import TinyTrainError
@@ -31,20 +31,11 @@ SCHEME = {"bias": {"last": 2}, "classifier": True}
 STEPS = 3
 
 
-def _tiny_mobilenet() -> onnx.ModelProto:
-    """Stem 3x3/2 (8 channels) and two inverted residuals (expansion 4: 32 channels at 8x8, then a
-    stride-2 depthwise): the peak of its arena is block 1's expansion and depthwise outputs."""
-    blocks = [zoo._Block(4, 3, 8, 1), zoo._Block(4, 3, 8, 2)]
-    return zoo._mobile_net("tiny_mobilenet", resolution=16, num_classes=4, seed=0, stem=8, blocks=blocks,
-                           last_channels=None, act="relu6")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(train_mod, params, samples, labels, model file) of the int8 tiny MobileNet; nearest rounding, so TVM's
     float sums and the C's round every int8 update alike."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny_int8.onnx"
-    onnx.save(zoo.quantize_qdq(_tiny_mobilenet()), path)
+    path = tiny_int8_mobilenet(tmp_path_factory.mktemp("tiny"))
     mod, params = tt.load_model(path, float_classifier=False)
     train_mod = tt.relay.transform.TinyTrain(SCHEME, optimizer=tt.SGD(lr=0.05),
                                              integer_rounding="nearest")(mod)

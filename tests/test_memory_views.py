@@ -7,13 +7,12 @@ and its C step (host and Cortex-M7) computes bit for bit what it computes withou
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from conftest import require_tools
+from conftest import require_tools, tiny_int8_mobilenet
 from tvm.script import tirx as T
 
 import tvm_tinytrain as tt
-from tvm_tinytrain import micro, zoo
+from tvm_tinytrain import micro
 from tvm_tinytrain.codegen.build import build_c
 from tvm_tinytrain.contiguous_slices import contiguous_slices
 from tvm_tinytrain.memory import Buffer, MemoryPlan, lower_bound, plan_memory
@@ -171,11 +170,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    blocks = [zoo._Block(4, 3, 8, 1), zoo._Block(4, 3, 8, 2)]
-    model = zoo._mobile_net("tiny_mobilenet", resolution=16, num_classes=4, seed=0, stem=8, blocks=blocks,
-                            last_channels=None, act="relu6")
-    path = tmp_path_factory.mktemp("views") / "tiny_int8.onnx"
-    onnx.save(zoo.quantize_qdq(model), path)
+    path = tiny_int8_mobilenet(tmp_path_factory.mktemp("views"))
     mod, params = tt.load_model(path, float_classifier=False)
     train_mod = tt.relay.transform.TinyTrain(SCHEME, optimizer=tt.SGD(lr=0.05),
                                              integer_rounding="nearest")(mod)
