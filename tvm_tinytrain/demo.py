@@ -115,7 +115,7 @@ def _ms(cost: float | None, unit: str) -> float | None:
 
 def _cost(value: float, unit: str) -> str:
     if unit == "ns":
-        return f"{value / 1e3:,.1f} µs ({unit})"
+        return f"{value / 1e3:,.1f} µs"
     return f"{value:,.0f} {unit}"
 
 
