@@ -121,28 +121,32 @@ def function_body(fn: LoweredFunction, storage: Storage, kernel_symbols: dict[st
     input (``MemoryPlan.views``) is not called: its outputs already are those bytes."""
     lines = []
     for k in fn.kernels:
-        fresh = [o for o in k.outputs if o not in k.inplace]  # an in-place output is its input's buffer
-        args = [storage.address(n, fn) for n in (*k.inputs, *fresh)]
         lines.append(f"  /* k{k.index} {k.func}: {', '.join(k.inputs)} -> {', '.join(k.outputs)} */")
         if all(o in fn.plan.views for o in k.outputs):  # its outputs are views of its input: no copy
             lines.append("  /* (views of the input: nothing to copy) */")
-            if fn.name in PROFILED_FUNCTIONS:
-                lines += _profiled(f"  {PREFIX}_profile_kernel({profile_slot(fn.name, k.index)});")
-            lines += (after or {}).get(k.index, [])
-            continue
-        need = workspace.get(kernel_symbols[k.func], 0)
-        if need:
-            slot = f"{k.outputs[0]}:scratch"
-            if slot not in fn.plan.offsets or need > _slot_bytes(fn, slot):
-                raise AssertionError(f"kernel {k.func} needs {need} B of workspace; the plan gave it less")
-            lines.append(f"  {PREFIX}_workspace_window({fn.plan.offsets[slot]}u, {need}u);")
-        lines.append(f"  {kernel_symbols[k.func]}({', '.join(args)});")
+        else:
+            lines += _kernel_call(fn, storage, k, kernel_symbols[k.func], workspace)
         if fn.name in PROFILED_FUNCTIONS:
             lines += _profiled(f"  {PREFIX}_profile_kernel({profile_slot(fn.name, k.index)});")
         lines += (after or {}).get(k.index, [])
     if fn.name in PROFILED_FUNCTIONS[:-1]:  # the later functions' slots start after this one's
         lines += _profiled(f"#define {_kernel_count_macro(fn.name)} {len(fn.kernels)}u")
     return lines
+
+
+def _kernel_call(fn: LoweredFunction, storage: Storage, k, symbol: str,
+                 workspace: dict[str, int]) -> list[str]:
+    """Kernel ``k``'s call, its scratch window set first."""
+    fresh = [o for o in k.outputs if o not in k.inplace]  # an in-place output is its input's buffer
+    args = [storage.address(n, fn) for n in (*k.inputs, *fresh)]
+    lines = []
+    need = workspace.get(symbol, 0)
+    if need:
+        slot = f"{k.outputs[0]}:scratch"
+        if slot not in fn.plan.offsets or need > _slot_bytes(fn, slot):
+            raise AssertionError(f"kernel {k.func} needs {need} B of workspace; the plan gave it less")
+        lines.append(f"  {PREFIX}_workspace_window({fn.plan.offsets[slot]}u, {need}u);")
+    return lines + [f"  {symbol}({', '.join(args)});"]
 
 
 def _slot_bytes(fn: LoweredFunction, name: str) -> int:
