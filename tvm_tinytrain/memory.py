@@ -100,25 +100,29 @@ def _legal_hint(b: Buffer, by_name: dict[str, Buffer], viewed_until: dict[str, i
             and b.view_of is None and src.view_of is None and viewed_until.get(src.name, -1) < b.first)
 
 
+def view_parents(name: str, buffers_by_name: dict[str, Buffer]):
+    """The buffers a view lies in, nearest first: its parent, the parent's parent, ... (none for a
+    buffer that is not a view). ``_validate`` has refused cycles."""
+    parent = buffers_by_name[name].view_of
+    while parent is not None:
+        yield buffers_by_name[parent]
+        parent = buffers_by_name[parent].view_of
+
+
 def _viewed_until(buffers: list[Buffer]) -> dict[str, int]:
     """The last step a view of each viewed buffer (directly or through other views) is alive."""
     by_name = {b.name: b for b in buffers}
     until: dict[str, int] = {}
     for b in buffers:
-        parent = b.view_of
-        while parent is not None:
-            until[parent] = max(until.get(parent, -1), b.last)
-            parent = by_name[parent].view_of
+        for p in view_parents(b.name, by_name):
+            until[p.name] = max(until.get(p.name, -1), b.last)
     return until
 
 
 def view_root(name: str, buffers_by_name: dict[str, Buffer]) -> tuple[str, int]:
     """The buffer whose slot a view lies in, and the view's offset from that slot's start."""
-    offset = 0
-    while buffers_by_name[name].view_of is not None:
-        offset += buffers_by_name[name].view_offset
-        name = buffers_by_name[name].view_of
-    return name, offset
+    chain = [buffers_by_name[name], *view_parents(name, buffers_by_name)]
+    return chain[-1].name, sum(b.view_offset for b in chain[:-1])
 
 
 def resolve_inplace(buffers: list[Buffer]) -> dict[str, str]:
@@ -305,15 +309,12 @@ class MemoryPlan:
         by_name = {b.name: b for b in bufs}
         ancestors: dict[str, set[str]] = {}
         for b in bufs:
-            chain, parent, child = set(), b.view_of, b
-            while parent is not None:
-                p, off = by_name[parent], self.offsets[child.name]
-                assert (self.offsets[parent] <= off and off + child.size <= self.offsets[parent] + p.size
-                        and p.first <= child.first and child.last <= p.last), (
-                    f"view {child.name!r} does not lie inside {parent!r} (bytes or steps)")
-                chain.add(parent)
-                child, parent = p, p.view_of
-            ancestors[b.name] = chain
+            off = self.offsets[b.name]
+            for p in view_parents(b.name, by_name):
+                assert (self.offsets[p.name] <= off and off + b.size <= self.offsets[p.name] + p.size
+                        and p.first <= b.first and b.last <= p.last), (
+                    f"view {b.name!r} does not lie inside {p.name!r} (bytes or steps)")
+            ancestors[b.name] = {p.name for p in view_parents(b.name, by_name)}
         first = np.array([b.first for b in bufs], np.int64)
         last = np.array([b.last for b in bufs], np.int64)
         start = np.array([self.offsets[b.name] for b in bufs], np.int64)
