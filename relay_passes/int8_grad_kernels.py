@@ -323,9 +323,7 @@ def _loops_inside(sch, block, loop) -> tuple[list, object]:
     """(spatial loops, reduction loop or None) of ``block`` nested inside ``loop``, after a
     ``compute_at``: TIR makes no loop of extent 1 (a 1×1 map, a chunk of one channel), and the
     reduction (TE's last axis) comes last."""
-    target = sch.get(loop)
-    loops = sch.get_loops(block)
-    inner = list(loops[next(i for i, rv in enumerate(loops) if sch.get(rv).same_as(target)) + 1:])
+    inner = _loops_after(sch, block, loop)
     axis = sch.get(block).iter_vars[-1]
     if inner and int(axis.iter_type) == tirx.IterVar.CommReduce and int(axis.dom.extent) > 1:
         return inner[:-1], inner[-1]

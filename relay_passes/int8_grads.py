@@ -64,13 +64,10 @@ GRAD_PREFIX = "tvm.relax.te_grad._register."
 def _f32(values) -> relax.Constant:
     return relax.const(np.asarray(values, np.float32))
 
-def _emit(ctx, te_func, args: list, name: str, schedule=None, tag: tuple[str, dict] | None = None):
+def _emit(ctx, te_func, args: list, name: str, schedule=None):
     """``te_func`` over ``args`` as a kernel with 32-bit loop indices (``emit_te`` would give
-    them Relax's int64 shapes: 64-bit index arithmetic on a 32-bit core); ``tag``: the
-    ``(tinytrain.kernel, tinytrain.kwargs)`` a later pass finds it by (``kernel_tag``)."""
+    them Relax's int64 shapes: 64-bit index arithmetic on a 32-bit core)."""
     func, out_ty = make_kernel(te_func, args, schedule)
-    if tag is not None:
-        func = func.with_attrs({"tinytrain.kernel": tag[0], "tinytrain.kwargs": tag[1]})
     return ctx.emit(relax.call_tir(ctx.add_func(func, name), args, out_ty))
 
 def _clamp_mask(ctx, y, lo: int | None, hi: int | None):
@@ -245,9 +242,9 @@ def _qconv_grad(orig_var, call, output_grad, ctx):
         # (pointwise_grad_rows_te, each sum over that conv's channels scaled once), then summed
         # (tagged: where the layer before makes the same sums in chunks, BiasFromThroughRows
         # sums those instead)
-        g_b = _emit(ctx, lambda *t: channel_sums_te(pointwise_grad_rows_te(*t, 0, w_shape[0], out_shape)),
-                    clamped.args, "qconv_bias_grad", sums_per_channel,
-                    (THROUGH_BIAS, {"channels": w_shape[0]}))
+        g_b = emit_tagged_kernel(
+            ctx, lambda *t: channel_sums_te(pointwise_grad_rows_te(*t, 0, w_shape[0], out_shape)),
+            clamped.args, THROUGH_BIAS, {"channels": w_shape[0]}, sums_per_channel, "qconv_bias_grad")
     else:
         g_b = clamped.emit(ctx, bias_grad, [], "qconv_bias_grad")
     if clamped.narrow and is_pointwise(q, w_shape):
@@ -333,8 +330,9 @@ def _chunked_expansion_grad(ctx, q: QConvParams, call, mask, multiplier, through
     for c0 in range(0, channels, step):
         # D's clamped output gradient on the chunk's channels (once: the depthwise input
         # gradient reads each element k² times), then D's input gradient on them
-        g_d = _emit(ctx, lambda *t, c0=c0: pointwise_grad_rows_te(*t, c0, step, d_shape), d_clamped.args,
-                    "qgrad_through_rows", sums_per_channel, (THROUGH_ROWS, {"c0": c0, "step": step}))
+        g_d = emit_tagged_kernel(ctx, lambda *t, c0=c0: pointwise_grad_rows_te(*t, c0, step, d_shape),
+                                 d_clamped.args, THROUGH_ROWS, {"c0": c0, "step": step}, sums_per_channel,
+                                 "qgrad_through_rows")
 
         def clamped_input_grad(gd, wd, mt, kt, c0=c0):  # D's input gradient, E's clamp applied
             g_e = depthwise_input_grad_te(q_d, lambda nn, oc, oy, ox: gd[nn, oc - c0, oy, ox], d_shape[2:],

@@ -141,13 +141,14 @@ def _emit_kernel(bb: relax.BlockBuilder, te_func, args: list, grad: str, kwargs:
     gv = bb.add_func(func, name or grad.removeprefix("tinytrain_"))
     return bb.emit(relax.call_tir_with_grad(gv, args, out_ty, grad, kwargs))
 
-def emit_tagged_kernel(bb: relax.BlockBuilder, te_func, args: list, tag: str, kwargs: dict) -> relax.Var:
+def emit_tagged_kernel(bb: relax.BlockBuilder, te_func, args: list, tag: str, kwargs: dict,
+                       schedule=None, name: str = "") -> relax.Var:
     """A plain ``call_tir`` whose PrimFunc carries ``tinytrain.kernel`` (the tag) and
-    ``tinytrain.kwargs``: what FuseWeightUpdate reads (Gradient turns the calls it emits
-    into plain ``call_tir``, so the tag lives on the kernel)."""
-    func, out_ty = make_kernel(te_func, args)
+    ``tinytrain.kwargs``: what a later pass finds it by (FuseWeightUpdate, BiasFromThroughRows;
+    Gradient turns the calls it emits into plain ``call_tir``, so the tag lives on the kernel)."""
+    func, out_ty = make_kernel(te_func, args, schedule)
     func = func.with_attrs({"tinytrain.kernel": tag, "tinytrain.kwargs": kwargs})
-    gv = bb.add_func(func, tag.removeprefix("tinytrain_"))
+    gv = bb.add_func(func, name or tag.removeprefix("tinytrain_"))
     return bb.emit(relax.call_tir(gv, args, out_ty))
 
 def kernel_tag(mod: tvm.IRModule, value) -> tuple[str | None, dict]:
